@@ -1,0 +1,32 @@
+# One command each on a fresh clone: `make fit`, `make test`. Both set up .venv first.
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+CONFIG  ?= configs/base.yaml
+ARGS    ?=
+
+.PHONY: setup fit test test-fast lint clean
+
+setup: $(STAMP)
+
+# torch first, pinned: 2.13.0 resolves to a local CPU build here, while any looser spec
+# pulled in by a dependency would fetch several GB of CUDA wheels.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+fit: $(STAMP)
+	$(PY) -m gsae_pl.fit --config $(CONFIG) $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(PY) -m ruff check gsae_pl tests
+
+clean:
+	rm -rf .venv *.egg-info .pytest_cache .ruff_cache

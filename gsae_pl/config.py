@@ -1,0 +1,269 @@
+"""The structured config schema: load a YAML file, merge `key=value` overrides, validate.
+
+Every field here is documented in `configs/base.yaml`, which sets each one explicitly.
+Ablation files under `ablations/` hold only their deltas over it (STYLE.md), and name
+their base with a top-level `defaults: [path, ...]` list, resolved relative to the file.
+Unknown keys, wrong types and out-of-range values are refused at load time with a
+`UserError` that names the key and, for a typo, the nearest valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from gsae_pl.errors import UserError
+
+
+@dataclass
+class SAEConfig:
+    architecture: str = "gated"  # relu | gated (PAPER.md sec. 1)
+    d_sae: int = 512
+    weight_sharing: str = "r_mag"  # gated only: r_mag | no_r_mag | untied (sec. 2)
+    unit_norm_decoder: bool = True  # project grads + renormalise W_dec rows each step
+    b_dec_init: str = "mean"  # zeros | mean | geometric_median of a data sample
+
+
+@dataclass
+class ReconstructionConfig:
+    enabled: bool = True
+    coefficient: float = 1.0
+
+
+@dataclass
+class SparsityConfig:
+    enabled: bool = True
+    kind: str = "l1"  # l1 | decoder_norm_l1
+
+
+@dataclass
+class AuxConfig:
+    enabled: bool = True
+    coefficient: float = 1.0
+    decoder: str = "frozen"  # frozen | unfrozen: stop-gradient on W_dec in L_aux
+    b_dec: Optional[str] = None  # frozen | unfrozen | null (= same as `decoder`)
+
+
+@dataclass
+class LossConfig:
+    l1_coefficient: float = 0.05
+    l1_warmup_steps: int = 0
+    reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    aux: AuxConfig = field(default_factory=AuxConfig)
+
+
+@dataclass
+class SyntheticConfig:
+    seed: int = 0  # the data's own seed: true features and the sample stream
+    d_in: int = 64
+    n_features: int = 256
+    avg_active: float = 5.0
+    frequency_exponent: float = 1.0
+    min_frequency_ratio: float = 0.02
+    magnitude_noise: float = 0.25
+    correlated_groups: int = 0
+    group_size: int = 4
+    co_fire_prob: float = 0.8
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | file
+    path: Optional[str] = None  # file: .npy | .safetensors | .pt array [N, d_in]
+    batch_size: int = 1024
+    normalize: bool = True  # scale x by one scalar so E||x||^2 = d_in (PAPER.md sec. 4)
+    normalize_rows: int = 16384
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3.0e-3
+    beta1: float = 0.0
+    beta2: float = 0.999
+    warmup_steps: int = 100
+
+
+@dataclass
+class EvalConfig:
+    rows: int = 16384
+    every_n_steps: int = 1000
+
+
+@dataclass
+class LogConfig:
+    every_n_steps: int = 50
+    histogram_every_n_steps: int = 500
+    dense_threshold: float = 0.1
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 4000
+    accelerator: str = "auto"
+    devices: Any = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: str = "32-true"
+    gradient_clip_val: Optional[float] = None
+    enable_progress_bar: bool = True
+    deterministic: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = 1000
+    keep: int = 3
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "tensorboard_logs"
+    name: Optional[str] = None  # null: derived from architecture, l1 coefficient and seed
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+CHOICES = {
+    "sae.architecture": ("relu", "gated"),
+    "sae.weight_sharing": ("r_mag", "no_r_mag", "untied"),
+    "sae.b_dec_init": ("zeros", "mean", "geometric_median"),
+    "loss.sparsity.kind": ("l1", "decoder_norm_l1"),
+    "loss.aux.decoder": ("frozen", "unfrozen"),
+    "loss.aux.b_dec": (None, "frozen", "unfrozen"),
+    "data.source": ("synthetic", "file"),
+}
+POSITIVE = ("sae.d_sae", "data.batch_size", "data.normalize_rows", "eval.rows",
+            "trainer.max_steps", "log.every_n_steps", "log.histogram_every_n_steps",
+            "eval.every_n_steps", "checkpoint.every_n_steps", "checkpoint.keep",
+            "optim.lr", "data.synthetic.d_in", "data.synthetic.n_features",
+            "data.synthetic.avg_active", "data.synthetic.group_size", "trainer.num_nodes")
+NON_NEGATIVE = ("loss.l1_coefficient", "loss.l1_warmup_steps", "loss.reconstruction.coefficient",
+                "loss.aux.coefficient", "optim.warmup_steps", "data.synthetic.magnitude_noise",
+                "data.synthetic.frequency_exponent", "data.synthetic.correlated_groups")
+UNIT_INTERVAL = ("optim.beta1", "optim.beta2", "log.dense_threshold",
+                 "data.synthetic.co_fire_prob", "data.synthetic.min_frequency_ratio")
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfig:
+    """Schema <- YAML file (with its `defaults` chain) <- `key=value` overrides, validated."""
+    cfg = OmegaConf.structured(Config)
+    for layer in _file_layers(Path(path)) if path else []:
+        cfg = _merge(cfg, layer, source=str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r} is not key=value (e.g. sae.d_sae=2048)")
+    cfg = _merge(cfg, OmegaConf.from_dotlist(list(overrides)), source="the command line")
+    validate(cfg)
+    if cfg.output.name is None:
+        cfg.output.name = default_run_name(cfg)
+    return cfg
+
+
+def default_run_name(cfg: DictConfig) -> str:
+    return f"{cfg.sae.architecture}_l1-{cfg.loss.l1_coefficient:g}_seed{cfg.seed}"
+
+
+def _file_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[dict]:
+    """The YAML file and, before it, the files its `defaults:` list names (depth first)."""
+    if not path.is_file():
+        raise UserError(f"config file {path} not found: pass an existing YAML file to --config")
+    if path.resolve() in seen:
+        raise UserError(f"config {path} includes itself through `defaults`")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise UserError(f"config file {path} is not valid YAML{line}: fix its syntax") from None
+    if not isinstance(data, dict):
+        kind = type(data).__name__
+        raise UserError(f"config file {path} must hold a mapping of keys, not a {kind}")
+    layers: list[dict] = []
+    for parent in data.pop("defaults", None) or []:
+        layers += _file_layers(path.parent / parent, seen + (path.resolve(),))
+    return layers + [data]
+
+
+def _merge(cfg: DictConfig, layer: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(cfg, layer)
+    except OmegaConfBaseException as err:
+        raise UserError(_explain(err, source)) from None
+
+
+def _explain(err: OmegaConfBaseException, source: str) -> str:
+    key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
+    msg = str(err).splitlines()[0]
+    if "not in" in msg or "Key '" in msg and "not" in msg:
+        parent, _, leaf = str(key).rpartition(".")
+        valid = _keys_under(parent)
+        hint = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.5)
+        near = f"; did you mean {'.'.join(filter(None, [parent, hint[0]]))}?" if hint else ""
+        where = f" under {parent}" if parent else ""
+        return f"unknown config key {key} in {source}{near} (valid keys{where}: {', '.join(valid)})"
+    target = f"config key {key}" if key != "?" else "a config value"
+    return f"bad value for {target} in {source}: {msg}"
+
+
+def _keys_under(dotted: str) -> list[str]:
+    node: Any = OmegaConf.structured(Config)
+    for part in filter(None, dotted.split(".")):
+        node = node.get(part) if isinstance(node, DictConfig) else None
+    return list(node.keys()) if isinstance(node, DictConfig) else []
+
+
+def validate(cfg: DictConfig) -> None:
+    """Ranges and choices the schema's types cannot express."""
+    get = lambda key: OmegaConf.select(cfg, key)
+    for key, allowed in CHOICES.items():
+        if get(key) not in allowed:
+            shown = ", ".join("null" if a is None else a for a in allowed)
+            raise UserError(f"{key}={get(key)} is not one of: {shown}")
+    for key in POSITIVE:
+        if not get(key) > 0:
+            raise UserError(f"{key}={get(key)} must be > 0")
+    for key in NON_NEGATIVE:
+        if get(key) < 0:
+            raise UserError(f"{key}={get(key)} must be >= 0")
+    for key in UNIT_INTERVAL:
+        if not 0 <= get(key) <= 1:
+            raise UserError(f"{key}={get(key)} must lie in [0, 1]")
+    _validate_combinations(cfg)
+
+
+def _validate_combinations(cfg: DictConfig) -> None:
+    if cfg.loss.aux.enabled and cfg.sae.architecture != "gated":
+        raise UserError(f"loss.aux needs a gate, which sae.architecture={cfg.sae.architecture} "
+                        "has not: set loss.aux.enabled=false")
+    if cfg.loss.sparsity.kind == "decoder_norm_l1" and cfg.sae.unit_norm_decoder:
+        raise UserError("loss.sparsity.kind=decoder_norm_l1 is plain L1 under unit-norm decoder "
+                        "rows: also set sae.unit_norm_decoder=false")
+    if cfg.data.source == "file" and not cfg.data.path:
+        raise UserError("data.source=file needs data.path=FILE (.npy, .safetensors or .pt)")
+    syn = cfg.data.synthetic
+    if cfg.data.source == "synthetic" and syn.correlated_groups * syn.group_size > syn.n_features:
+        raise UserError("data.synthetic.correlated_groups * group_size exceeds n_features")
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

@@ -1,0 +1,70 @@
+"""One DataModule over any `ActivationSource`: it owns sharding, batching and held-out rows.
+
+Sources are built in `__init__`, not in `setup`, on purpose: a bad data file must be refused
+before the run directory exists (nothing half-written), and every process builds the same
+source deterministically, so there is no one-time download step to put in `prepare_data`.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+
+from gsae_pl.data.base import ActivationSource
+from gsae_pl.data.file import FileSource
+from gsae_pl.data.synthetic import SyntheticSource
+
+
+def build_source(cfg) -> ActivationSource:
+    """The source named by `data.source`; `cfg` is the whole run config."""
+    data = cfg.data
+    if data.source == "synthetic":
+        return SyntheticSource(data.synthetic)
+    return FileSource(data.path, seed=cfg.seed, holdout_rows=cfg.eval.rows,
+                      min_train_rows=data.batch_size)
+
+
+class _BatchStream(IterableDataset):
+    def __init__(self, source: ActivationSource, batch_size: int, rank: int, world: int,
+                 start_step: int):
+        self.args = (source, batch_size, rank, world, start_step)
+
+    def __iter__(self):
+        source, batch_size, rank, world, start_step = self.args
+        return source.train_batches(batch_size, rank, world, start_step=start_step)
+
+
+class SAEDataModule(L.LightningDataModule):
+    def __init__(self, cfg):
+        super().__init__()
+        self.batch_size = cfg.data.batch_size
+        self.eval_rows = cfg.eval.rows
+        self.source = build_source(cfg)
+        self.d_in = self.source.d_in
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank_world()
+        start = self.trainer.global_step if self.trainer else 0
+        stream = _BatchStream(self.source, self.batch_size, rank, world, start)
+        return DataLoader(stream, batch_size=None)  # the source already yields batches
+
+    def val_dataloader(self) -> DataLoader:
+        # Each process scores a disjoint share; the sum-reduced metrics add the shares up.
+        rank, world = self._rank_world()
+        rows = self.source.eval_rows(self.eval_rows)[rank::world]
+        return DataLoader(list(rows.split(self.batch_size)), batch_size=None)
+
+    def sample_rows(self, n_rows: int) -> Tensor:
+        """The first `n_rows` training rows of process 0: the same on every process, so
+        estimates made from it (normalisation scalar, b_dec init) agree across DDP ranks."""
+        batches = self.source.train_batches(self.batch_size, 0, 1, start_step=0)
+        needed = -(-n_rows // self.batch_size)
+        return torch.cat(list(itertools.islice(batches, needed)))[:n_rows]

@@ -1,0 +1,132 @@
+"""Train one SAE: `python -m gsae_pl.fit --config FILE [key=value ...]`.
+
+Order matters for "nothing half-written": config and data are validated before the run
+directory `<output.dir>/<output.name>/` is created; `metrics.json` is written last, by
+process 0, atomically, so its presence means the run finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+from gsae_pl.cli import run_main
+from gsae_pl.config import load_config, to_yaml
+from gsae_pl.data.datamodule import SAEDataModule
+from gsae_pl.io import atomic_write_json, atomic_write_text
+from gsae_pl.module import SAEModule
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m gsae_pl.fit", description=__doc__)
+    parser.add_argument("--config", required=True, help="YAML config (e.g. configs/base.yaml)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config and exit")
+    parser.add_argument("--force", action="store_true",
+                        help="train again even if the run directory holds a finished run")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sae.d_sae=2048")
+    return parser.parse_args(argv)
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    return Path(cfg.output.dir) / cfg.output.name
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
+    logger = TensorBoardLogger(save_dir=str(run_dir.parent), name=run_dir.name, version="",
+                               default_hp_metric=False)
+    # monitor="step", mode="max" keeps the newest `keep` checkpoints; "last.ckpt" as well.
+    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step}",
+                                  auto_insert_metric_name=False, monitor="step", mode="max",
+                                  save_top_k=cfg.checkpoint.keep, save_last=True,
+                                  every_n_train_steps=cfg.checkpoint.every_n_steps)
+    return L.Trainer(
+        **OmegaConf.to_container(cfg.trainer),
+        logger=logger,
+        callbacks=[checkpoints],
+        val_check_interval=min(cfg.eval.every_n_steps, cfg.trainer.max_steps),
+        check_val_every_n_epoch=None,
+        log_every_n_steps=cfg.log.every_n_steps,
+        num_sanity_val_steps=0,
+        enable_model_summary=False,
+    )
+
+
+def fit(cfg: DictConfig) -> dict:
+    """Train, evaluate on held-out rows, write metrics.json; returns the final metrics."""
+    run_dir = run_dir_of(cfg)
+    datamodule = SAEDataModule(cfg)  # refuses bad data before anything is written
+    L.seed_everything(cfg.seed, verbose=False)
+    module = SAEModule(OmegaConf.to_container(cfg), datamodule.d_in)
+    module.prepare_from_sample(datamodule.sample_rows(cfg.data.normalize_rows))
+    trainer = build_trainer(cfg, run_dir)
+    if trainer.is_global_zero:
+        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    seconds = time.perf_counter() - start
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    metrics = dict(module.final_metrics)
+    metrics.update(steps=trainer.global_step, seconds=round(seconds, 2),
+                   tokens=trainer.global_step * cfg.data.batch_size * trainer.world_size,
+                   norm_scale=float(module.norm_scale))
+    if trainer.is_global_zero:
+        trainer.logger.log_hyperparams(_flat(cfg), {f"final/{k}": v for k, v in metrics.items()})
+        atomic_write_json(run_dir / "metrics.json", metrics)
+        print(summary_table(run_dir, metrics))
+    return metrics
+
+
+def _flat(cfg: DictConfig) -> dict:
+    """Config as flat `a.b.c: value` pairs, the shape TensorBoard's HParams tab wants."""
+    out = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) \
+                    else str(value)
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return out
+
+
+def summary_table(run_dir: Path, metrics: dict) -> str:
+    lines = [f"run: {run_dir}", f"{'metric':<30}{'value':>14}"]
+    for key in sorted(metrics):
+        value = metrics[key]
+        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+        lines.append(f"{key:<30}{shown:>14}")
+    return "\n".join(lines)
+
+
+def _main(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    finished = run_dir_of(cfg) / "metrics.json"
+    if finished.exists() and not args.force:
+        print(f"{finished.parent} already holds a finished run (metrics.json); "
+              "pass --force to train it again, or set output.name to start another")
+        return 0
+    fit(cfg)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_main(lambda: _main(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""L_aux = ||x - (ReLU(pi_gate) @ sg(W_dec) + sg(b_dec))||^2 (PAPER.md sec. 2, eq. 8).
+
+The aux path decodes the gate's own activations through a frozen copy of the decoder, so
+the gate learns to reconstruct without the decoder being bent towards the gate.
+`decoder: unfrozen` is the paper's "unfreeze decoder" ablation (sec. 5.1); by the
+PAPER.md decision it unfreezes b_dec too unless `b_dec` says otherwise.
+It reuses ReLU(pi_gate) from the forward pass: no encoder matmul is recomputed.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from torch import Tensor
+
+from gsae_pl.losses.base import Term, squared_error
+
+
+def aux_loss(x, x_hat, enc, sae, freeze_W_dec: bool, freeze_b_dec: bool) -> Tensor:
+    W_dec = sae.W_dec.detach() if freeze_W_dec else sae.W_dec
+    b_dec = sae.b_dec.detach() if freeze_b_dec else sae.b_dec
+    return squared_error(x, enc.gate_acts @ W_dec + b_dec)
+
+
+def aux_term(loss_cfg) -> Term:
+    aux = loss_cfg.aux
+    b_dec_mode = aux.b_dec or aux.decoder
+    fn = partial(aux_loss, freeze_W_dec=aux.decoder == "frozen",
+                 freeze_b_dec=b_dec_mode == "frozen")
+    return Term(fn=fn, coefficient=aux.coefficient)

@@ -1,0 +1,28 @@
+"""L_sparsity = lambda * ||gate_acts||_1 (PAPER.md sec. 2).
+
+gate_acts is ReLU(pi_gate) for the gated SAE and f for the baseline (see `Encoding`).
+`decoder_norm_l1` weights each feature by its decoder row norm (the later variant that
+SAELens uses; meaningful only without the unit-norm constraint, which config enforces).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from gsae_pl.losses.base import Term
+
+
+def l1(x, x_hat, enc, sae) -> Tensor:
+    return enc.gate_acts.sum(-1).mean()
+
+
+def decoder_norm_l1(x, x_hat, enc, sae) -> Tensor:
+    return (enc.gate_acts * sae.W_dec.norm(dim=1)).sum(-1).mean()
+
+
+KINDS = {"l1": l1, "decoder_norm_l1": decoder_norm_l1}
+
+
+def sparsity_term(loss_cfg) -> Term:
+    return Term(fn=KINDS[loss_cfg.sparsity.kind], coefficient=loss_cfg.l1_coefficient,
+                warmup_steps=loss_cfg.l1_warmup_steps)

@@ -1,0 +1,80 @@
+"""Metrics of PAPER.md sec. 6 as torchmetrics `Metric`s: sum-reduced states, so DDP
+processes that each saw a share of the held-out rows agree on one exact value.
+
+States are float64 sums: FVU and gamma are ratios of large sums that float32 would blur.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+
+class ReconstructionMetrics(Metric):
+    """L0, MSE, FVU and the relative reconstruction bias gamma over everything seen.
+
+    mse   = E||x - x_hat||^2 / d_in   (the training loss's scale, PAPER.md sec. 4)
+    fvu   = E||x - x_hat||^2 / E||x - mean(x)||^2
+    gamma = E||x_hat||^2 / E[x_hat . x]   (corrected form, PAPER.md sec. 5; < 1 = shrinkage)
+    l0    = mean number of non-zero features per row
+    """
+
+    full_state_update = False
+
+    def __init__(self, d_in: int):
+        super().__init__()
+        self.d_in = d_in
+        for name in ("rows", "sq_err", "x_sq", "x_hat_sq", "x_hat_dot_x", "active"):
+            self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("x_sum", torch.zeros(d_in, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, x: Tensor, x_hat: Tensor, f: Tensor) -> None:
+        x, x_hat = x.double(), x_hat.double()
+        self.rows += x.shape[0]
+        self.sq_err += (x - x_hat).pow(2).sum()
+        self.x_sq += x.pow(2).sum()
+        self.x_hat_sq += x_hat.pow(2).sum()
+        self.x_hat_dot_x += (x_hat * x).sum()
+        self.x_sum += x.sum(0)
+        self.active += (f != 0).sum()
+
+    def compute(self) -> dict[str, Tensor]:
+        total_variance = self.x_sq - self.x_sum.pow(2).sum() / self.rows
+        return {
+            "l0": self.active / self.rows,
+            "mse": self.sq_err / (self.rows * self.d_in),
+            "fvu": self.sq_err / total_variance,
+            "relative_reconstruction_bias": self.x_hat_sq / self.x_hat_dot_x,
+        }
+
+
+class FeatureDensity(Metric):
+    """Per-feature firing frequency over a window of rows (dead = never fired in it)."""
+
+    full_state_update = False
+
+    def __init__(self, d_sae: int):
+        super().__init__()
+        self.add_state("fired", torch.zeros(d_sae, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("rows", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, f: Tensor) -> None:
+        self.fired += (f != 0).sum(0)
+        self.rows += f.shape[0]
+
+    def compute(self) -> Tensor:
+        return self.fired / self.rows
+
+
+def density_summary(density: Tensor, dense_threshold: float) -> dict[str, Tensor]:
+    """Dead: fired on no row of the window. Dense: fired on more than the threshold's share."""
+    return {
+        "dead_fraction": (density == 0).double().mean(),
+        "dense_fraction": (density > dense_threshold).double().mean(),
+    }
+
+
+def log10_density(density: Tensor, floor: float = 1e-10) -> Tensor:
+    """log10 feature density for the histogram; dead features pile up at log10(floor)."""
+    return density.clamp_min(floor).log10()

@@ -1,0 +1,53 @@
+"""Gated SAE (PAPER.md sec. 1, paper sec. 3.2) with its three weight-sharing modes (sec. 2).
+
+    pi_gate = (x - b_dec) @ W_gate + b_gate
+    pi_mag  = (x - b_dec) @ W_mag  + b_mag
+    f_tilde = 1[pi_gate > 0] * ReLU(pi_mag)
+
+W_gate is stored as W_enc (SAELens convention). Sharing modes:
+  r_mag     W_mag = W_gate * exp(r_mag) column-wise (eq. 7): ONE encoder matmul serves both
+  no_r_mag  W_mag = W_gate (r_mag a zero buffer, exported as such): the "no r_mag" ablation
+  untied    an independent W_mag: the "untied encoders" ablation (a second matmul)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from gsae_pl.saes.base import SAE, Encoding
+
+
+class GatedSAE(SAE):
+    has_gate = True
+
+    def __init__(self, d_in: int, d_sae: int, unit_norm_decoder: bool = True,
+                 weight_sharing: str = "r_mag", **_):
+        super().__init__(d_in, d_sae, unit_norm_decoder)
+        self.weight_sharing = weight_sharing
+        self.W_enc = nn.Parameter(self.W_dec.detach().t().clone())
+        self.b_gate = nn.Parameter(torch.zeros(d_sae))
+        self.b_mag = nn.Parameter(torch.zeros(d_sae))
+        if weight_sharing == "r_mag":
+            self.r_mag = nn.Parameter(torch.zeros(d_sae))
+        else:
+            self.register_buffer("r_mag", torch.zeros(d_sae))
+        if weight_sharing == "untied":
+            self.W_mag = nn.Parameter(self.W_dec.detach().t().clone())
+
+    def encode(self, x: Tensor) -> Encoding:
+        x_cent = x - self.b_dec  # not stop-gradiented: L_sparsity and L_aux reach b_dec
+        pre_gate = x_cent @ self.W_enc
+        pi_gate = pre_gate + self.b_gate
+        if self.weight_sharing == "untied":
+            pi_mag = x_cent @ self.W_mag + self.b_mag
+        else:
+            # (x @ W_gate) * exp(r_mag) == x @ (W_gate * exp(r_mag)), without a second matmul.
+            pi_mag = pre_gate * torch.exp(self.r_mag) + self.b_mag
+        # The Heaviside gate carries no gradient, so L_reconstruct never reaches b_gate.
+        f = (pi_gate > 0).to(pi_mag.dtype) * torch.relu(pi_mag)
+        return Encoding(f=f, pi_gate=pi_gate, pi_mag=pi_mag, gate_acts=torch.relu(pi_gate))
+
+    def jumprelu_threshold(self) -> Tensor:
+        """With weight sharing the encoder is a JumpReLU (PAPER.md sec. 1, appendix E)."""
+        return self.b_mag - torch.exp(self.r_mag) * self.b_gate
