@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
 
@@ -14,3 +15,10 @@ def run_main(job: Callable[[], int]) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is a `UserError` (one line, exit 2) like any bad input."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see python -m {self.prog.split()[-1]} --help)")

@@ -8,6 +8,7 @@ process 0, atomically, so its presence means the run finished.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from gsae_pl.cli import run_main
+from gsae_pl.cli import ArgumentParser, run_main
 from gsae_pl.config import load_config, to_yaml
 from gsae_pl.data.datamodule import SAEDataModule
 from gsae_pl.io import atomic_write_json, atomic_write_text
@@ -25,14 +26,14 @@ from gsae_pl.module import SAEModule
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m gsae_pl.fit", description=__doc__)
+    parser = ArgumentParser(prog="python -m gsae_pl.fit", description=__doc__)
     parser.add_argument("--config", required=True, help="YAML config (e.g. configs/base.yaml)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config and exit")
     parser.add_argument("--force", action="store_true",
                         help="train again even if the run directory holds a finished run")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sae.d_sae=2048")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -59,10 +60,16 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     )
 
 
-def fit(cfg: DictConfig) -> dict:
-    """Train, evaluate on held-out rows, write metrics.json; returns the final metrics."""
+def fit(cfg: DictConfig, fresh: bool = False) -> dict:
+    """Train, evaluate on held-out rows, write metrics.json; returns the final metrics.
+
+    `fresh` first deletes what an earlier run left in the run directory, so no stale
+    metrics.json, checkpoint or event file can be mistaken for this run's.
+    """
     run_dir = run_dir_of(cfg)
     datamodule = SAEDataModule(cfg)  # refuses bad data before anything is written
+    if fresh and run_dir.exists():
+        shutil.rmtree(run_dir)
     L.seed_everything(cfg.seed, verbose=False)
     module = SAEModule(OmegaConf.to_container(cfg), datamodule.d_in)
     module.prepare_from_sample(datamodule.sample_rows(cfg.data.normalize_rows))
@@ -119,13 +126,12 @@ def _main(args: argparse.Namespace) -> int:
         print(f"{finished.parent} already holds a finished run (metrics.json); "
               "pass --force to train it again, or set output.name to start another")
         return 0
-    fit(cfg)
+    fit(cfg, fresh=args.force)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    return run_main(lambda: _main(args))
+    return run_main(lambda: _main(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -54,8 +54,8 @@ def test_ablation_deltas_merge_over_base():
     cfg = load_config(ROOT / "ablations/baseline.yaml", ["sae.d_sae=77"])
     assert cfg.sae.architecture == "relu" and not cfg.loss.aux.enabled
     assert cfg.sae.d_sae == 77  # the command line wins over the file
-    assert cfg.data.batch_size == 4096  # untouched keys come from the base
-    assert cfg.output.name == "relu_l1-0.02_seed0"
+    assert cfg.data.batch_size == 1024  # untouched keys come from the base
+    assert cfg.output.name == "relu_l1-0.015_seed0"
     gated = load_config(ROOT / "ablations/gated.yaml")
     assert gated.sae.architecture == "gated" and gated.loss.aux.decoder == "frozen"
 
@@ -96,3 +96,15 @@ def test_bad_files(tmp_path):
     scalar.write_text("42\n")
     with pytest.raises(UserError, match="must hold a mapping"):
         load_config(scalar)
+
+
+def test_base_yaml_values_are_the_schema_defaults():
+    """base.yaml documents the defaults, so it must not drift from the schema."""
+    from omegaconf import OmegaConf
+
+    from gsae_pl.config import Config
+
+    loaded = OmegaConf.to_container(load_config(ROOT / "configs/base.yaml"))
+    defaults = OmegaConf.to_container(OmegaConf.structured(Config))
+    loaded["output"]["name"] = defaults["output"]["name"] = None  # derived when null
+    assert loaded == defaults

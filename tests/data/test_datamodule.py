@@ -1,0 +1,51 @@
+"""The DataModule: held-out rows split across processes, the shared normalisation sample."""
+
+from __future__ import annotations
+
+import torch
+
+from gsae_pl.data.datamodule import SAEDataModule
+from tests.conftest import make_cfg
+
+
+def _dm(*overrides):
+    return SAEDataModule(make_cfg("data.batch_size=64", "eval.rows=300",
+                                  "data.synthetic.d_in=8", "data.synthetic.n_features=16",
+                                  *overrides))
+
+
+class _FakeTrainer:
+    def __init__(self, rank, world):
+        self.global_rank, self.world_size, self.global_step = rank, world, 0
+
+
+def test_val_rows_are_shared_out_disjointly_and_completely():
+    dm = _dm()
+    everything = dm.source.eval_rows(300)
+    shares = []
+    for rank in range(2):
+        dm.trainer = _FakeTrainer(rank, 2)
+        shares.append(torch.cat(list(dm.val_dataloader())))
+    assert shares[0].shape[0] + shares[1].shape[0] == 300
+    assert torch.equal(torch.cat(shares).sort(0).values, everything.sort(0).values)
+
+
+def test_sample_rows_is_the_same_for_every_process_and_sized():
+    a, b = _dm(), _dm()
+    b.trainer = _FakeTrainer(1, 2)
+    sample = a.sample_rows(100)
+    assert sample.shape == (100, 8) and torch.equal(sample, b.sample_rows(100))
+
+
+def test_train_loader_differs_by_rank_and_resumes_at_global_step():
+    dm = _dm()
+    dm.trainer = _FakeTrainer(0, 2)
+    first = next(iter(dm.train_dataloader()))
+    dm.trainer = _FakeTrainer(1, 2)
+    assert not torch.equal(first, next(iter(dm.train_dataloader())))
+    dm.trainer = _FakeTrainer(0, 2)
+    dm.trainer.global_step = 3
+    stream = iter(_dm().source.train_batches(64, 0, 2))
+    for _ in range(3):
+        next(stream)
+    assert torch.equal(next(iter(dm.train_dataloader())), next(stream))
