@@ -79,13 +79,15 @@ def fit(cfg: DictConfig, fresh: bool = False) -> dict:
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
     seconds = time.perf_counter() - start
-    trainer.validate(module, datamodule=datamodule, verbose=False)
+    if module.evaluated_at_step != trainer.global_step:  # the final weights, held out
+        trainer.validate(module, datamodule=datamodule, verbose=False)
     metrics = dict(module.final_metrics)
     metrics.update(steps=trainer.global_step, seconds=round(seconds, 2),
                    tokens=trainer.global_step * cfg.data.batch_size * trainer.world_size,
                    norm_scale=float(module.norm_scale))
     if trainer.is_global_zero:
-        trainer.logger.log_hyperparams(_flat(cfg), {f"final/{k}": v for k, v in metrics.items()})
+        trainer.logger.log_hyperparams(_flat(cfg), {f"final/{k}": v for k, v in metrics.items()},
+                                       step=trainer.global_step)
         atomic_write_json(run_dir / "metrics.json", metrics)
         print(summary_table(run_dir, metrics))
     return metrics

@@ -29,7 +29,8 @@ class SAEModule(L.LightningModule):
         d_sae = self.cfg.sae.d_sae
         self.train_recon, self.val_recon = ReconstructionMetrics(d_in), ReconstructionMetrics(d_in)
         self.train_density, self.val_density = FeatureDensity(d_sae), FeatureDensity(d_sae)
-        self.final_metrics: dict[str, float] = {}
+        self.final_metrics: dict[str, float] = {}  # from the latest held-out evaluation
+        self.evaluated_at_step = -1
 
     @torch.no_grad()
     def prepare_from_sample(self, sample: Tensor) -> None:
@@ -102,6 +103,7 @@ class SAEModule(L.LightningModule):
         self.log_dict({f"val/{k}": torch.as_tensor(v, dtype=torch.float32)
                        for k, v in values.items()})
         self.final_metrics = {name: float(v) for name, v in values.items()}
+        self.evaluated_at_step = self.global_step
         self.val_recon.reset()
         self.val_density.reset()
 
@@ -115,14 +117,18 @@ class SAEModule(L.LightningModule):
         return {"mmcs": mmcs(truth, W_dec), "fraction_recovered": fraction_recovered(truth, W_dec)}
 
     # ---- logging helpers -------------------------------------------------------------
+    def _log_step(self) -> int:
+        """The x-axis Lightning's `self.log` uses: the index of the last optimiser step."""
+        return max(0, self.global_step - 1)
+
     def _write(self, values: dict) -> None:
         if self.logger is not None:  # metrics are still computed without a logger
-            self.logger.log_metrics({k: float(v) for k, v in values.items()}, self.global_step)
+            self.logger.log_metrics({k: float(v) for k, v in values.items()}, self._log_step())
 
     def _log_histogram(self, prefix: str, density: Tensor) -> dict[str, Tensor]:
         """Log the log10 feature-density histogram; return the dead/dense summary."""
         experiment = getattr(self.logger, "experiment", None)
         if hasattr(experiment, "add_histogram"):
             experiment.add_histogram(f"{prefix}/log10_feature_density",
-                                     log10_density(density).float().cpu(), self.global_step)
+                                     log10_density(density).float().cpu(), self._log_step())
         return density_summary(density, self.cfg.log.dense_threshold)

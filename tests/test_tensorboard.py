@@ -146,7 +146,7 @@ def test_server_serves_scalars_and_hparams(server, run_dir):
     # /scalars answers [[wall_time, step, value], ...]
     mmcs = server.get("/data/plugin/scalars/scalars", run=RUN, tag="val/mmcs")
     _, last_step, last_value = max(mmcs, key=lambda point: point[1])
-    assert last_step == MAX_STEPS
+    assert last_step == MAX_STEPS - 1  # Lightning's x-axis: index of the last step
     assert isinstance(last_value, float) and 0.0 <= last_value <= 1.0
     assert last_value == pytest.approx(final["mmcs"], rel=1e-5)
     total = server.get("/data/plugin/scalars/scalars", run=RUN, tag="loss/total")
@@ -186,7 +186,8 @@ def test_event_files_hold_histograms_windows_and_losses(run_dir):
     assert set(HISTOGRAM_TAGS) <= set(tags["histograms"])
     assert set(SCALAR_TAGS) <= set(tags["scalars"])
 
-    window_steps = list(range(HIST_EVERY, MAX_STEPS + 1, HIST_EVERY))
+    # Everything shares Lightning's x-axis: the 0-based index of the step just taken.
+    window_steps = list(range(HIST_EVERY - 1, MAX_STEPS, HIST_EVERY))
     histogram = events.Histograms("train/log10_feature_density")
     assert [event.step for event in histogram] == window_steps
     assert all(event.histogram_value.num == 64 for event in histogram)  # one value per feature
@@ -197,7 +198,9 @@ def test_event_files_hold_histograms_windows_and_losses(run_dir):
         series = events.Scalars(tag)
         assert [event.step for event in series] == window_steps, tag
         assert all(0.0 <= event.value <= 1.0 for event in series), tag
-    assert all(event.step % LOG_EVERY == 0 for event in events.Scalars("train/l0"))
+    l0_steps = [event.step for event in events.Scalars("train/l0")]
+    assert l0_steps == list(range(LOG_EVERY - 1, MAX_STEPS, LOG_EVERY))
+    assert l0_steps == sorted({e.step for e in events.Scalars("loss/total")})  # aligned
 
     # Each loss term has its own series; the total is their sum at every logged step.
     series = {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in LOSS_TAGS}
