@@ -1,12 +1,14 @@
-"""What every entry point shares: bad input is one line on stderr and exit code 2."""
+"""What every entry point shares: bad input is one line on stderr and exit code 2;
+a run that fails part-way (`RunFailed`) is one line and exit code 3."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
-from gsae_pl.errors import UserError
+from gsae_pl.errors import RunFailed, UserError
 
 
 def run_main(job: Callable[[], int]) -> int:
@@ -15,6 +17,12 @@ def run_main(job: Callable[[], int]) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RunFailed as err:
+        # Under DDP every process stops with the same message; the extra ranks say who they are.
+        local_rank = os.environ.get("LOCAL_RANK", "0")
+        prefix = f"local process {local_rank}: " if local_rank != "0" else ""
+        print(f"{prefix}error: {err}", file=sys.stderr)
+        return 3
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -10,6 +10,7 @@ Unknown keys, wrong types and out-of-range values are refused at load time with 
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -28,6 +29,8 @@ class SAEConfig:
     weight_sharing: str = "r_mag"  # gated only: r_mag | no_r_mag | untied (sec. 2)
     unit_norm_decoder: bool = True  # project grads + renormalise W_dec rows each step
     b_dec_init: str = "mean"  # zeros | mean | geometric_median of a data sample
+    kernel: str = "auto"  # auto | reference | dense | sparse (saes/kernels.py)
+    compile: str = "auto"  # auto | always | never: torch.compile the fused pointwise maths
 
 
 @dataclass
@@ -75,12 +78,26 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic | file
+    source: str = "tiny_lm"  # tiny_lm | transformer_lens | synthetic | file
     path: Optional[str] = None  # file: .npy | .safetensors | .pt array [N, d_in]
     batch_size: int = 1024
     normalize: bool = True  # scale x by one scalar so E||x||^2 = d_in (PAPER.md sec. 4)
     normalize_rows: int = 16384
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    # Language-model sources (tiny_lm, transformer_lens): data/transformer_lens.py.
+    model: Optional[str] = None  # transformer_lens: hub name or local HF model directory
+    hook: str = "blocks.0.mlp.hook_post"  # the SAE site: a TransformerLens hook name
+    dtype: str = "float32"  # the LM's weights: float32 | bfloat16 | float16
+    dataset: Optional[str] = None  # hub name (streamed) or local .txt/.jsonl/.parquet
+    split: str = "train"
+    column: str = "text"  # text, or token ids (a pre-tokenized dataset)
+    context_size: int = 128  # tokens per window, BOS first
+    exclude_bos: bool = True  # leave BOS positions out of the SAE's rows
+    buffer_size: int = 131072  # shuffle buffer, in activation rows
+    lm_batch_size: int = 32  # windows per LM forward pass
+    cache: bool = False  # train from a disk cache of the activations (gsae_pl/cache.py)
+    cache_dir: Optional[str] = None  # null: $GSAE_PL_CACHE/activations/<key>
+    cache_rows: Optional[int] = None  # null: trainer.max_steps * data.batch_size
 
 
 @dataclass
@@ -95,6 +112,7 @@ class OptimConfig:
 class EvalConfig:
     rows: int = 16384
     every_n_steps: int = 1000
+    lm_contexts: int = 64  # held-out windows for loss recovered (LM sources; 0: off)
 
 
 @dataclass
@@ -147,17 +165,21 @@ CHOICES = {
     "sae.architecture": ("relu", "gated"),
     "sae.weight_sharing": ("r_mag", "no_r_mag", "untied"),
     "sae.b_dec_init": ("zeros", "mean", "geometric_median"),
+    "sae.kernel": ("auto", "reference", "dense", "sparse"),
+    "sae.compile": ("auto", "always", "never"),
     "loss.sparsity.kind": ("l1", "decoder_norm_l1"),
     "loss.aux.decoder": ("frozen", "unfrozen"),
     "loss.aux.b_dec": (None, "frozen", "unfrozen"),
-    "data.source": ("synthetic", "file"),
+    "data.source": ("tiny_lm", "transformer_lens", "synthetic", "file"),
+    "data.dtype": ("float32", "bfloat16", "float16"),
 }
 POSITIVE = ("sae.d_sae", "data.batch_size", "data.normalize_rows", "eval.rows",
+            "data.buffer_size", "data.lm_batch_size",
             "trainer.max_steps", "log.every_n_steps", "log.histogram_every_n_steps",
             "eval.every_n_steps", "checkpoint.every_n_steps", "checkpoint.keep",
             "optim.lr", "data.synthetic.d_in", "data.synthetic.n_features",
             "data.synthetic.avg_active", "data.synthetic.group_size", "trainer.num_nodes")
-NON_NEGATIVE = ("loss.l1_coefficient", "loss.l1_warmup_steps", "loss.reconstruction.coefficient",
+NON_NEGATIVE = ("eval.lm_contexts", "loss.l1_coefficient", "loss.l1_warmup_steps", "loss.reconstruction.coefficient",
                 "loss.aux.coefficient", "optim.warmup_steps", "data.synthetic.magnitude_noise",
                 "data.synthetic.frequency_exponent", "data.synthetic.correlated_groups")
 UNIT_INTERVAL = ("optim.beta1", "optim.beta2", "log.dense_threshold",
@@ -239,6 +261,9 @@ def validate(cfg: DictConfig) -> None:
         if get(key) not in allowed:
             shown = ", ".join("null" if a is None else a for a in allowed)
             raise UserError(f"{key}={get(key)} is not one of: {shown}")
+    for key in POSITIVE + NON_NEGATIVE + UNIT_INTERVAL:  # nan passes no comparison below
+        if not math.isfinite(get(key)):
+            raise UserError(f"{key}={get(key)} must be a finite number")
     for key in POSITIVE:
         if not get(key) > 0:
             raise UserError(f"{key}={get(key)} must be > 0")
@@ -258,11 +283,26 @@ def _validate_combinations(cfg: DictConfig) -> None:
     if cfg.loss.sparsity.kind == "decoder_norm_l1" and cfg.sae.unit_norm_decoder:
         raise UserError("loss.sparsity.kind=decoder_norm_l1 is plain L1 under unit-norm decoder "
                         "rows: also set sae.unit_norm_decoder=false")
+    _validate_lm_data(cfg.data)
     if cfg.data.source == "file" and not cfg.data.path:
         raise UserError("data.source=file needs data.path=FILE (.npy, .safetensors or .pt)")
     syn = cfg.data.synthetic
     if cfg.data.source == "synthetic" and syn.correlated_groups * syn.group_size > syn.n_features:
         raise UserError("data.synthetic.correlated_groups * group_size exceeds n_features")
+
+
+def _validate_lm_data(data: DictConfig) -> None:
+    if data.source == "transformer_lens" and not (data.model and data.dataset):
+        raise UserError("data.source=transformer_lens needs data.model=HUB_NAME_OR_DIR and "
+                        "data.dataset=HUB_NAME_OR_FILE (see configs/data/), or use "
+                        "data.source=tiny_lm, which works offline")
+    if data.source == "tiny_lm" and data.model:
+        raise UserError(f"data.model={data.model} is read only by data.source=transformer_lens"
+                        "; tiny_lm is its own model: set data.model=null")
+    if data.context_size < 2:
+        raise UserError(f"data.context_size={data.context_size} must be >= 2 (BOS + a token)")
+    if data.cache_rows is not None and data.cache_rows <= 0:
+        raise UserError(f"data.cache_rows={data.cache_rows} must be > 0, or null")
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -1,8 +1,10 @@
 """Train one SAE: `python -m gsae_pl.fit --config FILE [key=value ...]`.
 
-Order matters for "nothing half-written": config and data are validated before the run
-directory `<output.dir>/<output.name>/` is created; `metrics.json` is written last, by
-process 0, atomically, so its presence means the run finished.
+Order matters for "nothing half-written": config, data and trainer settings are validated
+before the run directory `<output.dir>/<output.name>/` is created; `metrics.json` is written
+last, by process 0, atomically, so its presence means the run finished. Rerunning the same
+command on a directory with checkpoints but no metrics.json resumes from the newest
+checkpoint (gsae_pl/checkpointing.py); a NaN or Inf stops the run (gsae_pl/faults.py).
 """
 
 from __future__ import annotations
@@ -14,13 +16,24 @@ import time
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
+from gsae_pl.checkpointing import (
+    AtomicCheckpointIO,
+    RNGState,
+    StepCheckpoint,
+    check_same_run,
+    checkpoint_step,
+    latest_checkpoint,
+    remove_stale_temporaries,
+)
 from gsae_pl.cli import ArgumentParser, run_main
 from gsae_pl.config import load_config, to_yaml
 from gsae_pl.data.datamodule import SAEDataModule
+from gsae_pl.errors import UserError
+from gsae_pl.faults import NonFiniteMonitor, check_final_metrics, ends_other_processes_on_error
 from gsae_pl.io import atomic_write_json, atomic_write_text
 from gsae_pl.module import SAEModule
 
@@ -44,47 +57,64 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     logger = TensorBoardLogger(save_dir=str(run_dir.parent), name=run_dir.name, version="",
                                default_hp_metric=False)
     # monitor="step", mode="max" keeps the newest `keep` checkpoints; "last.ckpt" as well.
-    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step}",
-                                  auto_insert_metric_name=False, monitor="step", mode="max",
-                                  save_top_k=cfg.checkpoint.keep, save_last=True,
-                                  every_n_train_steps=cfg.checkpoint.every_n_steps)
-    return L.Trainer(
-        **OmegaConf.to_container(cfg.trainer),
-        logger=logger,
-        callbacks=[checkpoints],
-        val_check_interval=min(cfg.eval.every_n_steps, cfg.trainer.max_steps),
-        check_val_every_n_epoch=None,
-        log_every_n_steps=cfg.log.every_n_steps,
-        num_sanity_val_steps=0,
-        enable_model_summary=False,
-    )
+    checkpoints = StepCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step}",
+                                 auto_insert_metric_name=False, monitor="step", mode="max",
+                                 save_top_k=cfg.checkpoint.keep, save_last=True,
+                                 every_n_train_steps=cfg.checkpoint.every_n_steps)
+    monitor = NonFiniteMonitor(cfg.log.every_n_steps, cfg.checkpoint.every_n_steps)
+    try:
+        return L.Trainer(
+            **OmegaConf.to_container(cfg.trainer),
+            logger=logger,
+            callbacks=[checkpoints, monitor, RNGState()],
+            plugins=[AtomicCheckpointIO()],
+            val_check_interval=min(cfg.eval.every_n_steps, cfg.trainer.max_steps),
+            check_val_every_n_epoch=None,
+            log_every_n_steps=cfg.log.every_n_steps,
+            num_sanity_val_steps=0,
+            use_distributed_sampler=False,  # the DataModule shards rows itself (data/base.py)
+            enable_model_summary=False,
+        )
+    except (ValueError, TypeError, MisconfigurationException, RuntimeError) as err:
+        # e.g. an unknown strategy or precision, or accelerator=gpu on a machine without one
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"lightning refused the trainer settings: {reason}") from None
 
 
-def fit(cfg: DictConfig, fresh: bool = False) -> dict:
+def fit(cfg: DictConfig, fresh: bool = False, resume_from: Path | None = None) -> dict:
     """Train, evaluate on held-out rows, write metrics.json; returns the final metrics.
 
     `fresh` first deletes what an earlier run left in the run directory, so no stale
-    metrics.json, checkpoint or event file can be mistaken for this run's.
+    metrics.json, checkpoint or event file can be mistaken for this run's. `resume_from`
+    continues from that checkpoint instead of step 0.
     """
     run_dir = run_dir_of(cfg)
     datamodule = SAEDataModule(cfg)  # refuses bad data before anything is written
-    if fresh and run_dir.exists():
+    trainer = build_trainer(cfg, run_dir)  # refuses bad trainer settings, writes nothing
+    datamodule.check_world(trainer.world_size)
+    if fresh and run_dir.exists() and trainer.is_global_zero:
         shutil.rmtree(run_dir)
     L.seed_everything(cfg.seed, verbose=False)
     module = SAEModule(OmegaConf.to_container(cfg), datamodule.d_in)
+    # On resume the checkpoint overwrites norm_scale and b_dec with the run's own values.
     module.prepare_from_sample(datamodule.sample_rows(cfg.data.normalize_rows))
-    trainer = build_trainer(cfg, run_dir)
     if trainer.is_global_zero:
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+        if resume_from:
+            remove_stale_temporaries(run_dir)
+            print(f"resuming {run_dir} from step {checkpoint_step(resume_from)} "
+                  f"({resume_from.relative_to(run_dir)})", flush=True)
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
+    with ends_other_processes_on_error(trainer):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     seconds = time.perf_counter() - start
     if module.evaluated_at_step != trainer.global_step:  # the final weights, held out
         trainer.validate(module, datamodule=datamodule, verbose=False)
     metrics = dict(module.final_metrics)
     metrics.update(steps=trainer.global_step, seconds=round(seconds, 2),
-                   tokens=trainer.global_step * cfg.data.batch_size * trainer.world_size,
+                   tokens=trainer.global_step * cfg.data.batch_size,  # the global batch
                    norm_scale=float(module.norm_scale))
+    check_final_metrics(metrics)
     if trainer.is_global_zero:
         trainer.logger.log_hyperparams(_flat(cfg), {f"final/{k}": v for k, v in metrics.items()},
                                        step=trainer.global_step)
@@ -123,12 +153,15 @@ def _main(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    finished = run_dir_of(cfg) / "metrics.json"
-    if finished.exists() and not args.force:
-        print(f"{finished.parent} already holds a finished run (metrics.json); "
+    run_dir = run_dir_of(cfg)
+    if (run_dir / "metrics.json").exists() and not args.force:
+        print(f"{run_dir} already holds a finished run (metrics.json); "
               "pass --force to train it again, or set output.name to start another")
         return 0
-    fit(cfg, fresh=args.force)
+    resume_from = None if args.force else latest_checkpoint(run_dir)
+    if resume_from:
+        check_same_run(run_dir, cfg)
+    fit(cfg, fresh=args.force, resume_from=resume_from)
     return 0
 
 

@@ -29,15 +29,19 @@ class ReconstructionMetrics(Metric):
             self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("x_sum", torch.zeros(d_in, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, x: Tensor, x_hat: Tensor, f: Tensor) -> None:
-        x, x_hat = x.double(), x_hat.double()
+    def update(self, x: Tensor, x_hat: Tensor, fired: Tensor) -> None:
+        """`fired`: per feature, the rows of this batch where it is non-zero (Encoding.fired).
+
+        Batch sums in the inputs' dtype (torch sums pairwise), accumulated in float64.
+        """
+        x, x_hat = x.detach(), x_hat.detach()
         self.rows += x.shape[0]
         self.sq_err += (x - x_hat).pow(2).sum()
         self.x_sq += x.pow(2).sum()
         self.x_hat_sq += x_hat.pow(2).sum()
         self.x_hat_dot_x += (x_hat * x).sum()
         self.x_sum += x.sum(0)
-        self.active += (f != 0).sum()
+        self.active += fired.sum()
 
     def compute(self) -> dict[str, Tensor]:
         total_variance = self.x_sq - self.x_sum.pow(2).sum() / self.rows
@@ -59,9 +63,9 @@ class FeatureDensity(Metric):
         self.add_state("fired", torch.zeros(d_sae, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("rows", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, f: Tensor) -> None:
-        self.fired += (f != 0).sum(0)
-        self.rows += f.shape[0]
+    def update(self, fired: Tensor, n_rows: int) -> None:
+        self.fired += fired
+        self.rows += n_rows
 
     def compute(self) -> Tensor:
         return self.fired / self.rows

@@ -44,7 +44,7 @@ class SAEModule(L.LightningModule):
         return self.sae(x * self.norm_scale)
 
     # ---- training -------------------------------------------------------------------
-    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Tensor, batch_idx: int) -> dict:
         x = batch * self.norm_scale
         x_hat, enc = self.sae(x)
         terms = self.objective(x, x_hat, enc, self.sae, self.global_step)
@@ -52,9 +52,10 @@ class SAEModule(L.LightningModule):
         self.log_dict({f"loss/{name}": value for name, value in terms.items()})
         self.log("loss/total", loss, prog_bar=True)
         with torch.no_grad():
-            self.train_recon.update(x, x_hat, enc.f)
-            self.train_density.update(enc.f)
-        return loss
+            self.train_recon.update(x, x_hat, enc.fired)
+            self.train_density.update(enc.fired, x.shape[0])
+        # The terms ride along (detached) for gsae_pl.faults, which names a non-finite one.
+        return {"loss": loss, "terms": {name: v.detach() for name, v in terms.items()}}
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         step = self.global_step  # already counts this batch's optimiser step
@@ -92,13 +93,14 @@ class SAEModule(L.LightningModule):
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         x = batch * self.norm_scale
         x_hat, enc = self.sae(x)
-        self.val_recon.update(x, x_hat, enc.f)
-        self.val_density.update(enc.f)
+        self.val_recon.update(x, x_hat, enc.fired)
+        self.val_density.update(enc.fired, x.shape[0])
 
     def on_validation_epoch_end(self) -> None:
         values = dict(self.val_recon.compute())
         values.update(self._log_histogram("val", self.val_density.compute()))
         values.update(self._ground_truth_scores())
+        values.update(self._loss_recovered())
         # Already reduced across processes by the metrics themselves: no sync_dist.
         self.log_dict({f"val/{k}": torch.as_tensor(v, dtype=torch.float32)
                        for k, v in values.items()})
@@ -106,6 +108,21 @@ class SAEModule(L.LightningModule):
         self.evaluated_at_step = self.global_step
         self.val_recon.reset()
         self.val_density.reset()
+
+    def _loss_recovered(self) -> dict[str, float]:
+        """CE with the SAE spliced into the LM on held-out windows (LM sources only)."""
+        source = getattr(getattr(self.trainer, "datamodule", None), "source", None)
+        lm = getattr(source, "lm", None)
+        if lm is None or self.cfg.eval.lm_contexts == 0:
+            return {}
+        from gsae_pl import lm_eval
+
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        tokens = lm.heldout_tokens(self.cfg.eval.lm_contexts)[rank::world]  # disjoint shares
+        # The spliced activation is the reconstruction on the raw scale: x_hat / norm_scale.
+        sums = lm_eval.ce_sums(lm, tokens, lambda x: self(x.to(self.device))[0] / self.norm_scale)
+        sums = self.trainer.strategy.reduce(sums.to(self.device), reduce_op="sum")
+        return lm_eval.loss_recovered(sums.cpu())
 
     def _ground_truth_scores(self) -> dict[str, float]:
         datamodule = getattr(self.trainer, "datamodule", None)

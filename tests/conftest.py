@@ -11,7 +11,9 @@ from gsae_pl.config import Config, validate
 
 def make_cfg(*overrides: str):
     """The schema's defaults plus dotted overrides, validated like a loaded config."""
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.from_dotlist(list(overrides)))
+    # Synthetic data unless a test names another source: the default (tiny_lm) builds an LM.
+    dotlist = ["data.source=synthetic", *overrides]
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.from_dotlist(dotlist))
     validate(cfg)
     return cfg
 

@@ -36,8 +36,12 @@ def _terms(cfg, sae, x):
     return Objective.from_config(cfg.loss)(x, x_hat, enc, sae, step=10**6)
 
 
-def test_gated_paper_routing():
-    cfg, sae, x = _setup()
+KERNELS = ["reference", "dense", "sparse"]  # every path must route gradients the same way
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_gated_paper_routing(kernel):
+    cfg, sae, x = _setup(f"sae.kernel={kernel}")
     terms = _terms(cfg, sae, x)
     assert set(terms) == {"reconstruction", "sparsity", "aux"}
     recon = _reached(sae, terms["reconstruction"])
@@ -52,7 +56,7 @@ def test_gated_paper_routing():
 
 def test_frozen_aux_gives_b_dec_only_its_centring_gradient():
     """With the centring removed from the picture, frozen aux gives b_dec no gradient."""
-    cfg, sae, x = _setup()
+    cfg, sae, x = _setup("sae.kernel=reference")
     x_hat, enc = sae(x)
     aux = Objective.from_config(cfg.loss).terms["aux"]
     enc_detached = enc._replace(gate_acts=enc.gate_acts.detach())
@@ -61,7 +65,7 @@ def test_frozen_aux_gives_b_dec_only_its_centring_gradient():
 
 
 def test_unfrozen_aux_decoder_reaches_W_dec_and_b_dec():
-    cfg, sae, x = _setup("loss.aux.decoder=unfrozen")
+    cfg, sae, x = _setup("loss.aux.decoder=unfrozen", "sae.kernel=reference")
     x_hat, enc = sae(x)
     aux = Objective.from_config(cfg.loss).terms["aux"]
     assert _reached(sae, aux.fn(x, x_hat, enc._replace(gate_acts=enc.gate_acts.detach()), sae)) \
@@ -70,15 +74,17 @@ def test_unfrozen_aux_decoder_reaches_W_dec_and_b_dec():
 
 
 def test_unfrozen_decoder_with_frozen_b_dec_switch():
-    cfg, sae, x = _setup("loss.aux.decoder=unfrozen", "loss.aux.b_dec=frozen")
+    cfg, sae, x = _setup("loss.aux.decoder=unfrozen", "loss.aux.b_dec=frozen",
+                         "sae.kernel=reference")
     x_hat, enc = sae(x)
     aux = Objective.from_config(cfg.loss).terms["aux"]
     assert _reached(sae, aux.fn(x, x_hat, enc._replace(gate_acts=enc.gate_acts.detach()), sae)) \
         == {"W_dec"}
 
 
-def test_aux_off_b_gate_gradient_comes_from_l1_alone():
-    cfg, sae, x = _setup("loss.aux.enabled=false")
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_aux_off_b_gate_gradient_comes_from_l1_alone(kernel):
+    cfg, sae, x = _setup("loss.aux.enabled=false", f"sae.kernel={kernel}")
     terms = _terms(cfg, sae, x)
     assert set(terms) == {"reconstruction", "sparsity"}
     total = sum(terms.values())
@@ -88,13 +94,14 @@ def test_aux_off_b_gate_gradient_comes_from_l1_alone():
     assert (g_l1 >= 0).all() and g_l1.abs().max() > 0  # L1 only ever pushes gates shut
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("sharing,expected", [
     ("r_mag", {"W_enc", "r_mag", "b_mag", "W_dec", "b_dec"}),
     ("no_r_mag", {"W_enc", "b_mag", "W_dec", "b_dec"}),
     ("untied", {"W_mag", "b_mag", "W_dec", "b_dec"}),
 ])
-def test_reconstruction_routing_per_weight_sharing(sharing, expected):
-    cfg, sae, x = _setup(f"sae.weight_sharing={sharing}")
+def test_reconstruction_routing_per_weight_sharing(sharing, expected, kernel):
+    cfg, sae, x = _setup(f"sae.weight_sharing={sharing}", f"sae.kernel={kernel}")
     assert _reached(sae, _terms(cfg, sae, x)["reconstruction"]) == expected
 
 
@@ -112,7 +119,7 @@ def test_baseline_routing():
 
 
 def test_term_values_by_hand():
-    cfg, sae, x = _setup("loss.l1_coefficient=0.5")
+    cfg, sae, x = _setup("loss.l1_coefficient=0.5", "sae.kernel=reference")
     x_hat, enc = sae(x)
     terms = Objective.from_config(cfg.loss)(x, x_hat, enc, sae, step=0)
     d_in = x.shape[1]
@@ -123,7 +130,8 @@ def test_term_values_by_hand():
 
 
 def test_decoder_norm_l1_weights_by_row_norm():
-    cfg, sae, x = _setup("loss.sparsity.kind=decoder_norm_l1", "sae.unit_norm_decoder=false")
+    cfg, sae, x = _setup("loss.sparsity.kind=decoder_norm_l1", "sae.unit_norm_decoder=false",
+                         "sae.kernel=reference")
     with torch.no_grad():
         sae.W_dec.mul_(torch.arange(1, 17, dtype=torch.float32)[:, None])
     x_hat, enc = sae(x)

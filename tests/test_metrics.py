@@ -12,8 +12,8 @@ def test_reconstruction_metrics_by_hand():
     x_hat = torch.tensor([[0.5, 0.0], [0.0, 1.0]])  # pure shrinkage by one half
     f = torch.tensor([[1.0, 0.0, 0.0], [2.0, 3.0, 0.0]])
     metric = ReconstructionMetrics(d_in=2)
-    metric.update(x[:1], x_hat[:1], f[:1])  # two updates must equal one big one
-    metric.update(x[1:], x_hat[1:], f[1:])
+    metric.update(x[:1], x_hat[:1], (f[:1] != 0).sum(0))  # two updates == one big one
+    metric.update(x[1:], x_hat[1:], (f[1:] != 0).sum(0))
     out = metric.compute()
     # squared errors .25 and 1 -> mean over rows .625 -> per element / d_in = .3125
     assert torch.isclose(out["mse"], torch.tensor(0.3125, dtype=torch.float64))
@@ -30,7 +30,7 @@ def test_gamma_is_scale_of_best_rescaling_not_norm_ratio():
     x = torch.tensor([[1.0, 0.0]])
     x_hat = torch.tensor([[1.0, 1.0]])  # same direction error, larger norm
     metric = ReconstructionMetrics(d_in=2)
-    metric.update(x, x_hat, torch.ones(1, 1))
+    metric.update(x, x_hat, torch.ones(1))
     gamma = metric.compute()["relative_reconstruction_bias"].item()
     assert abs(gamma - 2.0) < 1e-12  # ||x_hat||^2 / (x_hat . x) = 2 / 1
     grid = torch.linspace(0.5, 4, 3501, dtype=torch.float64)
@@ -44,7 +44,8 @@ def test_feature_density_dead_and_dense():
     f[:1, 1] = 1.0  # 1 in 20 = 5%: neither
     f[:3, 2] = 1.0  # 15%: dense at a 10% threshold
     metric = FeatureDensity(4)
-    metric.update(f)
+    metric.update((f[:5] != 0).sum(0), 5)
+    metric.update((f[5:] != 0).sum(0), 15)
     density = metric.compute()
     assert torch.allclose(density, torch.tensor([1.0, 0.05, 0.15, 0.0], dtype=torch.float64))
     summary = density_summary(density, dense_threshold=0.1)

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_gated_sae_recovers_most_true_features(tmp_path):
     rc = main(["--config", str(ROOT / "ablations/gated.yaml"), f"output.dir={tmp_path}",
-               "output.name=recovery", "trainer.enable_progress_bar=false",
+               "output.name=recovery", "data.source=synthetic",
+               "trainer.enable_progress_bar=false",
                "trainer.accelerator=cpu", "data.batch_size=512", "trainer.max_steps=3000",
                "eval.every_n_steps=3000", "eval.rows=8192", "checkpoint.every_n_steps=3000"])
     assert rc == 0

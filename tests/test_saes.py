@@ -80,7 +80,7 @@ def _hand_set_gated(sharing="r_mag"):
 def test_gated_forward_matches_hand_computation():
     sae = _hand_set_gated()
     x = torch.tensor([[1.5, 0.5], [0.0, 2.0]])
-    enc = sae.encode(x)
+    enc = sae.encode_reference(x)  # the path that materialises pi_gate and pi_mag
     # x - b_dec = [[1, .5], [-.5, 2]]; pi_gate = that + [0, -1] = [[1, -.5], [-.5, 1]]
     assert torch.allclose(enc.pi_gate, torch.tensor([[1.0, -0.5], [-0.5, 1.0]]))
     # pi_mag = (x - b_dec) * exp(r_mag) + b_mag = [[2.25, .5], [-.75, 2]]
@@ -88,15 +88,19 @@ def test_gated_forward_matches_hand_computation():
     # f = 1[pi_gate > 0] * ReLU(pi_mag): the gate closes feature 1 of row 0, feature 0 of row 1
     assert torch.allclose(enc.f, torch.tensor([[2.25, 0.0], [0.0, 2.0]]))
     assert torch.allclose(enc.gate_acts, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
-    x_hat, _ = sae(x)
-    assert torch.allclose(x_hat, torch.tensor([[2.75, 0.0], [0.5, 2.0]]))
+    assert enc.fired.tolist() == [1, 1]
+    for kernel in ("dense", "sparse"):
+        sae.kernel = kernel
+        x_hat, fast = sae(x)
+        assert torch.allclose(x_hat, torch.tensor([[2.75, 0.0], [0.5, 2.0]])), kernel
+        assert torch.equal(fast.fired, enc.fired), kernel
 
 
 def test_gated_with_sharing_is_a_jumprelu():
     """Appendix E: pi_mag = exp(r_mag) * pi_gate + theta, so the gate opens iff pi_mag > theta."""
     sae = _hand_set_gated()
     x = torch.randn(256, 2) * 3
-    enc = sae.encode(x)
+    enc = sae.encode_reference(x)
     theta = sae.jumprelu_threshold()
     assert torch.equal(enc.pi_gate > 0, enc.pi_mag > theta)
     assert torch.allclose(enc.pi_mag - theta, torch.exp(sae.r_mag) * enc.pi_gate, atol=1e-6)
@@ -106,7 +110,7 @@ def test_untied_uses_its_own_magnitude_weights():
     sae = _hand_set_gated("untied")
     with torch.no_grad():
         sae.W_mag.copy_(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))  # swaps the inputs
-    enc = sae.encode(torch.tensor([[1.5, 0.5]]))
+    enc = sae.encode(torch.tensor([[1.5, 0.5]]))  # untied always takes the reference path
     assert torch.allclose(enc.pi_mag, torch.tensor([[0.75, 1.0]]))  # [.5, 1] + b_mag
 
 

@@ -12,6 +12,8 @@ from typing import Protocol
 
 from torch import Tensor
 
+from gsae_pl.errors import UserError
+
 
 class ActivationSource(Protocol):
     d_in: int
@@ -20,10 +22,14 @@ class ActivationSource(Protocol):
 
     def train_batches(self, batch_size: int, rank: int, world_size: int,
                       start_step: int = 0) -> Iterator[Tensor]:
-        """Endless float32 [batch_size, d_in] batches for process `rank` of `world_size`.
+        """Endless float32 [batch_size // world_size, d_in] batches for process `rank`.
 
-        Processes see disjoint rows; batch k of a process depends only on (seed, k, rank),
-        so a run restarted at `start_step` sees the batches it would have seen.
+        `batch_size` is the GLOBAL batch of one optimiser step. Global batch k depends only
+        on (seed, k), exactly as in a 1-process run, and process `rank` gets its rows
+        rank::world_size. So every process count sees the same rows at each step, and
+        DDP's average of the per-process mean losses is the full batch's mean loss; and a
+        run restarted at `start_step` sees the batches it would have seen.
+        `batch_size` must be a multiple of `world_size` (`check_split` says so).
         """
         ...
 
@@ -34,3 +40,12 @@ class ActivationSource(Protocol):
     def describe(self) -> dict:
         """What made these activations: logged and stored beside the run."""
         ...
+
+
+def check_split(batch_size: int, rank: int, world_size: int) -> None:
+    """The conditions `train_batches` places on its arguments, for every source."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    if batch_size % world_size:
+        raise UserError(f"data.batch_size={batch_size} is the global batch and must split "
+                        f"evenly over {world_size} processes: use a multiple of {world_size}")

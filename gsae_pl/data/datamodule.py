@@ -3,6 +3,9 @@
 Sources are built in `__init__`, not in `setup`, on purpose: a bad data file must be refused
 before the run directory exists (nothing half-written), and every process builds the same
 source deterministically, so there is no one-time download step to put in `prepare_data`.
+
+`data.batch_size` is the GLOBAL batch of one optimiser step: each of W processes gets
+batch_size // W rows of it (data/base.py), so a W-process run follows the 1-process one.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from gsae_pl.data.base import ActivationSource
+from gsae_pl.data.base import ActivationSource, check_split
 from gsae_pl.data.file import FileSource
 from gsae_pl.data.synthetic import SyntheticSource
 
@@ -24,6 +27,10 @@ def build_source(cfg) -> ActivationSource:
     data = cfg.data
     if data.source == "synthetic":
         return SyntheticSource(data.synthetic)
+    if data.source in ("tiny_lm", "transformer_lens"):
+        from gsae_pl.data.cached import build_cached_or_lm_source  # imports the LM stack
+
+        return build_cached_or_lm_source(cfg)
     return FileSource(data.path, seed=cfg.seed, holdout_rows=cfg.eval.rows,
                       min_train_rows=data.batch_size)
 
@@ -45,6 +52,15 @@ class SAEDataModule(L.LightningDataModule):
         self.eval_rows = cfg.eval.rows
         self.source = build_source(cfg)
         self.d_in = self.source.d_in
+
+    def check_world(self, world_size: int) -> None:
+        """Refuse a global batch that does not split evenly, before anything is written."""
+        check_split(self.batch_size, 0, world_size)
+
+    def setup(self, stage: str) -> None:
+        # LM sources run their model on this process's device (each DDP process has one).
+        if hasattr(self.source, "set_device"):
+            self.source.set_device(self.trainer.strategy.root_device)
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer

@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from gsae_pl.data.base import check_split
 from gsae_pl.data.synthetic import stream_seed
 from gsae_pl.errors import UserError
 
@@ -119,25 +120,23 @@ class FileSource:
 
     def train_batches(self, batch_size: int, rank: int, world_size: int,
                       start_step: int = 0) -> Iterator[Tensor]:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-        # Every rank uses the shortest share's count, so all ranks change epoch together.
-        per_epoch = (self.n_train // world_size) // batch_size
+        check_split(batch_size, rank, world_size)
+        per_epoch = self.n_train // batch_size  # global batches; a partial last one is dropped
         if per_epoch == 0:
             raise UserError(f"data file {self.path} has {self.n_train} training rows, fewer "
-                            f"than one batch of {batch_size} for each of {world_size} "
-                            "processes: lower data.batch_size or eval.rows")
+                            f"than one batch of {batch_size}: lower data.batch_size or eval.rows")
         return self._batches(batch_size, rank, world_size, start_step, per_epoch)
 
     def _batches(self, batch_size: int, rank: int, world_size: int, step: int,
                  per_epoch: int) -> Iterator[Tensor]:
         epoch, offset = divmod(step, per_epoch)  # skip ahead without making skipped batches
         while True:
-            share = self._permutation(epoch)[rank::world_size]
+            order = self._permutation(epoch)
             for k in range(offset, per_epoch):
-                idx = share[k * batch_size:(k + 1) * batch_size]
                 # Sorted reads walk the memmap forwards: far fewer page faults than random.
-                yield _as_tensor(self._rows[idx.sort().values.numpy()])
+                # The share is taken after sorting, so it is the 1-process batch's rows r::W.
+                idx = order[k * batch_size:(k + 1) * batch_size].sort().values[rank::world_size]
+                yield _as_tensor(self._rows[idx.numpy()])
             epoch, offset = epoch + 1, 0
 
     def _permutation(self, epoch: int) -> Tensor:

@@ -5,9 +5,10 @@ R^d_in (more features than dimensions is allowed: superposition). Feature firing
 follow a power law, optionally with groups of features that tend to fire together.
 PAPER.md sec. 6 scores recovery with `mmcs` and `fraction_recovered`, defined below.
 
-Every batch comes from its own generator, seeded from (seed, stream, index), so batch k of
-rank r is a pure function of the config: a restarted run sees exactly the batches it
-would have seen, and no two (step, rank) pairs or the held-out rows share a stream.
+Every global batch comes from its own generator, seeded from (seed, stream, index), so
+batch k is a pure function of the config: a restarted run sees exactly the batches it
+would have seen, no two steps or the held-out rows share a stream, and process r of W
+takes rows r::W of the same global batch a 1-process run draws (see base.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gsae_pl.config import SyntheticConfig
+from gsae_pl.data.base import check_split
 from gsae_pl.errors import UserError
 
 # Held-out rows are made in fixed-size chunks so eval_rows(n) is a prefix of eval_rows(m > n).
@@ -110,16 +112,16 @@ class SyntheticSource:
 
     def train_batches(self, batch_size: int, rank: int, world_size: int,
                       start_step: int = 0) -> Iterator[Tensor]:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        check_split(batch_size, rank, world_size)
         return self._batches(batch_size, rank, world_size, start_step)
 
     def _batches(self, batch_size: int, rank: int, world_size: int,
                  step: int) -> Iterator[Tensor]:
         while True:
-            # Global index interleaves ranks, so (step, rank) pairs map to distinct seeds.
-            gen = _generator(self.seed, "train", step * world_size + rank)
-            yield self.sample(batch_size, gen)[0]
+            # Every process draws the whole global batch and keeps its share: W times the
+            # (cheap) sampling work, bought for identical 1- and W-process trajectories.
+            gen = _generator(self.seed, "train", step)
+            yield self.sample(batch_size, gen)[0][rank::world_size].contiguous()
             step += 1
 
     def eval_rows(self, n_rows: int) -> Tensor:

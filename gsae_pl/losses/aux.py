@@ -14,12 +14,13 @@ from functools import partial
 from torch import Tensor
 
 from gsae_pl.losses.base import Term, squared_error
+from gsae_pl.saes.kernels import decode_codes
 
 
 def aux_loss(x, x_hat, enc, sae, freeze_W_dec: bool, freeze_b_dec: bool) -> Tensor:
     W_dec = sae.W_dec.detach() if freeze_W_dec else sae.W_dec
     b_dec = sae.b_dec.detach() if freeze_b_dec else sae.b_dec
-    return squared_error(x, enc.gate_acts @ W_dec + b_dec)
+    return squared_error(x, decode_codes(enc.gate_acts, W_dec, b_dec))
 
 
 def aux_term(loss_cfg) -> Term:

@@ -10,14 +10,15 @@ from __future__ import annotations
 from torch import Tensor
 
 from gsae_pl.losses.base import Term
+from gsae_pl.saes.kernels import mean_row_sum
 
 
 def l1(x, x_hat, enc, sae) -> Tensor:
-    return enc.gate_acts.sum(-1).mean()
+    return mean_row_sum(enc.gate_acts)  # gate_acts >= 0, so its sum is its L1 norm
 
 
 def decoder_norm_l1(x, x_hat, enc, sae) -> Tensor:
-    return (enc.gate_acts * sae.W_dec.norm(dim=1)).sum(-1).mean()
+    return mean_row_sum(enc.gate_acts, sae.W_dec.norm(dim=1))
 
 
 KINDS = {"l1": l1, "decoder_norm_l1": decoder_norm_l1}

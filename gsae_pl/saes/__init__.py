@@ -13,7 +13,8 @@ def build_sae(sae_cfg, d_in: int) -> SAE:
     """An SAE from the `sae:` config block (fields the architecture does not use are ignored)."""
     cls = ARCHITECTURES[sae_cfg.architecture]
     return cls(d_in=d_in, d_sae=sae_cfg.d_sae, unit_norm_decoder=sae_cfg.unit_norm_decoder,
-               weight_sharing=sae_cfg.weight_sharing)
+               weight_sharing=sae_cfg.weight_sharing, kernel=sae_cfg.kernel,
+               compile_mode=sae_cfg.compile)
 
 
 __all__ = ["SAE", "Encoding", "GatedSAE", "ReLUSAE", "ARCHITECTURES", "build_sae"]

@@ -6,25 +6,35 @@ W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_dec [d_in], per-feature vectors [d_s
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor, nn
+
+from gsae_pl.saes.kernels import SparseCodes, decode_codes
+
+Codes = Union[Tensor, SparseCodes]
 
 
 class Encoding(NamedTuple):
     """The intermediates of one encoder pass, so no loss term recomputes a matmul.
 
     f         feature activations the decoder reads (f_tilde for the gated SAE)
+    gate_acts what the sparsity penalty and the aux term see: ReLU(pi_gate) for gated
+              (eq. 8), f itself for the baseline
+    fired     per feature, the number of rows of the batch where f != 0 (for L0 and density)
     pi_gate   gate pre-activation (the baseline's only pre-activation)
-    pi_mag    magnitude pre-activation (gated only, else None)
-    gate_acts what the sparsity penalty sees: ReLU(pi_gate) for gated (eq. 8), f for baseline
+    pi_mag    magnitude pre-activation (gated only)
+    f and gate_acts are dense [B, d_sae] or, on the sparse path, `SparseCodes` sharing the
+    gate's support. pi_gate and pi_mag are materialised by the reference path only: the
+    fast paths keep them inside their backward (saes/kernels.py), as no loss term reads them.
     """
 
-    f: Tensor
-    pi_gate: Tensor
-    pi_mag: Optional[Tensor]
-    gate_acts: Tensor
+    f: Codes
+    gate_acts: Codes
+    fired: Tensor
+    pi_gate: Optional[Tensor] = None
+    pi_mag: Optional[Tensor] = None
 
 
 class SAE(nn.Module):
@@ -44,8 +54,8 @@ class SAE(nn.Module):
     def encode(self, x: Tensor) -> Encoding:
         raise NotImplementedError
 
-    def decode(self, f: Tensor) -> Tensor:
-        return f @ self.W_dec + self.b_dec
+    def decode(self, f: Codes) -> Tensor:
+        return decode_codes(f, self.W_dec, self.b_dec)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Encoding]:
         enc = self.encode(x)

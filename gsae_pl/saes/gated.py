@@ -8,6 +8,8 @@ W_gate is stored as W_enc (SAELens convention). Sharing modes:
   r_mag     W_mag = W_gate * exp(r_mag) column-wise (eq. 7): ONE encoder matmul serves both
   no_r_mag  W_mag = W_gate (r_mag a zero buffer, exported as such): the "no r_mag" ablation
   untied    an independent W_mag: the "untied encoders" ablation (a second matmul)
+`encode_reference` is the plain-autograd definition; `encode` runs the same maths through
+the fast kernels of saes/kernels.py where they apply (tied weights).
 """
 
 from __future__ import annotations
@@ -16,15 +18,21 @@ import torch
 from torch import Tensor, nn
 
 from gsae_pl.saes.base import SAE, Encoding
+from gsae_pl.saes.kernels import GatedEncodeDense, encode_gated_sparse
+
+# Below this share of active (feature, row) pairs the sparse path beats the dense one on
+# CPU: measured by benchmarks/step.py (see benchmarks/RESULTS.md).
+SPARSE_CROSSOVER = 0.05
 
 
 class GatedSAE(SAE):
     has_gate = True
 
     def __init__(self, d_in: int, d_sae: int, unit_norm_decoder: bool = True,
-                 weight_sharing: str = "r_mag", **_):
+                 weight_sharing: str = "r_mag", kernel: str = "auto",
+                 compile_mode: str = "never", **_):
         super().__init__(d_in, d_sae, unit_norm_decoder)
-        self.weight_sharing = weight_sharing
+        self.weight_sharing, self.kernel, self.compile_mode = weight_sharing, kernel, compile_mode
         self.W_enc = nn.Parameter(self.W_dec.detach().t().clone())
         self.b_gate = nn.Parameter(torch.zeros(d_sae))
         self.b_mag = nn.Parameter(torch.zeros(d_sae))
@@ -34,8 +42,31 @@ class GatedSAE(SAE):
             self.register_buffer("r_mag", torch.zeros(d_sae))
         if weight_sharing == "untied":
             self.W_mag = nn.Parameter(self.W_dec.detach().t().clone())
+        self.last_density = 1.0  # share of (row, feature) pairs active in the last batch
 
     def encode(self, x: Tensor) -> Encoding:
+        path = self.path_for(x)
+        if path == "reference":
+            return self.encode_reference(x)
+        args = (x, self.W_enc, self.b_dec, self.b_gate, self.r_mag, self.b_mag)
+        if path == "sparse":
+            f, gate_acts, fired = encode_gated_sparse(*args)
+        else:
+            f, gate_acts, fired = GatedEncodeDense.apply(*args, self.compile_mode)
+        if self.kernel == "auto" and x.device.type == "cpu":  # a host read: free on CPU only
+            self.last_density = float(fired.sum()) / (x.shape[0] * self.d_sae)
+        return Encoding(f=f, gate_acts=gate_acts, fired=fired)
+
+    def path_for(self, x: Tensor) -> str:
+        if self.weight_sharing == "untied":
+            return "reference"  # the kernels assume one shared encoder matmul
+        if self.kernel != "auto":
+            return self.kernel
+        if x.device.type != "cpu":
+            return "dense"
+        return "sparse" if self.last_density < SPARSE_CROSSOVER else "dense"
+
+    def encode_reference(self, x: Tensor) -> Encoding:
         x_cent = x - self.b_dec  # not stop-gradiented: L_sparsity and L_aux reach b_dec
         pre_gate = x_cent @ self.W_enc
         pi_gate = pre_gate + self.b_gate
@@ -46,7 +77,8 @@ class GatedSAE(SAE):
             pi_mag = pre_gate * torch.exp(self.r_mag) + self.b_mag
         # The Heaviside gate carries no gradient, so L_reconstruct never reaches b_gate.
         f = (pi_gate > 0).to(pi_mag.dtype) * torch.relu(pi_mag)
-        return Encoding(f=f, pi_gate=pi_gate, pi_mag=pi_mag, gate_acts=torch.relu(pi_gate))
+        return Encoding(f=f, gate_acts=torch.relu(pi_gate), fired=(f != 0).sum(0),
+                        pi_gate=pi_gate, pi_mag=pi_mag)
 
     def jumprelu_threshold(self) -> Tensor:
         """With weight sharing the encoder is a JumpReLU (PAPER.md sec. 1, appendix E)."""

@@ -6,17 +6,32 @@ import torch
 from torch import Tensor, nn
 
 from gsae_pl.saes.base import SAE, Encoding
+from gsae_pl.saes.kernels import ReLUEncodeDense
 
 
 class ReLUSAE(SAE):
-    """f = ReLU((x - b_dec) @ W_enc + b_enc); the L1 penalty falls on f itself."""
+    """f = ReLU((x - b_dec) @ W_enc + b_enc); the L1 penalty falls on f itself.
 
-    def __init__(self, d_in: int, d_sae: int, unit_norm_decoder: bool = True, **_):
+    `kernel: reference` runs plain autograd; any other value the hand-written backward
+    (saes/kernels.py), which saves the centring matmul. The baseline has no sparse path:
+    its decoder reads f, whose support is what the L1 penalty shrinks only slowly.
+    """
+
+    def __init__(self, d_in: int, d_sae: int, unit_norm_decoder: bool = True,
+                 kernel: str = "auto", compile_mode: str = "never", **_):
         super().__init__(d_in, d_sae, unit_norm_decoder)
+        self.kernel, self.compile_mode = kernel, compile_mode
         self.W_enc = nn.Parameter(self.W_dec.detach().t().clone())
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
 
     def encode(self, x: Tensor) -> Encoding:
+        if self.kernel != "reference":
+            f, fired = ReLUEncodeDense.apply(x, self.W_enc, self.b_dec, self.b_enc,
+                                             self.compile_mode)
+            return Encoding(f=f, gate_acts=f, fired=fired)
+        return self.encode_reference(x)
+
+    def encode_reference(self, x: Tensor) -> Encoding:
         pre = (x - self.b_dec) @ self.W_enc + self.b_enc
         f = torch.relu(pre)
-        return Encoding(f=f, pi_gate=pre, pi_mag=None, gate_acts=f)
+        return Encoding(f=f, gate_acts=f, fired=(f != 0).sum(0), pi_gate=pre)

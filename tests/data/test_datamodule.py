@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from gsae_pl.data.datamodule import SAEDataModule
+from gsae_pl.errors import UserError
 from tests.conftest import make_cfg
 
 
@@ -49,3 +51,21 @@ def test_train_loader_differs_by_rank_and_resumes_at_global_step():
     for _ in range(3):
         next(stream)
     assert torch.equal(next(iter(dm.train_dataloader())), next(stream))
+
+
+def test_train_shares_of_two_processes_make_the_one_process_batch():
+    dm = _dm()
+    dm.trainer = _FakeTrainer(0, 1)
+    whole = next(iter(dm.train_dataloader()))
+    shares = []
+    for rank in range(2):
+        dm.trainer = _FakeTrainer(rank, 2)
+        shares.append(next(iter(dm.train_dataloader())))
+    assert shares[0].shape == (32, 8)
+    assert torch.equal(torch.stack(shares, 1).flatten(0, 1), whole)
+
+
+def test_indivisible_global_batch_is_refused():
+    with pytest.raises(UserError, match="multiple of 3"):
+        _dm().check_world(3)
+    _dm().check_world(2)

@@ -26,7 +26,7 @@ def write(path, data, fmt):
 
 @pytest.fixture
 def source(tmp_path):
-    # 60 rows: 48 to train on (4 batches of 6 per rank with 2 ranks), the last 12 held out.
+    # 60 rows: 48 to train on (8 global batches of 6), the last 12 held out.
     return FileSource(write(tmp_path / "a.npy", rows(), "npy"), seed=0, holdout_rows=12,
                       min_train_rows=12)
 
@@ -65,10 +65,19 @@ def test_pt_dict_with_activations(tmp_path):
 def test_each_epoch_is_a_permutation_split_across_ranks(source):
     streams = [source.train_batches(6, rank, 2) for rank in range(2)]
     for _epoch in range(3):
-        seen = [sum((indices(next(s)) for _ in range(4)), []) for s in streams]
+        seen = [sum((indices(next(s)) for _ in range(8)), []) for s in streams]
         assert not set(seen[0]) & set(seen[1])  # ranks' shares are disjoint
         assert sorted(seen[0] + seen[1]) == list(range(48))  # all training rows, once
     assert seen != [sorted(s) for s in seen]  # shuffled, not file order
+
+
+def test_ranks_take_rows_r_mod_w_of_the_one_process_batch(source):
+    whole = source.train_batches(6, 0, 1, start_step=7)  # crosses into the second epoch
+    shares = [source.train_batches(6, rank, 3, start_step=7) for rank in range(3)]
+    for _ in range(3):
+        batch = next(whole)
+        for rank, share in enumerate(shares):
+            assert torch.equal(next(share), batch[rank::3])
 
 
 def test_epochs_differ_and_batches_are_sorted(source):
@@ -79,7 +88,7 @@ def test_epochs_differ_and_batches_are_sorted(source):
 
 
 def test_holdout_rows_never_trained_on(source):
-    it = source.train_batches(5, 1, 3)
+    it = source.train_batches(6, 1, 3)
     assert max(max(indices(next(it))) for _ in range(40)) < 48
 
 
@@ -101,7 +110,9 @@ def test_eval_rows_too_many_and_batch_too_big(source):
     with pytest.raises(UserError, match="held out"):
         source.eval_rows(13)
     with pytest.raises(UserError, match="batch_size"):
-        source.train_batches(25, 0, 2)
+        source.train_batches(50, 0, 2)
+    with pytest.raises(UserError, match="multiple of 4"):
+        source.train_batches(6, 0, 4)
 
 
 def bad(tmp_path, name, data, fmt):

@@ -51,11 +51,25 @@ def test_start_step_resumes_at_that_batch():
     assert torch.equal(resumed[0], full[3]) and torch.equal(resumed[1], full[4])
 
 
-def test_ranks_and_steps_never_share_a_batch():
-    src = make()
-    batches = [b for rank in range(3) for b in take(src.train_batches(16, rank, 3), 4)]
+def test_steps_never_share_a_batch():
+    batches = take(make().train_batches(16, 0, 1), 6)
     for i, x in enumerate(batches):
         assert not any(torch.equal(x, y) for y in batches[i + 1:])
+
+
+def test_ranks_split_the_one_process_batch_row_by_row():
+    src = make()
+    whole = take(src.train_batches(12, 0, 1, start_step=2), 2)
+    shares = [take(src.train_batches(12, rank, 3, start_step=2), 2) for rank in range(3)]
+    for k in range(2):
+        assert all(shares[r][k].shape == (4, src.d_in) for r in range(3))
+        for r in range(3):
+            assert torch.equal(shares[r][k], whole[k][r::3])
+
+
+def test_global_batch_must_split_evenly():
+    with pytest.raises(UserError, match="multiple of 3"):
+        make().train_batches(16, 0, 3)
 
 
 def test_seeds_distinct_across_steps_ranks_and_streams():

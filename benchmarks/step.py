@@ -1,0 +1,139 @@
+"""Time the SAE training step as `fit` runs it, against the dense-FLOP bound.
+
+    python benchmarks/step.py                 # every case; prints a table, writes JSON
+    python benchmarks/step.py --cases gated-512x4096 --steps 5
+
+A step is what Lightning does per batch in `fit`: training_step (forward, every loss term,
+metric updates), backward, gradient projection, Adam, decoder renormalisation. It runs
+through a real `lightning.Trainer` over one fixed in-memory batch, so data loading is not
+in the figure (benchmarks/data_path.py measures that separately). The machine's matmul rate
+is measured in the same run at the case's own shape; the bound counts the matmuls a step
+cannot avoid with dense maths, each 2*B*d_in*d_sae FLOPs: 7 for gated (encoder forward,
+decoder and aux decoder forwards, four backward products), 5 for the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader, IterableDataset
+
+from gsae_pl.config import load_config
+from gsae_pl.module import SAEModule
+
+ROOT = Path(__file__).resolve().parents[1]
+BOUND_MATMULS = {"gated": 7, "relu": 5}
+# name: (architecture, d_in, d_sae, kernel, target L0 or None for the init's natural L0)
+CASES = {
+    "relu-512x4096": ("relu", 512, 4096, "auto", None),
+    "gated-512x4096": ("gated", 512, 4096, "dense", None),
+    "gated-reference-512x4096": ("gated", 512, 4096, "reference", None),
+    "relu-768x16384": ("relu", 768, 16384, "auto", None),
+    "gated-768x16384": ("gated", 768, 16384, "dense", None),
+    "gated-sparse-768x16384-L0_64": ("gated", 768, 16384, "sparse", 64),
+    "gated-dense-768x16384-L0_64": ("gated", 768, 16384, "dense", 64),
+}
+
+
+class _SameBatch(IterableDataset):
+    def __init__(self, batch):
+        self.batch = batch
+
+    def __iter__(self):
+        while True:
+            yield self.batch
+
+
+class _StepTimer(L.Callback):
+    def __init__(self):
+        self.times, self.l0 = [], []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.times.append(time.perf_counter() - self.start)
+        self.l0.append(float(module.train_recon.active / module.train_recon.rows))
+        module.train_recon.reset()
+
+
+def matmul_rate(batch: int, d_in: int, d_sae: int, repeats: int = 3) -> float:
+    """FLOP/s of the three matmul forms a step uses (NN, NT, TN), median of each, averaged."""
+    x, W = torch.randn(batch, d_in), torch.randn(d_in, d_sae)
+    g = torch.randn(batch, d_sae)
+    forms = [lambda: x @ W, lambda: g @ W.t(), lambda: x.t() @ g]
+    seconds = []
+    for form in forms:
+        form()
+        runs = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            form()
+            runs.append(time.perf_counter() - start)
+        seconds.append(statistics.median(runs))
+    return 2 * batch * d_in * d_sae / statistics.mean(seconds)
+
+
+def run_case(name: str, batch: int, steps: int, warmup: int) -> dict:
+    arch, d_in, d_sae, kernel, target_l0 = CASES[name]
+    cfg = load_config(ROOT / "configs/base.yaml", [
+        f"sae.architecture={arch}", f"sae.d_sae={d_sae}", f"sae.kernel={kernel}",
+        f"loss.aux.enabled={arch == 'gated'}", "optim.lr=3e-4", "optim.warmup_steps=1",
+        f"data.batch_size={batch}", "data.source=synthetic", f"data.synthetic.d_in={d_in}"])
+    torch.manual_seed(0)
+    x = torch.randn(batch, d_in)  # Gaussian inputs, E||x||^2 = d_in as after normalisation
+    module = SAEModule(OmegaConf.to_container(cfg), d_in)
+    module.prepare_from_sample(x)
+    if target_l0:  # shut all but ~target_l0 gates: pre-activations are ~N(0, 1) here
+        z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(1 - target_l0 / d_sae))
+        with torch.no_grad():
+            module.sae.b_gate.fill_(-float(z))
+    timer = _StepTimer()
+    trainer = L.Trainer(max_steps=warmup + steps, accelerator="cpu", devices=1, logger=False,
+                        callbacks=[timer], enable_checkpointing=False, limit_val_batches=0,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=DataLoader(_SameBatch(x), batch_size=None))
+    step_s = statistics.median(timer.times[warmup:])
+    rate = matmul_rate(batch, d_in, d_sae)
+    bound_s = BOUND_MATMULS[arch] * 2 * batch * d_in * d_sae / rate
+    return {"case": name, "arch": arch, "d_in": d_in, "d_sae": d_sae, "kernel": kernel,
+            "batch": batch, "ms_per_step": round(1e3 * step_s, 1),
+            "tokens_per_s": round(batch / step_s), "l0": round(statistics.mean(timer.l0), 1),
+            "matmul_gflops": round(rate / 1e9, 1), "dense_bound_ms": round(1e3 * bound_s, 1),
+            "fraction_of_bound": round(bound_s / step_s, 3),
+            "all_step_ms": [round(1e3 * t, 1) for t in timer.times]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated case names")
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/step.json"))
+    args = parser.parse_args()
+    results = []
+    print(f"{'case':<32}{'ms/step':>10}{'tokens/s':>10}{'L0':>8}{'GFLOP/s':>9}"
+          f"{'bound ms':>10}{'of bound':>9}")
+    for name in args.cases.split(","):
+        r = run_case(name, args.batch, args.steps, args.warmup)
+        results.append(r)
+        print(f"{name:<32}{r['ms_per_step']:>10}{r['tokens_per_s']:>10}{r['l0']:>8}"
+              f"{r['matmul_gflops']:>9}{r['dense_bound_ms']:>10}{r['fraction_of_bound']:>9}",
+              flush=True)
+    meta = {"machine": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Checkpoints that survive a SIGKILL, and resuming from them.
+
+A checkpoint is written whole to a temporary name, flushed to disk and renamed, so a kill
+mid-save leaves the previous checkpoint intact and never a truncated one. Lightning's
+checkpoint restores the SAE (with its `norm_scale` buffer), Adam, the lr schedule and the
+step counter; the data position follows from the step (sources are pure functions of
+(seed, step), data/base.py); `RNGState` adds the host random generators, which Lightning
+does not save. Only process 0 writes (Lightning's `strategy.save_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import yaml
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from gsae_pl.errors import UserError
+
+# Sections that define what a run computes: a rerun that changes one of them is another
+# run, not a resume. Trainer, logging, checkpoint and output settings may change.
+RUN_DEFINING = ("seed", "sae", "loss", "data", "optim", "eval")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """torch.save to `.<name>.tmp<pid>` beside the target, fsync, then rename over it."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO takes no storage_options")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        try:
+            with open(tmp, "wb") as fh:
+                torch.save(checkpoint, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(path.parent)  # make the rename itself durable
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that also saves `last.ckpt` when training ends between intervals
+    (Lightning's own end-of-training save is skipped once any checkpoint was written)."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class RNGState(L.Callback):
+    """Saves and restores the host generators (torch CPU, CUDA, Python, NumPy) of process 0.
+
+    Training draws no random numbers today (data streams carry their own generators), so
+    this is insurance for terms and sources that will: a resumed run then continues the
+    same random sequence. Under DDP every process restores process 0's state.
+    """
+
+    def state_dict(self) -> dict:
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                 "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                           cached)}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+        random.setstate(state["python"])
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint with the highest step, `last.ckpt` on a tie; None if there is none.
+
+    `last.ckpt` is rewritten right after each `step<N>.ckpt`, so a kill between the two
+    leaves `step<N>.ckpt` the newer one.
+    """
+    ckpts = checkpoint_dir(run_dir)
+    found = [(int(m.group(1)), 0, p) for p in ckpts.glob("step*.ckpt")
+             if (m := re.fullmatch(r"step(\d+)\.ckpt", p.name))]
+    if (ckpts / "last.ckpt").is_file():
+        found.append((checkpoint_step(ckpts / "last.ckpt"), 1, ckpts / "last.ckpt"))
+    return max(found)[2] if found else None
+
+
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Delete the half-written `.<name>.tmp<pid>` files of a killed save (never read)."""
+    for tmp in checkpoint_dir(run_dir).glob(".*.tmp*"):
+        tmp.unlink(missing_ok=True)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The optimiser step a checkpoint was taken at; a damaged file is a UserError."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        return int(state["global_step"])
+    except Exception as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"cannot resume from {path} ({reason}): delete it to resume from an "
+                        "older checkpoint, or pass --force to start afresh") from None
+
+
+def check_same_run(run_dir: Path, cfg: DictConfig) -> None:
+    """Refuse to resume a run directory that a different config started."""
+    saved_path = Path(run_dir) / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    now = OmegaConf.to_container(cfg, resolve=True)
+    changed = [key for section in RUN_DEFINING
+               for key in _diff(saved.get(section), now.get(section), section)]
+    if changed:
+        shown = ", ".join(changed[:4]) + (" ..." if len(changed) > 4 else "")
+        raise UserError(f"{run_dir} holds an unfinished run with a different config ({shown}): "
+                        "rerun with its config to resume, pass --force to start afresh, or "
+                        "set output.name to start another run")
+
+
+def _diff(old, new, prefix: str) -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new))
+        return [k for key in keys for k in _diff(old.get(key), new.get(key), f"{prefix}.{key}")]
+    return [] if old == new else [prefix]

@@ -1,0 +1,118 @@
+"""Text for language-model sources: documents from `datasets`, packed into BOS windows.
+
+`data.dataset` is a hub name (streamed, never downloaded whole) or a local .txt / .jsonl /
+.parquet file or a folder of them. Documents are tokenized (or taken as they are, when
+`data.column` already holds token ids), joined with a separator token, and cut into
+windows of `context_size` tokens that each start with BOS, the TransformerLens
+`tokenize_and_concatenate` convention.
+
+The first documents of the stream are the held-out text (PAPER.md sec. 6): just enough of
+them to fill the held-out windows, the same on every process. Training reads the rest,
+and under DDP each process reads a disjoint shard of it (`split_dataset_by_node`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from gsae_pl.errors import UserError
+
+_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_DOCS_PER_TOKENIZER_CALL = 64  # batched fast-tokenizer calls, a few documents at a time
+
+
+def open_dataset(name: str, split: str):
+    """A streaming `datasets.IterableDataset` over local files or a hub dataset."""
+    import datasets
+
+    path = Path(name).expanduser()
+    if path.exists():
+        files = sorted(p for p in path.rglob("*") if p.suffix in _BUILDERS) if path.is_dir() \
+            else [path]
+        kinds = {_BUILDERS.get(p.suffix) for p in files}
+        if not files or None in kinds or len(kinds) > 1:
+            raise UserError(f"data.dataset={name}: expected .txt, .jsonl or .parquet files "
+                            "of one kind (a file, or a folder of them)")
+        return datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files],
+                                     split="train", streaming=True)
+    try:
+        return datasets.load_dataset(name, split=split, streaming=True)
+    except Exception as err:  # offline, unknown name, gated repo: each its own type
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise UserError(f"cannot open data.dataset={name} (split {split}): not a local file "
+                        f"and the hub did not answer ({reason}); offline, use "
+                        "data.source=tiny_lm or a local .txt/.jsonl/.parquet file") from None
+
+
+class TextWindows:
+    """Token windows [context_size] with BOS first, from one dataset column."""
+
+    def __init__(self, dataset, column: str, tokenizer, context_size: int, name: str):
+        self.dataset, self.column, self.tokenizer = dataset, column, tokenizer
+        self.context_size, self.name = int(context_size), name
+        self.bos_id = tokenizer.bos_token_id
+        if self.bos_id is None:
+            raise UserError(f"the tokenizer of data.model has no BOS token; windows of "
+                            f"{name} need one to start with")
+        eos = tokenizer.eos_token_id
+        self.separator = self.bos_id if eos is None else eos  # between packed documents
+
+    def heldout(self, n_windows: int) -> tuple[Tensor, int]:
+        """The first `n_windows` windows [n, T] and the number of documents they used up."""
+        used, windows = 0, []
+        stream = self._token_lists(iter(self.dataset))
+        for used, window in self._pack(stream):
+            windows.append(window)
+            if len(windows) == n_windows:
+                return torch.stack(windows), used
+        raise UserError(f"data.dataset={self.name} is too short: it gives {len(windows)} "
+                        f"windows of {self.context_size} tokens, and {n_windows} are needed "
+                        "as held-out text alone: use more text, or lower eval.rows / "
+                        "eval.lm_contexts / data.context_size")
+
+    def train(self, skip_docs: int, rank: int, world: int, skip_windows: int = 0
+              ) -> Iterator[Tensor]:
+        """Endless windows of this process's shard of the documents after the held-out
+        ones; the shard is read again from its start when it runs out (a new epoch)."""
+        from datasets.distributed import split_dataset_by_node
+
+        shard = split_dataset_by_node(self.dataset.skip(skip_docs), rank=rank, world_size=world)
+        while True:
+            count = 0
+            for _, window in self._pack(self._token_lists(iter(shard))):
+                count += 1
+                if skip_windows:  # a resumed run skips the text earlier steps consumed
+                    skip_windows -= 1
+                    continue
+                yield window
+            if count == 0:
+                raise UserError(f"data.dataset={self.name} has no text left to train on after "
+                                f"the held-out windows (process {rank} of {world}): use more "
+                                "text or lower eval.rows / eval.lm_contexts")
+
+    def _token_lists(self, docs: Iterator[dict]) -> Iterator[list[int]]:
+        while batch := list(itertools.islice(docs, _DOCS_PER_TOKENIZER_CALL)):
+            if self.column not in batch[0]:
+                raise UserError(f"data.dataset={self.name} has no column {self.column!r} "
+                                f"(columns: {', '.join(batch[0])}): set data.column")
+            values = [row[self.column] for row in batch]
+            if isinstance(values[0], str):
+                yield from self.tokenizer(values, add_special_tokens=False)["input_ids"]
+            else:  # already tokenized
+                yield from ([int(t) for t in ids] for ids in values)
+
+    def _pack(self, token_lists: Iterator[list[int]]) -> Iterator[tuple[int, Tensor]]:
+        """(documents consumed so far, window) pairs; the tail of a stream is dropped."""
+        body, pending, docs = self.context_size - 1, [], 0
+        for ids in token_lists:
+            docs += 1
+            pending.extend(ids)
+            pending.append(self.separator)
+            while len(pending) >= body:
+                yield docs, torch.tensor([self.bos_id, *pending[:body]], dtype=torch.long)
+                pending = pending[body:]

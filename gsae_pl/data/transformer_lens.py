@@ -1,0 +1,183 @@
+"""Activations of a language model at one hook, through TransformerLens 4's TransformerBridge.
+
+`data.source=transformer_lens` loads `data.model` (hub name or local HF directory) with
+`TransformerBridge.boot_transformers`; `data.source=tiny_lm` does the same with the model
+gsae_pl builds offline (gsae_pl/tiny_lm.py). Text comes from data/text.py.
+
+The forward pass stops at the hook: a hook on `data.hook` captures the activation and
+raises TransformerLens's own `StopAtLayerException`, which the bridge catches and returns,
+so nothing after the site runs (not even the rest of its block). It runs under no_grad in
+eval mode, in bf16 autocast on GPU. BOS positions are left out of the rows by default:
+their norms are outliers that would dominate the SAE's loss (NOTES.md, known traps).
+
+Under DDP each process reads its own text shard and yields batch_size / W rows of its own,
+so (unlike synthetic and file data) a W-process run does not see a 1-process run's batches.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from gsae_pl.data.base import check_split
+from gsae_pl.data.buffer import shuffled_batches
+from gsae_pl.data.synthetic import stream_seed
+from gsae_pl.data.text import TextWindows, open_dataset
+from gsae_pl.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_lm(name: str, dtype: str = "float32", device: str = "cpu"):
+    """A TransformerBridge in eval mode with frozen weights; bad names are one line."""
+    from transformer_lens import TransformerBridge
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars: noise, not progress
+    try:
+        bridge = TransformerBridge.boot_transformers(name, device=device, dtype=DTYPES[dtype])
+    except Exception as err:  # offline, unknown repo, unsupported architecture, ...
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        local = " (no such local directory either)" if not Path(name).exists() else ""
+        raise UserError(f"cannot load data.model={name}{local}: {reason}; if this machine is "
+                        "offline, use data.source=tiny_lm, which builds a model locally"
+                        ) from None
+    bridge.eval()
+    bridge.requires_grad_(False)
+    return bridge
+
+
+def check_hook(bridge, hook: str) -> int | None:
+    """Refuse an unknown hook, naming close valid ones; return its block index (or None)."""
+    if hook not in bridge.hook_dict:
+        close = difflib.get_close_matches(hook, list(bridge.hook_dict), n=5, cutoff=0.6)
+        hint = f"close valid ones: {', '.join(close)}" if close else \
+            "valid ones look like blocks.0.mlp.hook_post, blocks.0.hook_resid_post"
+        raise UserError(f"data.hook={hook} is not a hook of this model: {hint}")
+    parts = hook.split(".")
+    return int(parts[1]) if parts[0] == "blocks" and parts[1].isdigit() else None
+
+
+class TransformerLensSource:
+    """An ActivationSource (see base.py) over an LM's activations at `data.hook`."""
+
+    true_features = None
+
+    def __init__(self, cfg, model: str, dataset: str, kind: str = "transformer_lens"):
+        data = cfg.data
+        self.kind, self.model_name, self.dataset_name = kind, model, dataset
+        self.hook, self.dtype, self.seed = data.hook, data.dtype, int(cfg.seed)
+        self.exclude_bos, self.buffer_size = bool(data.exclude_bos), int(data.buffer_size)
+        self.lm_batch_size, self.settings = int(data.lm_batch_size), data
+        self.bridge = load_lm(model, data.dtype)
+        self.device = torch.device("cpu")
+        self.layer = check_hook(self.bridge, self.hook)
+        self.text = TextWindows(open_dataset(dataset, data.split), data.column,
+                                self.bridge.tokenizer, data.context_size, dataset)
+        self.bos_id = self.text.bos_id
+        # Enough held-out windows for eval.rows rows (a margin for BOS tokens inside
+        # windows) and for the loss-recovered windows, which are the first of them.
+        n_windows = max(math.ceil(1.25 * cfg.eval.rows / (data.context_size - 1)) + 1,
+                        int(cfg.eval.lm_contexts))
+        self.heldout, self.heldout_docs = self.text.heldout(n_windows)
+        self._eval_rows: Tensor | None = None
+        self.d_in = int(self.activations(self.heldout[:1]).shape[-1])
+
+    @property
+    def lm(self) -> TransformerLensSource:
+        """The LM behind the rows (CachedSource has one too): loss recovered uses it."""
+        return self
+
+    def set_device(self, device: torch.device) -> None:
+        """Put the LM on this process's device (the DataModule calls it in `setup`)."""
+        self.device = torch.device(device)
+        self.bridge.to(self.device)
+
+    # ---- activations ---------------------------------------------------------------
+    @torch.no_grad()
+    def activations(self, tokens: Tensor) -> Tensor:
+        """float32 [B, T, d_in] activations at the hook; the forward pass stops there."""
+        from transformer_lens.model_bridge.exceptions import StopAtLayerException
+
+        def capture_and_stop(act: Tensor, hook) -> None:
+            raise StopAtLayerException(act)
+
+        tokens = tokens.to(self.device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            act = self.bridge.run_with_hooks(tokens, fwd_hooks=[(self.hook, capture_and_stop)])
+        return act.flatten(2).float()  # [B, T, heads, d_head] sites become [B, T, d_in]
+
+    def keep_mask(self, tokens: Tensor) -> Tensor:
+        """[B, T] True where a position becomes an SAE row (BOS positions left out)."""
+        keep = torch.ones_like(tokens, dtype=torch.bool)
+        if self.exclude_bos:
+            keep &= tokens != self.bos_id
+            keep[:, 0] = False  # the window's first position, BOS by construction
+        return keep
+
+    def rows(self, tokens: Tensor) -> Tensor:
+        """The kept positions' activations as float32 [n, d_in], checked for NaN/Inf."""
+        act = self.activations(tokens)
+        rows = act[self.keep_mask(tokens).to(act.device)]
+        if not torch.isfinite(rows).all():
+            raise UserError(f"data.model={self.model_name} gave NaN or Inf activations at "
+                            f"{self.hook}: try data.dtype=float32, or another hook")
+        return rows
+
+    def row_chunks(self, windows: Iterator[Tensor]) -> Iterator[Tensor]:
+        """Rows of consecutive LM batches of `data.lm_batch_size` windows."""
+        while True:
+            batch = [w for _, w in zip(range(self.lm_batch_size), windows)]
+            if not batch:
+                return
+            yield self.rows(torch.stack(batch))
+
+    # ---- the ActivationSource protocol -------------------------------------------
+    def train_batches(self, batch_size: int, rank: int, world_size: int,
+                      start_step: int = 0) -> Iterator[Tensor]:
+        check_split(batch_size, rank, world_size)
+        per_process = batch_size // world_size
+        # Resuming skips the windows the earlier steps consumed (fresh text, not a replay).
+        skip = start_step * per_process // (self.settings.context_size - 1)
+        windows = self.text.train(self.heldout_docs, rank, world_size, skip_windows=skip)
+        gen = torch.Generator().manual_seed(stream_seed(self.seed, f"lm-buffer-{rank}",
+                                                        start_step))
+        return shuffled_batches(self.row_chunks(windows), self.buffer_size, per_process, gen)
+
+    def eval_rows(self, n_rows: int) -> Tensor:
+        if self._eval_rows is None or len(self._eval_rows) < n_rows:
+            self._eval_rows = torch.cat(list(self.row_chunks(iter(self.heldout)))).cpu()
+        if len(self._eval_rows) < n_rows:
+            raise UserError(f"the held-out text gave {len(self._eval_rows)} rows, fewer than "
+                            f"eval.rows={n_rows}: lower eval.rows")
+        return self._eval_rows[:n_rows]
+
+    def heldout_tokens(self, n_windows: int) -> Tensor:
+        """Held-out windows [n, T] for loss recovered (never trained on)."""
+        return self.heldout[:n_windows]
+
+    def describe(self) -> dict:
+        """What made these activations; also the key of a disk cache (gsae_pl/cache.py)."""
+        data = self.settings
+        model = str(Path(self.model_name).resolve()) if Path(self.model_name).exists() \
+            else self.model_name
+        return {"source": self.kind, "model": model, "hook": self.hook,
+                "dataset": self.dataset_name, "split": data.split, "column": data.column,
+                "context_size": int(data.context_size), "exclude_bos": self.exclude_bos,
+                "dtype": self.dtype, "heldout_windows": len(self.heldout), "d_in": self.d_in}
+
+
+def build_lm_source(cfg) -> TransformerLensSource:
+    """`data.source` tiny_lm or transformer_lens, from the run config."""
+    if cfg.data.source == "tiny_lm":
+        from gsae_pl.tiny_lm import ensure_tiny_lm
+
+        model_dir = ensure_tiny_lm()
+        dataset = cfg.data.dataset or str(model_dir / "corpus.jsonl")
+        return TransformerLensSource(cfg, str(model_dir), dataset, kind="tiny_lm")
+    return TransformerLensSource(cfg, cfg.data.model, cfg.data.dataset)

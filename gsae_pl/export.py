@@ -1,0 +1,138 @@
+"""Export a trained SAE in SAELens's on-disk format: `python -m gsae_pl.export RUN_DIR OUT_DIR`.
+
+OUT_DIR gets `cfg.json` and `sae_weights.safetensors` (gsae_pl/load.py reads them back,
+SAELens's `SAE.load_from_disk` too). The model was trained on x * norm_scale (PAPER.md
+sec. 4); the scalar s is folded into the weights so that raw activations go in and raw
+reconstructions come out (SAELens's own `fold_activation_norm_scaling_factor`):
+
+    W_enc' = s * W_enc      W_dec' = W_dec / s      b_dec' = b_dec / s
+
+Feature activations are unchanged: (x - b_dec') @ W_enc' = (s x - b_dec) @ W_enc. The
+folding is done in float64 and rounded once to float32. Both files are written into a
+temporary directory beside OUT_DIR that is renamed into place: never half an export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
+from torch import Tensor
+
+from gsae_pl.checkpointing import latest_checkpoint
+from gsae_pl.cli import ArgumentParser, run_main
+from gsae_pl.errors import UserError
+from gsae_pl.load import CFG_FILE, WEIGHTS_FILE
+
+# gsae_pl architecture -> SAELens architecture name.
+SAELENS_NAME = {"gated": "gated", "relu": "standard"}
+# SAELens metadata fields we can fill from the data config (null when not an LM source).
+_METADATA = {"model_name": "data.model", "hook_name": "data.hook",
+             "context_size": "data.context_size", "dataset_path": "data.dataset"}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = ArgumentParser(prog="python -m gsae_pl.export", description=__doc__)
+    parser.add_argument("run_dir", type=Path, help="a run directory written by gsae_pl.fit")
+    parser.add_argument("out_dir", type=Path, help="directory to write the SAE into")
+    parser.add_argument("--force", action="store_true", help="replace an existing OUT_DIR")
+    parser.add_argument("--allow-unfinished", action="store_true",
+                        help="export the newest checkpoint of a run without metrics.json")
+    return parser.parse_args(argv)
+
+
+def read_run(run_dir: Path, allow_unfinished: bool) -> tuple[dict, dict[str, Tensor], int]:
+    """The run's config, its SAE state (with norm_scale) and step, from its newest checkpoint."""
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} not found: pass <output.dir>/<output.name>")
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise UserError(f"{run_dir} holds no checkpoint (checkpoints/*.ckpt): train it first")
+    if not (run_dir / "metrics.json").is_file() and not allow_unfinished:
+        raise UserError(f"{run_dir} has not finished (no metrics.json): export a finished run, "
+                        "or pass --allow-unfinished to export its newest checkpoint")
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        cfg, weights = state["hyper_parameters"]["cfg"], state["state_dict"]
+    except Exception as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"cannot read checkpoint {ckpt} ({reason})") from None
+    return cfg, weights, int(state["global_step"])
+
+
+def saelens_params(cfg: dict, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """SAELens-named float32 tensors with norm_scale folded in; refuses what it cannot hold."""
+    arch, sharing = cfg["sae"]["architecture"], cfg["sae"].get("weight_sharing")
+    if arch not in SAELENS_NAME:
+        raise UserError(f"sae.architecture={arch} has no SAELens equivalent: nothing written")
+    if arch == "gated" and sharing == "untied":
+        raise UserError("sae.weight_sharing=untied has its own W_mag, which SAELens's gated "
+                        "format (W_mag = W_enc * exp(r_mag)) cannot hold: nothing written")
+    names = ["W_enc", "W_dec", "b_dec"] + (["b_gate", "r_mag", "b_mag"] if arch == "gated"
+                                            else ["b_enc"])
+    sae = {name: weights[f"sae.{name}"].detach().double() for name in names}
+    s = weights["norm_scale"].double()
+    sae["W_enc"] = sae["W_enc"] * s
+    sae["W_dec"] = sae["W_dec"] / s
+    sae["b_dec"] = sae["b_dec"] / s
+    return {name: value.float().contiguous() for name, value in sae.items()}
+
+
+def saelens_cfg(cfg: dict, d_in: int, step: int, norm_scale: float) -> dict:
+    node = OmegaConf.create(cfg)
+    from_lm = node.data.source not in ("synthetic", "file")  # else no model or hook made x
+    metadata = {key: OmegaConf.select(node, dotted, default=None) if from_lm else None
+                for key, dotted in _METADATA.items()}
+    return {
+        "architecture": SAELENS_NAME[cfg["sae"]["architecture"]],
+        "d_in": d_in, "d_sae": int(cfg["sae"]["d_sae"]),
+        "dtype": "float32", "device": "cpu",
+        "apply_b_dec_to_input": True,  # f depends on x - b_dec (PAPER.md sec. 1)
+        "normalize_activations": "none",  # folded into the weights, see the module docstring
+        "reshape_activations": "none",
+        "metadata": metadata,
+        # Ignored by SAELens (unknown top-level keys are dropped); kept for provenance.
+        "gsae_pl": {"step": step, "norm_scale_folded": norm_scale, "config": cfg},
+    }
+
+
+def export(run_dir: Path, out_dir: Path, force: bool = False,
+           allow_unfinished: bool = False) -> Path:
+    if out_dir.exists() and not force and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UserError(f"{out_dir} already exists: pass --force to replace it")
+    cfg, weights, step = read_run(run_dir, allow_unfinished)
+    params = saelens_params(cfg, weights)  # refuses before anything is written
+    sae_cfg = saelens_cfg(cfg, params["b_dec"].numel(), step, float(weights["norm_scale"]))
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(params, str(tmp / WEIGHTS_FILE))
+    (tmp / CFG_FILE).write_text(json.dumps(sae_cfg, indent=2) + "\n")
+    for written in (tmp / WEIGHTS_FILE, tmp / CFG_FILE):  # on disk before the rename
+        with open(written, "rb") as fh:
+            os.fsync(fh.fileno())
+    if out_dir.exists():
+        shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def _main(args: argparse.Namespace) -> int:
+    out = export(args.run_dir, args.out_dir, args.force, args.allow_unfinished)
+    print(f"exported {args.run_dir} to {out} (SAELens format: {CFG_FILE}, {WEIGHTS_FILE})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(lambda: _main(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
