@@ -4,7 +4,7 @@ STAMP   := .venv/.installed
 CONFIG  ?= configs/base.yaml
 ARGS    ?=
 
-.PHONY: setup fit test test-fast lint clean
+.PHONY: setup fit test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# Training-step speed against the dense-FLOP bound, and the data path (benchmarks/RESULTS.md).
+bench: $(STAMP)
+	$(PY) benchmarks/step.py
+	$(PY) benchmarks/data_path.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check gsae_pl tests

@@ -104,7 +104,7 @@ def cache_throughput(rows: int) -> dict:
         source = CachedSource(Path(tmp) / "acts", lm, seed=0)
         n_batches = meta["rows"] // 4096
         start = time.perf_counter()
-        for _, batch in zip(range(n_batches), source.train_batches(4096, 0, 1)):
+        for _ in zip(range(n_batches), source.train_batches(4096, 0, 1)):
             pass
         read_s = time.perf_counter() - start
     return {"cache_rows": meta["rows"], "cache_gb": round(gb, 3),

@@ -39,8 +39,12 @@ CASES = {
     "relu-768x16384": ("relu", 768, 16384, "auto", None),
     "gated-768x16384": ("gated", 768, 16384, "dense", None),
     "gated-sparse-768x16384-L0_64": ("gated", 768, 16384, "sparse", 64),
-    "gated-dense-768x16384-L0_64": ("gated", 768, 16384, "dense", 64),
 }
+# The sparse/dense crossover in L0 / d_sae (SPARSE_CROSSOVER in saes/gated.py).
+CROSSOVER = {f"gated-{kernel}-768x16384-L0_{l0}": ("gated", 768, 16384, kernel, l0)
+             for l0 in (256, 1024, 2048) for kernel in ("sparse", "dense")}
+CASES.update(CROSSOVER)
+MAIN = [name for name in CASES if name not in CROSSOVER]
 
 
 class _SameBatch(IterableDataset):
@@ -52,59 +56,90 @@ class _SameBatch(IterableDataset):
             yield self.batch
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():  # GPU work is asynchronous: wait before reading a clock
+        torch.cuda.synchronize()
+
+
 class _StepTimer(L.Callback):
     def __init__(self):
         self.times, self.l0 = [], []
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        _sync()
         self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        _sync()
         self.times.append(time.perf_counter() - self.start)
         self.l0.append(float(module.train_recon.active / module.train_recon.rows))
         module.train_recon.reset()
 
 
-def matmul_rate(batch: int, d_in: int, d_sae: int, repeats: int = 3) -> float:
+def matmul_rate(batch: int, d_in: int, d_sae: int, device: str, dtype=torch.float32,
+                repeats: int = 3) -> float:
     """FLOP/s of the three matmul forms a step uses (NN, NT, TN), median of each, averaged."""
-    x, W = torch.randn(batch, d_in), torch.randn(d_in, d_sae)
-    g = torch.randn(batch, d_sae)
+    x, W = torch.randn(batch, d_in, device=device, dtype=dtype), \
+        torch.randn(d_in, d_sae, device=device, dtype=dtype)
+    g = torch.randn(batch, d_sae, device=device, dtype=dtype)
     forms = [lambda: x @ W, lambda: g @ W.t(), lambda: x.t() @ g]
     seconds = []
     for form in forms:
         form()
         runs = []
         for _ in range(repeats):
+            _sync()
             start = time.perf_counter()
             form()
+            _sync()
             runs.append(time.perf_counter() - start)
         seconds.append(statistics.median(runs))
     return 2 * batch * d_in * d_sae / statistics.mean(seconds)
 
 
-def run_case(name: str, batch: int, steps: int, warmup: int) -> dict:
-    arch, d_in, d_sae, kernel, target_l0 = CASES[name]
+def make_module(arch: str, d_in: int, d_sae: int, kernel: str, batch: int,
+                sample: torch.Tensor, compile_mode: str = "auto") -> SAEModule:
     cfg = load_config(ROOT / "configs/base.yaml", [
         f"sae.architecture={arch}", f"sae.d_sae={d_sae}", f"sae.kernel={kernel}",
-        f"loss.aux.enabled={arch == 'gated'}", "optim.lr=3e-4", "optim.warmup_steps=1",
-        f"data.batch_size={batch}", "data.source=synthetic", f"data.synthetic.d_in={d_in}"])
+        f"sae.compile={compile_mode}", f"loss.aux.enabled={arch == 'gated'}",
+        "optim.lr=3e-4", "optim.warmup_steps=1", f"data.batch_size={batch}",
+        "data.source=synthetic", f"data.synthetic.d_in={d_in}"])
+    module = SAEModule(OmegaConf.to_container(cfg), d_in)
+    module.prepare_from_sample(sample)
+    return module
+
+
+def time_steps(module: SAEModule, loader, steps: int, warmup: int, accelerator: str = "cpu",
+               precision: str = "32-true") -> _StepTimer:
+    """Run `fit` on `loader` for warmup + steps steps; the timer holds each step's time."""
+    timer = _StepTimer()
+    trainer = L.Trainer(max_steps=warmup + steps, accelerator=accelerator, devices=1,
+                        precision=precision, logger=False,
+                        callbacks=[timer], enable_checkpointing=False, limit_val_batches=0,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=loader)
+    return timer
+
+
+def run_case(name: str, batch: int, steps: int, warmup: int, compile_mode: str,
+             accelerator: str, precision: str) -> dict:
+    arch, d_in, d_sae, kernel, target_l0 = CASES[name]
     torch.manual_seed(0)
     x = torch.randn(batch, d_in)  # Gaussian inputs, E||x||^2 = d_in as after normalisation
-    module = SAEModule(OmegaConf.to_container(cfg), d_in)
-    module.prepare_from_sample(x)
+    module = make_module(arch, d_in, d_sae, kernel, batch, x, compile_mode)
     if target_l0:  # shut all but ~target_l0 gates: pre-activations are ~N(0, 1) here
         z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(1 - target_l0 / d_sae))
         with torch.no_grad():
             module.sae.b_gate.fill_(-float(z))
-    timer = _StepTimer()
-    trainer = L.Trainer(max_steps=warmup + steps, accelerator="cpu", devices=1, logger=False,
-                        callbacks=[timer], enable_checkpointing=False, limit_val_batches=0,
-                        enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, train_dataloaders=DataLoader(_SameBatch(x), batch_size=None))
+    timer = time_steps(module, DataLoader(_SameBatch(x), batch_size=None), steps, warmup,
+                       accelerator, precision)
     step_s = statistics.median(timer.times[warmup:])
-    rate = matmul_rate(batch, d_in, d_sae)
+    device = str(module.device)
+    rate = matmul_rate(batch, d_in, d_sae, device,
+                       torch.bfloat16 if precision.startswith("bf16") else torch.float32)
     bound_s = BOUND_MATMULS[arch] * 2 * batch * d_in * d_sae / rate
     return {"case": name, "arch": arch, "d_in": d_in, "d_sae": d_sae, "kernel": kernel,
+            "compile": compile_mode, "device": device, "precision": precision,
             "batch": batch, "ms_per_step": round(1e3 * step_s, 1),
             "tokens_per_s": round(batch / step_s), "l0": round(statistics.mean(timer.l0), 1),
             "matmul_gflops": round(rate / 1e9, 1), "dense_bound_ms": round(1e3 * bound_s, 1),
@@ -114,22 +149,29 @@ def run_case(name: str, batch: int, steps: int, warmup: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated case names")
+    parser.add_argument("--cases", default=",".join(MAIN),
+                        help="comma-separated case names; 'crossover' for the L0 sweep")
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--compile", default="auto", choices=["auto", "always", "never"])
+    parser.add_argument("--accelerator", default="cpu", help="cpu | gpu")
+    parser.add_argument("--precision", default="32-true", help="32-true | bf16-mixed")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/step.json"))
     args = parser.parse_args()
     results = []
     print(f"{'case':<32}{'ms/step':>10}{'tokens/s':>10}{'L0':>8}{'GFLOP/s':>9}"
           f"{'bound ms':>10}{'of bound':>9}")
-    for name in args.cases.split(","):
-        r = run_case(name, args.batch, args.steps, args.warmup)
+    names = list(CROSSOVER) if args.cases == "crossover" else args.cases.split(",")
+    for name in names:
+        r = run_case(name, args.batch, args.steps, args.warmup, args.compile,
+                     args.accelerator, args.precision)
         results.append(r)
         print(f"{name:<32}{r['ms_per_step']:>10}{r['tokens_per_s']:>10}{r['l0']:>8}"
               f"{r['matmul_gflops']:>9}{r['dense_bound_ms']:>10}{r['fraction_of_bound']:>9}",
               flush=True)
     meta = {"machine": platform.processor() or platform.machine(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "threads": torch.get_num_threads(), "torch": torch.__version__}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")

@@ -42,8 +42,10 @@ def write_cache(lm, directory: Path, cfg, progress: bool = True) -> dict:
     """Stream `rows_wanted(cfg)` training rows of `lm` into shards; return the metadata."""
     directory, n_rows = Path(directory), rows_wanted(cfg)
     key, d_in = lm.describe(), lm.d_in
-    shard_rows = max(_WRITE_BATCH, _SHARD_BYTES // (4 * d_in) // _WRITE_BATCH * _WRITE_BATCH)
-    batches = lm.train_batches(_WRITE_BATCH, 0, 1)
+    # Batches no bigger than half the buffer, so the first arrives after one buffer fill.
+    step = max(1, min(_WRITE_BATCH, lm.buffer_size // 2, n_rows))
+    shard_rows = max(step, _SHARD_BYTES // (4 * d_in) // step * step)
+    batches = lm.train_batches(step, 0, 1)
     shards, pending, written = [], [], 0
     sum_sq, start = 0.0, time.perf_counter()
     bar = tqdm(total=n_rows, desc=f"caching {key['hook']}", unit="row", unit_scale=True,

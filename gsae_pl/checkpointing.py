@@ -13,17 +13,20 @@ from __future__ import annotations
 import os
 import random
 import re
+import warnings
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
-import yaml
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from gsae_pl.errors import UserError
+
+# Resuming reuses the checkpoint directory on purpose; Lightning would warn about it.
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 # Sections that define what a run computes: a rerun that changes one of them is another
 # run, not a resume. Trainer, logging, checkpoint and output settings may change.
@@ -117,35 +120,46 @@ def remove_stale_temporaries(run_dir: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def checkpoint_step(path: Path) -> int:
-    """The optimiser step a checkpoint was taken at; a damaged file is a UserError."""
+def checkpoint_meta(path: Path) -> tuple[int, dict]:
+    """The optimiser step a checkpoint was taken at and the config that trained it.
+
+    A damaged file is a UserError (atomic saves make one unlikely, not impossible: disks fail).
+    """
     try:
         state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        return int(state["global_step"])
+        return int(state["global_step"]), dict(state["hyper_parameters"]["cfg"])
     except Exception as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UserError(f"cannot resume from {path} ({reason}): delete it to resume from an "
                         "older checkpoint, or pass --force to start afresh") from None
 
 
-def check_same_run(run_dir: Path, cfg: DictConfig) -> None:
-    """Refuse to resume a run directory that a different config started."""
-    saved_path = Path(run_dir) / "config.yaml"
-    if not saved_path.is_file():
-        return
-    saved = yaml.safe_load(saved_path.read_text()) or {}
+def checkpoint_step(path: Path) -> int:
+    return checkpoint_meta(path)[0]
+
+
+def check_same_run(checkpoint: Path, cfg: DictConfig) -> None:
+    """Refuse to resume from a checkpoint that a different config trained."""
+    saved = checkpoint_meta(checkpoint)[1]
     now = OmegaConf.to_container(cfg, resolve=True)
     changed = [key for section in RUN_DEFINING
-               for key in _diff(saved.get(section), now.get(section), section)]
+               for key in _diff(saved.get(section, _ABSENT), now.get(section), section)]
     if changed:
         shown = ", ".join(changed[:4]) + (" ..." if len(changed) > 4 else "")
+        run_dir = checkpoint.parent.parent
         raise UserError(f"{run_dir} holds an unfinished run with a different config ({shown}): "
                         "rerun with its config to resume, pass --force to start afresh, or "
                         "set output.name to start another run")
 
 
+_ABSENT = object()  # a key the older config did not have yet: not a change
+
+
 def _diff(old, new, prefix: str) -> list[str]:
+    if old is _ABSENT:
+        return []
     if isinstance(old, dict) and isinstance(new, dict):
         keys = sorted(set(old) | set(new))
-        return [k for key in keys for k in _diff(old.get(key), new.get(key), f"{prefix}.{key}")]
+        return [k for key in keys
+                for k in _diff(old.get(key, _ABSENT), new.get(key), f"{prefix}.{key}")]
     return [] if old == new else [prefix]

@@ -24,9 +24,10 @@ from gsae_pl.errors import UserError
 
 @dataclass
 class SAEConfig:
-    architecture: str = "gated"  # relu | gated (PAPER.md sec. 1)
+    architecture: str = "gated"  # relu | gated (PAPER.md sec. 1) | prolu (sec. 5)
     d_sae: int = 512
     weight_sharing: str = "r_mag"  # gated only: r_mag | no_r_mag | untied (sec. 2)
+    prolu_backward: str = "relu"  # prolu only: relu | ste backward rule (sec. 5)
     unit_norm_decoder: bool = True  # project grads + renormalise W_dec rows each step
     b_dec_init: str = "mean"  # zeros | mean | geometric_median of a data sample
     kernel: str = "auto"  # auto | reference | dense | sparse (saes/kernels.py)
@@ -54,12 +55,20 @@ class AuxConfig:
 
 
 @dataclass
+class OrthogonalityConfig:
+    enabled: bool = False
+    coefficient: float = 1.0
+    exponent: float = 4.0  # penalty |cos|^exponent to each active feature's nearest neighbour
+
+
+@dataclass
 class LossConfig:
     l1_coefficient: float = 0.05
     l1_warmup_steps: int = 0
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
     aux: AuxConfig = field(default_factory=AuxConfig)
+    orthogonality: OrthogonalityConfig = field(default_factory=OrthogonalityConfig)
 
 
 @dataclass
@@ -109,6 +118,17 @@ class OptimConfig:
 
 
 @dataclass
+class ResampleConfig:
+    enabled: bool = False  # dead-feature resampling (Bricken et al.; PAPER.md sec. 4)
+    every_n_steps: int = 25000
+    max_resamples: int = 4
+    window_steps: int = 12500  # dead = fired on no row over this many steps before a resample
+    encoder_scale: float = 0.2  # new encoder column norm / mean alive encoder column norm
+    lr_drop: float = 0.1  # lr multiplier just after a resample
+    lr_return_steps: int = 1000  # cosine return to 1x over these steps
+
+
+@dataclass
 class EvalConfig:
     rows: int = 16384
     every_n_steps: int = 1000
@@ -154,6 +174,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    resample: ResampleConfig = field(default_factory=ResampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -162,7 +183,8 @@ class Config:
 
 
 CHOICES = {
-    "sae.architecture": ("relu", "gated"),
+    "sae.architecture": ("relu", "gated", "prolu"),
+    "sae.prolu_backward": ("relu", "ste"),
     "sae.weight_sharing": ("r_mag", "no_r_mag", "untied"),
     "sae.b_dec_init": ("zeros", "mean", "geometric_median"),
     "sae.kernel": ("auto", "reference", "dense", "sparse"),
@@ -178,12 +200,17 @@ POSITIVE = ("sae.d_sae", "data.batch_size", "data.normalize_rows", "eval.rows",
             "trainer.max_steps", "log.every_n_steps", "log.histogram_every_n_steps",
             "eval.every_n_steps", "checkpoint.every_n_steps", "checkpoint.keep",
             "optim.lr", "data.synthetic.d_in", "data.synthetic.n_features",
-            "data.synthetic.avg_active", "data.synthetic.group_size", "trainer.num_nodes")
-NON_NEGATIVE = ("eval.lm_contexts", "loss.l1_coefficient", "loss.l1_warmup_steps", "loss.reconstruction.coefficient",
+            "data.synthetic.avg_active", "data.synthetic.group_size", "trainer.num_nodes",
+            "resample.every_n_steps", "resample.window_steps", "resample.encoder_scale",
+            "resample.lr_return_steps")
+NON_NEGATIVE = ("eval.lm_contexts", "loss.l1_coefficient", "loss.l1_warmup_steps",
+                "loss.reconstruction.coefficient",
                 "loss.aux.coefficient", "optim.warmup_steps", "data.synthetic.magnitude_noise",
-                "data.synthetic.frequency_exponent", "data.synthetic.correlated_groups")
+                "data.synthetic.frequency_exponent", "data.synthetic.correlated_groups",
+                "loss.orthogonality.coefficient", "resample.max_resamples")
 UNIT_INTERVAL = ("optim.beta1", "optim.beta2", "log.dense_threshold",
-                 "data.synthetic.co_fire_prob", "data.synthetic.min_frequency_ratio")
+                 "data.synthetic.co_fire_prob", "data.synthetic.min_frequency_ratio",
+                 "resample.lr_drop")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfig:
@@ -283,12 +310,22 @@ def _validate_combinations(cfg: DictConfig) -> None:
     if cfg.loss.sparsity.kind == "decoder_norm_l1" and cfg.sae.unit_norm_decoder:
         raise UserError("loss.sparsity.kind=decoder_norm_l1 is plain L1 under unit-norm decoder "
                         "rows: also set sae.unit_norm_decoder=false")
+    _validate_model_side(cfg)
     _validate_lm_data(cfg.data)
     if cfg.data.source == "file" and not cfg.data.path:
         raise UserError("data.source=file needs data.path=FILE (.npy, .safetensors or .pt)")
     syn = cfg.data.synthetic
     if cfg.data.source == "synthetic" and syn.correlated_groups * syn.group_size > syn.n_features:
         raise UserError("data.synthetic.correlated_groups * group_size exceeds n_features")
+
+
+def _validate_model_side(cfg: DictConfig) -> None:
+    if not cfg.loss.orthogonality.exponent > 1:
+        raise UserError(f"loss.orthogonality.exponent={cfg.loss.orthogonality.exponent} must be "
+                        "> 1: the penalty |cos|^exponent is super-linear (PAPER.md sec. 5)")
+    if cfg.resample.enabled and cfg.resample.window_steps > cfg.resample.every_n_steps:
+        raise UserError(f"resample.window_steps={cfg.resample.window_steps} must be <= "
+                        f"resample.every_n_steps={cfg.resample.every_n_steps}")
 
 
 def _validate_lm_data(data: DictConfig) -> None:

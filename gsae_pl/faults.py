@@ -70,15 +70,17 @@ class NonFiniteMonitor(L.Callback):
     def check(self, trainer) -> None:
         """Host read (and, under DDP, one all-gather): raise if any process saw a fault."""
         records = trainer.strategy.all_gather(self.record).reshape(-1, 3).cpu()
-        faulty = [(int(s), rank, int(w), int(r)) for rank, (s, w, r) in enumerate(records)
-                  if s != _NONE]
+        world = len(records)
+        # Process `rank` holds rows rank::world of the global batch (data/base.py), so its
+        # local row r is global row r * world + rank. Input faults sort before term faults
+        # of the same step (the input came first), then by global row.
+        faulty = [(int(s), int(w), int(r) * world + rank) for rank, (s, w, r)
+                  in enumerate(records) if s != _NONE]
         if not faulty:
             return
-        step, rank, what, row = min(faulty)  # the earliest step, then the lowest rank
-        world = max(1, trainer.world_size)
+        step, what, row = min(faulty)
         if what == _INPUT:
-            # Process `rank` holds rows rank::world of the global batch (data/base.py).
-            where = f"incoming activations (batch row {row * world + rank})"
+            where = f"incoming activations (batch row {row})"
         else:
             name = self.term_names[what] if what < len(self.term_names) else f"#{what}"
             where = f"loss term {name!r}"

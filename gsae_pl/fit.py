@@ -44,7 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config and exit")
     parser.add_argument("--force", action="store_true",
-                        help="train again even if the run directory holds a finished run")
+                        help="start afresh: delete what the run directory holds (a "
+                             "finished run, or checkpoints it would resume from)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sae.d_sae=2048")
     return parser.parse_intermixed_args(argv)
 
@@ -160,7 +161,7 @@ def _main(args: argparse.Namespace) -> int:
         return 0
     resume_from = None if args.force else latest_checkpoint(run_dir)
     if resume_from:
-        check_same_run(run_dir, cfg)
+        check_same_run(resume_from, cfg)
     fit(cfg, fresh=args.force, resume_from=resume_from)
     return 0
 

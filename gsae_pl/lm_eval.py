@@ -32,7 +32,7 @@ def ce_sums(lm, tokens: Tensor, reconstruct: Callable[[Tensor], Tensor]) -> Tens
         chunk = chunk.to(lm.device)
         keep = lm.keep_mask(chunk)
 
-        def splice(act: Tensor, hook, fill: Callable[[Tensor], Tensor]) -> Tensor:
+        def splice(act: Tensor, hook, fill: Callable[[Tensor], Tensor], keep=keep) -> Tensor:
             flat = act.flatten(2)  # [B, T, d_in] view of any hook's shape
             out = flat.clone()
             out[keep] = fill(flat[keep].float()).to(act.dtype)
@@ -53,6 +53,8 @@ def ce_sums(lm, tokens: Tensor, reconstruct: Callable[[Tensor], Tensor]) -> Tens
 def loss_recovered(sums: Tensor) -> dict[str, float]:
     """The metrics from (possibly process-summed) `ce_sums` output."""
     clean, spliced, zero = (sums[:3] / sums[3]).tolist()
-    recovered = (zero - spliced) / (zero - clean) if zero != clean else float("nan")
-    return {"ce_clean": clean, "ce_spliced": spliced, "ce_zero": zero,
-            "loss_recovered": recovered, "delta_lm_loss": spliced - clean}
+    out = {"ce_clean": clean, "ce_spliced": spliced, "ce_zero": zero,
+           "delta_lm_loss": spliced - clean}
+    if zero != clean:  # else the site does not matter to the loss: the ratio is undefined
+        out["loss_recovered"] = (zero - spliced) / (zero - clean)
+    return out

@@ -46,7 +46,7 @@ class Recipe:
     d_model: int = 64
     n_head: int = 4
     n_ctx: int = 128
-    steps: int = 1000
+    steps: int = 800  # ~4 min on 2 busy cores, ~2 idle (benchmarks/RESULTS.md)
     batch_size: int = 32  # contexts per step
     lr: float = 3e-3
     seed: int = 0
@@ -105,7 +105,8 @@ def _split(docs, fraction: float, seed: int):
     def held(rel: str) -> bool:
         h = hashlib.blake2b(f"{seed}/{rel}".encode(), digest_size=4).digest()
         return int.from_bytes(h, "little") / 2**32 < fraction
-    return [t for r, t in docs if not held(r)], [t for r, t in docs if held(r)]
+    heldout = {r for r, _ in docs if held(r)} or {docs[-1][0]}  # never none (tiny corpora)
+    return [t for r, t in docs if r not in heldout], [t for r, t in docs if r in heldout]
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
@@ -148,6 +149,9 @@ def build(out: Path, recipe: Recipe, progress: bool = True) -> dict:
     """Train tokenizer and model, save both and the corpus to `out`; return the report."""
     start = time.perf_counter()
     torch.manual_seed(recipe.seed)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # a `loss_type` notice per model: noise for a user
     threads = torch.get_num_threads()
     # On a busy machine OpenMP threads wait on each other at every barrier: measured here,
     # 2 threads were 4x slower than 1 while another process held a core.

@@ -29,7 +29,7 @@ from gsae_pl.data.synthetic import SyntheticSource
 _batches = SyntheticSource._batches
 def _poisoned(self, batch_size, rank, world_size, start):
     for k, batch in enumerate(_batches(self, batch_size, rank, world_size, start), start):
-        if k == 15 and rank == {rank}:
+        if k == 15 and rank == __RANK__:
             batch[3, 0] = float("nan")
         yield batch
 SyntheticSource._batches = _poisoned
@@ -39,7 +39,7 @@ from gsae_pl import faults
 _end = faults.NonFiniteMonitor.on_train_batch_end
 def _end_or_crash(self, trainer, *rest):
     _end(self, trainer, *rest)
-    if trainer.global_step == 15 and trainer.global_rank == {rank}:
+    if trainer.global_step == 15 and trainer.global_rank == __RANK__:
         raise RuntimeError("injected crash")
 faults.NonFiniteMonitor.on_train_batch_end = _end_or_crash
 """
@@ -78,7 +78,7 @@ def test_two_processes_follow_one_with_the_same_global_batch(tmp_path):
 
 @pytest.mark.parametrize("rank", [1])
 def test_nan_in_one_process_stops_all_with_the_global_row(tmp_path, rank):
-    script = wrapper_script(tmp_path / "poison.py", POISON_ROWS.format(rank=rank))
+    script = wrapper_script(tmp_path / "poison.py", POISON_ROWS.replace("__RANK__", str(rank)))
     proc = fit_process(tmp_path, "run", *DDP, script=script)
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert f"incoming activations (batch row {3 * 2 + rank}) at step 15" in proc.stderr
@@ -100,7 +100,7 @@ def _gone(pid: int, within: float = 15.0) -> bool:
 
 @pytest.mark.parametrize("rank", [0, 1])
 def test_a_crash_in_one_process_ends_the_others(tmp_path, rank):
-    script = wrapper_script(tmp_path / "crash.py", CRASH.format(rank=rank))
+    script = wrapper_script(tmp_path / "crash.py", CRASH.replace("__RANK__", str(rank)))
     start = time.monotonic()
     proc = fit_process(tmp_path, "run", *DDP, script=script, timeout=150)
     assert proc.returncode != 0 and time.monotonic() - start < 120

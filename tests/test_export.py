@@ -128,3 +128,10 @@ def test_load_sae_refuses_what_it_cannot_read(runs, tmp_path):
     save_file(params, str(weights))
     with pytest.raises(UserError, match="missing: \\['r_mag'\\]"):
         load_sae(tmp_path / "sae")
+
+
+def test_architectures_without_a_saelens_form_are_refused():
+    from gsae_pl.export import saelens_params
+
+    with pytest.raises(UserError, match="sae.architecture=prolu has no SAELens equivalent"):
+        saelens_params({"sae": {"architecture": "prolu"}}, {})

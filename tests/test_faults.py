@@ -92,3 +92,48 @@ def test_non_finite_final_metric_writes_no_result():
     with pytest.raises(RunFailed, match="fvu are NaN"):
         check_final_metrics({"fvu": math.nan, "l0": 3.0, "steps": 40})
     check_final_metrics({"fvu": 0.1, "steps": 40})
+
+
+class _FakeTrainer:
+    """What NonFiniteMonitor reads from a Trainer, for one process."""
+
+    def __init__(self):
+        self.global_step, self.max_steps, self.world_size = 0, 100, 1
+        self.strategy = type("S", (), {"all_gather": staticmethod(lambda t: t)})()
+
+
+def _drive(monitor, trainer, device, steps, bad_term_at=None, bad_row_at=None):
+    module = type("M", (), {"device": torch.device(device)})()
+    monitor.on_train_start(trainer, module)
+    for step in range(steps):
+        batch = torch.ones(6, 4, device=device)
+        if step == bad_row_at:
+            batch[4, 1] = float("inf")
+        monitor.on_train_batch_start(trainer, module, batch, step)
+        value = float("nan") if step == bad_term_at else 1.0
+        # torch.full, not torch.tensor: a fill kernel, no host-to-device copy to flag.
+        terms = {"reconstruction": torch.full((), 1.0, device=device),
+                 "sparsity": torch.full((), value, device=device)}
+        trainer.global_step = step + 1
+        monitor.on_train_batch_end(trainer, module, {"loss": None, "terms": terms}, batch, step)
+
+
+def test_the_first_fault_is_the_one_reported():
+    monitor = NonFiniteMonitor(check_every=10, checkpoint_every=10)
+    with pytest.raises(RunFailed, match="loss term 'sparsity' at step 3"):
+        _drive(monitor, _FakeTrainer(), "cpu", 10, bad_term_at=3, bad_row_at=5)
+    monitor = NonFiniteMonitor(check_every=10, checkpoint_every=10)
+    with pytest.raises(RunFailed, match=r"batch row 4\) at step 2"):
+        _drive(monitor, _FakeTrainer(), "cpu", 10, bad_term_at=6, bad_row_at=2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_no_host_sync_between_checks_on_cuda():
+    monitor = NonFiniteMonitor(check_every=10, checkpoint_every=10)
+    torch.cuda.set_sync_debug_mode("error")  # any device->host read between checks raises
+    try:
+        _drive(monitor, _FakeTrainer(), "cuda", 9, bad_term_at=3)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    with pytest.raises(RunFailed, match="step 3"):
+        monitor.check(_FakeTrainer())

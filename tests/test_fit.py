@@ -16,7 +16,8 @@ from gsae_pl.fit import main
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = str(ROOT / "configs/base.yaml")
-TINY = ["data.source=synthetic", "trainer.max_steps=40", "data.batch_size=128", "eval.rows=256", "eval.every_n_steps=20",
+TINY = ["data.source=synthetic", "trainer.max_steps=40", "data.batch_size=128", "eval.rows=256",
+        "eval.every_n_steps=20",
         "log.every_n_steps=10", "log.histogram_every_n_steps=20", "checkpoint.every_n_steps=20",
         "data.normalize_rows=256", "trainer.enable_progress_bar=false",
         "trainer.accelerator=cpu", "sae.d_sae=32", "data.synthetic.n_features=24",

@@ -34,7 +34,7 @@ def lm_args(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("cached", [False, True], ids=["stream", "cache"])
 def test_fit_reports_loss_recovered(lm_args, tmp_path, cached):
-    extra = [f"data.cache=true", f"data.cache_dir={tmp_path / 'acts'}"] if cached else []
+    extra = ["data.cache=true", f"data.cache_dir={tmp_path / 'acts'}"] if cached else []
     assert main([*lm_args, f"output.dir={tmp_path}", "output.name=run", *extra]) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert LM_KEYS <= set(metrics) and all(math.isfinite(metrics[k]) for k in LM_KEYS)

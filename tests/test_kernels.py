@@ -8,7 +8,7 @@ import torch
 
 from gsae_pl.losses import Objective
 from gsae_pl.saes import build_sae
-from gsae_pl.saes.kernels import SparseCodes, decode_sparse
+from gsae_pl.saes.kernels import Pattern, SparseCodes, decode_sparse
 from tests.conftest import make_cfg
 
 SWITCHES = [(), ("loss.aux.decoder=unfrozen",), ("sae.weight_sharing=no_r_mag",),
@@ -51,9 +51,8 @@ def test_fast_paths_match_reference(kernel, overrides):
 
 def test_sparse_decode_matches_dense_product():
     dense = torch.relu(torch.randn(6, 10, dtype=torch.float64) - 0.8)
-    csr = dense.to_sparse_csr()
-    codes = SparseCodes(csr.crow_indices(), csr.col_indices(),
-                        csr.values().clone().requires_grad_(), 6, 10)
+    row, col = dense.nonzero().unbind(1)
+    codes = SparseCodes(Pattern(row, col, 6, 10), dense[row, col].clone().requires_grad_())
     W = torch.randn(10, 4, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, dtype=torch.float64)
     out = decode_sparse(codes, W, b)

@@ -65,12 +65,33 @@ def test_sigkilled_fit_resumes_to_the_uninterrupted_metrics(tmp_path, kill, unin
     assert_same_metrics(metrics(tmp_path, "run"), uninterrupted)
 
 
+@pytest.mark.slow
 def test_rerun_after_a_stop_continues_and_matches(tmp_path, capsys, uninterrupted):
     assert main(args(tmp_path, "run", "trainer.max_steps=20")) == 0
     (tmp_path / "run" / "metrics.json").unlink()  # as if stopped before the end
     assert main(args(tmp_path, "run")) == 0
     assert f"resuming {tmp_path / 'run'} from step 20" in capsys.readouterr().out
     assert_same_metrics(metrics(tmp_path, "run"), uninterrupted)
+    # Killed after the last step but before metrics.json: only the evaluation is redone.
+    (tmp_path / "run" / "metrics.json").unlink()
+    assert main(args(tmp_path, "run")) == 0
+    assert "from step 40" in capsys.readouterr().out
+    assert_same_metrics(metrics(tmp_path, "run"), uninterrupted)
+
+
+@pytest.mark.slow
+def test_resume_mid_resampling_window_matches(tmp_path, capsys):
+    # Stops at step 25, inside the window counting firing for the resample at step 30, and
+    # inside the lr's cosine return from the resample at step 15.
+    resample = ["resample.enabled=true", "resample.every_n_steps=15",
+                "resample.window_steps=10", "resample.max_resamples=2",
+                "resample.lr_return_steps=20"]
+    assert main(args(tmp_path, "whole", *resample)) == 0
+    assert main(args(tmp_path, "run", *resample, "trainer.max_steps=25")) == 0
+    (tmp_path / "run" / "metrics.json").unlink()
+    assert main(args(tmp_path, "run", *resample)) == 0
+    assert "from step 25" in capsys.readouterr().out
+    assert_same_metrics(metrics(tmp_path, "run"), metrics(tmp_path, "whole"))
 
 
 def test_checkpoints_every_n_newest_kept_and_one_at_the_end(tmp_path):

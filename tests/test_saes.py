@@ -8,11 +8,14 @@ import torch
 from gsae_pl.saes import ARCHITECTURES, GatedSAE, ReLUSAE, build_sae
 from tests.conftest import make_cfg
 
-VARIANTS = [("relu", "r_mag"), ("gated", "r_mag"), ("gated", "no_r_mag"), ("gated", "untied")]
+# (architecture, variant): the variant is sae.weight_sharing, or sae.prolu_backward for prolu.
+VARIANTS = [("relu", "r_mag"), ("gated", "r_mag"), ("gated", "no_r_mag"), ("gated", "untied"),
+            ("prolu", "relu"), ("prolu", "ste")]
 
 
 def _sae(arch, sharing, d_in=6, d_sae=10):
-    cfg = make_cfg(f"sae.architecture={arch}", f"sae.weight_sharing={sharing}",
+    field = "prolu_backward" if arch == "prolu" else "weight_sharing"
+    cfg = make_cfg(f"sae.architecture={arch}", f"sae.{field}={sharing}",
                    f"sae.d_sae={d_sae}", "loss.aux.enabled=false")
     return build_sae(cfg.sae, d_in)
 
@@ -22,7 +25,7 @@ def test_parameter_names_and_shapes(arch, sharing):
     sae = _sae(arch, sharing)
     shapes = {name: tuple(p.shape) for name, p in sae.named_parameters()}
     assert shapes["W_enc"] == (6, 10) and shapes["W_dec"] == (10, 6) and shapes["b_dec"] == (6,)
-    if arch == "relu":
+    if arch in ("relu", "prolu"):
         assert set(shapes) == {"W_enc", "W_dec", "b_dec", "b_enc"}
     else:
         expected = {"W_enc", "W_dec", "b_dec", "b_gate", "b_mag"}
@@ -49,6 +52,19 @@ def test_unit_norm_constraint_projection_and_renormalisation(arch, sharing):
         sae.W_dec.mul_(3.0)
     sae.renormalise_decoder()
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(10))
+
+
+@pytest.mark.parametrize("arch,sharing", VARIANTS)
+def test_outputs_non_negative_and_fired_counts_non_zero_codes(arch, sharing):
+    sae = _sae(arch, sharing)
+    with torch.no_grad():  # off the symmetric init, so some features fire and some do not
+        for p in sae.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x_hat, enc = sae(torch.randn(32, 6))
+    f = enc.f  # dense: the gated auto kernel starts on the dense path
+    assert x_hat.shape == (32, 6) and f.shape == (32, 10)
+    assert (f >= 0).all() and 0 < (f > 0).float().mean() < 1
+    assert torch.equal(enc.fired, (f != 0).sum(0))
 
 
 def test_unit_norm_constraint_switch_off_leaves_decoder_alone():
@@ -136,4 +152,4 @@ def test_b_dec_init(how):
 
 
 def test_registry_names():
-    assert set(ARCHITECTURES) == {"relu", "gated"}
+    assert set(ARCHITECTURES) == {"relu", "gated", "prolu"}

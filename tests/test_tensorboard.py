@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN = "tiny"
 MAX_STEPS, LOG_EVERY, HIST_EVERY = 60, 10, 20
 OVERRIDES = [
-    "data.source=synthetic", f"trainer.max_steps={MAX_STEPS}", "data.batch_size=256", "eval.rows=512",
+    "data.source=synthetic", f"trainer.max_steps={MAX_STEPS}", "data.batch_size=256",
+    "eval.rows=512",
     "eval.every_n_steps=30", f"log.every_n_steps={LOG_EVERY}",
     f"log.histogram_every_n_steps={HIST_EVERY}", "checkpoint.every_n_steps=30",
     "data.normalize_rows=512", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -148,6 +149,12 @@ def build_cached_or_lm_source(cfg):
     meta = read_metadata(directory)
     if meta is not None:
         check_key(directory, meta, lm.describe())
+        from gsae_pl.cache import rows_wanted
+
+        if meta["rows"] < rows_wanted(cfg) and _is_launcher_process():
+            print(f"note: the cache in {directory} holds {meta['rows']} rows and this run "
+                  f"reads {rows_wanted(cfg)}: its rows repeat (raise data.cache_rows and "
+                  "delete the folder for fresh ones)", file=sys.stderr)
     elif _is_launcher_process():
         from gsae_pl.cache import write_cache
 

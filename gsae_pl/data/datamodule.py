@@ -79,8 +79,9 @@ class SAEDataModule(L.LightningDataModule):
         return DataLoader(list(rows.split(self.batch_size)), batch_size=None)
 
     def sample_rows(self, n_rows: int) -> Tensor:
-        """The first `n_rows` training rows of process 0: the same on every process, so
-        estimates made from it (normalisation scalar, b_dec init) agree across DDP ranks."""
+        """The first `n_rows` rows of the global training stream: the same on every
+        process and for every process count, so estimates made from it (normalisation
+        scalar, b_dec init) agree across DDP ranks and with a 1-process run."""
         batches = self.source.train_batches(self.batch_size, 0, 1, start_step=0)
         needed = -(-n_rows // self.batch_size)
         return torch.cat(list(itertools.islice(batches, needed)))[:n_rows]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,11 +37,17 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def load_lm(name: str, dtype: str = "float32", device: str = "cpu"):
     """A TransformerBridge in eval mode with frozen weights; bad names are one line."""
     from transformer_lens import TransformerBridge
+    from transformer_lens.model_bridge.sources.tl_legacy import TL_LEGACY_PREFIXES
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars: noise, not progress
     try:
-        bridge = TransformerBridge.boot_transformers(name, device=device, dtype=DTYPES[dtype])
+        if name.startswith(TL_LEGACY_PREFIXES) and not Path(name).exists():
+            # NeelNanda/* (GELU-1L, ...) predate the HF format: TL 4's legacy loader.
+            bridge = TransformerBridge.boot_tl_legacy(name, device=device, dtype=DTYPES[dtype])
+        else:
+            bridge = TransformerBridge.boot_transformers(name, device=device,
+                                                         dtype=DTYPES[dtype])
     except Exception as err:  # offline, unknown repo, unsupported architecture, ...
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         local = " (no such local directory either)" if not Path(name).exists() else ""
@@ -52,15 +59,22 @@ def load_lm(name: str, dtype: str = "float32", device: str = "cpu"):
     return bridge
 
 
-def check_hook(bridge, hook: str) -> int | None:
-    """Refuse an unknown hook, naming close valid ones; return its block index (or None)."""
+def check_hook(bridge, hook: str) -> None:
+    """Refuse an unknown hook, naming close valid ones."""
     if hook not in bridge.hook_dict:
         close = difflib.get_close_matches(hook, list(bridge.hook_dict), n=5, cutoff=0.6)
         hint = f"close valid ones: {', '.join(close)}" if close else \
             "valid ones look like blocks.0.mlp.hook_post, blocks.0.hook_resid_post"
         raise UserError(f"data.hook={hook} is not a hook of this model: {hint}")
-    parts = hook.split(".")
-    return int(parts[1]) if parts[0] == "blocks" and parts[1].isdigit() else None
+
+
+def initial_device(cfg) -> torch.device:
+    """This process's GPU when the run will use one, so the normalisation sample taken
+    before `Trainer.fit` does not run a large LM on the CPU; `set_device` confirms it."""
+    wants_gpu = cfg.trainer.accelerator in ("auto", "gpu", "cuda")
+    if wants_gpu and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
 
 
 class TransformerLensSource:
@@ -74,9 +88,9 @@ class TransformerLensSource:
         self.hook, self.dtype, self.seed = data.hook, data.dtype, int(cfg.seed)
         self.exclude_bos, self.buffer_size = bool(data.exclude_bos), int(data.buffer_size)
         self.lm_batch_size, self.settings = int(data.lm_batch_size), data
-        self.bridge = load_lm(model, data.dtype)
-        self.device = torch.device("cpu")
-        self.layer = check_hook(self.bridge, self.hook)
+        self.device = initial_device(cfg)
+        self.bridge = load_lm(model, data.dtype, str(self.device))
+        check_hook(self.bridge, self.hook)
         self.text = TextWindows(open_dataset(dataset, data.split), data.column,
                                 self.bridge.tokenizer, data.context_size, dataset)
         self.bos_id = self.text.bos_id

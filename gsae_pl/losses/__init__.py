@@ -10,12 +10,14 @@ from torch import Tensor
 
 from gsae_pl.losses.aux import aux_term
 from gsae_pl.losses.base import Term
+from gsae_pl.losses.orthogonality import orthogonality_term
 from gsae_pl.losses.reconstruction import reconstruction_term
 from gsae_pl.losses.sparsity import sparsity_term
 from gsae_pl.saes.base import SAE, Encoding
 
 # name -> builder(loss_cfg) -> Term. A new term is one entry here and one block in the schema.
-TERMS = {"reconstruction": reconstruction_term, "sparsity": sparsity_term, "aux": aux_term}
+TERMS = {"reconstruction": reconstruction_term, "sparsity": sparsity_term, "aux": aux_term,
+         "orthogonality": orthogonality_term}
 
 
 class Objective:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from gsae_pl.saes.base import SAE, Encoding
 from gsae_pl.saes.gated import GatedSAE
+from gsae_pl.saes.prolu import ProLUSAE
 from gsae_pl.saes.relu import ReLUSAE
 
-ARCHITECTURES: dict[str, type[SAE]] = {"relu": ReLUSAE, "gated": GatedSAE}
+ARCHITECTURES: dict[str, type[SAE]] = {"relu": ReLUSAE, "gated": GatedSAE, "prolu": ProLUSAE}
 
 
 def build_sae(sae_cfg, d_in: int) -> SAE:
@@ -14,7 +15,7 @@ def build_sae(sae_cfg, d_in: int) -> SAE:
     cls = ARCHITECTURES[sae_cfg.architecture]
     return cls(d_in=d_in, d_sae=sae_cfg.d_sae, unit_norm_decoder=sae_cfg.unit_norm_decoder,
                weight_sharing=sae_cfg.weight_sharing, kernel=sae_cfg.kernel,
-               compile_mode=sae_cfg.compile)
+               compile_mode=sae_cfg.compile, prolu_backward=sae_cfg.prolu_backward)
 
 
-__all__ = ["SAE", "Encoding", "GatedSAE", "ReLUSAE", "ARCHITECTURES", "build_sae"]
+__all__ = ["SAE", "Encoding", "GatedSAE", "ProLUSAE", "ReLUSAE", "ARCHITECTURES", "build_sae"]

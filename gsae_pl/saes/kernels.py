@@ -10,7 +10,13 @@ Why not plain autograd (the reference in `GatedSAE.encode_reference`):
   backward) and the encoder's weight gradient need only touch the support; the encoder
   forward alone must be dense, to find it. `SparseCodes` carries (f, ReLU(pi_gate)) as two
   value vectors on that one shared CSR pattern.
-Both paths are checked against the reference, values and gradients, in tests/test_kernels.py.
+The baseline gets the same centring shortcut (`ReLUEncodeDense`). Every path is checked
+against the reference, values and gradients, in tests/test_kernels.py.
+
+Under bf16 autocast (GPU, `trainer.precision=bf16-mixed`) the matmuls run in bf16 while the
+parameters, and so the thresholds b_gate / b_mag, stay fp32 masters: pi_gate = bf16 pre +
+fp32 b_gate is computed in fp32. custom_fwd/custom_bwd replay the forward's autocast state
+in the backward.
 """
 
 from __future__ import annotations
@@ -24,30 +30,55 @@ from torch.amp import custom_bwd, custom_fwd
 from torch.autograd import Function
 
 # CSR support is marked beta; the ops used here are checked against dense in the tests.
-# Under bf16 autocast (GPU, `trainer.precision=bf16-mixed`) the matmuls run in bf16 while the
-# parameters, and so the thresholds b_gate / b_mag, stay fp32 masters: pi_gate = bf16 pre +
-# fp32 b_gate is computed in fp32. custom_fwd/custom_bwd replay the forward's autocast state
-# in the backward.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 
+class Pattern:
+    """Where a [n_rows, n_features] sparse matrix is non-zero: one per batch, shared by f,
+    ReLU(pi_gate) and every gradient on the support, so its transpose is sorted once."""
+
+    def __init__(self, row: Tensor, col: Tensor, n_rows: int, n_features: int):
+        self.row, self.col, self.shape = row, col, (n_rows, n_features)
+        self.crow = _pointers(row, n_rows)
+        self._transpose = None
+
+    def csr(self, values: Tensor) -> Tensor:
+        return torch.sparse_csr_tensor(self.crow, self.col, values, self.shape,
+                                       check_invariants=False)
+
+    def t_matmul(self, values: Tensor, dense: Tensor) -> Tensor:
+        """matrix^T @ dense, [n_features, d], touching only the stored entries."""
+        if self._transpose is None:
+            order = torch.argsort(self.col, stable=True)
+            self._transpose = (_pointers(self.col[order], self.shape[1]), self.row[order], order)
+        crow_t, row_t, order = self._transpose
+        return torch.sparse_csr_tensor(crow_t, row_t, values[order], self.shape[::-1],
+                                       check_invariants=False) @ dense
+
+
+def _pointers(sorted_ids: Tensor, n: int) -> Tensor:
+    """CSR row pointers for entries whose (sorted) row ids are `sorted_ids`."""
+    crow = torch.zeros(n + 1, dtype=torch.int64, device=sorted_ids.device)
+    torch.cumsum(torch.bincount(sorted_ids, minlength=n), 0, out=crow[1:])
+    return crow
+
+
 class SparseCodes(NamedTuple):
-    """A [n_rows, n_features] matrix in CSR form: row pointers, column ids, values."""
+    """A sparse [n_rows, n_features] activation matrix: values on a shared `Pattern`."""
 
-    crow: Tensor
-    col: Tensor
+    pattern: Pattern
     values: Tensor
-    n_rows: int
-    n_features: int
 
-    def csr(self, values: Tensor | None = None) -> Tensor:
-        values = self.values if values is None else values
-        return torch.sparse_csr_tensor(self.crow, self.col, values,
-                                       (self.n_rows, self.n_features), check_invariants=False)
+    @property
+    def n_rows(self) -> int:
+        return self.pattern.shape[0]
 
-    def row_ids(self) -> Tensor:
-        counts = self.crow[1:] - self.crow[:-1]
-        return torch.repeat_interleave(torch.arange(self.n_rows, device=self.col.device), counts)
+    @property
+    def col(self) -> Tensor:
+        return self.pattern.col
+
+    def csr(self) -> Tensor:
+        return self.pattern.csr(self.values)
 
 
 # ---- dense pointwise maths, eager or fused by torch.compile (see `pointwise`) ------------
@@ -157,23 +188,19 @@ def _encoder_grads(ctx, x_cent, W_enc, grad_pre, grad_pre_sum, g_b_gate, g_r_mag
     if need[0]:
         g_x = (grad_pre.csr() if sparse else grad_pre) @ W_enc.t()
     if need[1]:
-        g_W = _sparse_t_matmul(grad_pre, x_cent).t() if sparse else x_cent.t() @ grad_pre
+        g_W = (grad_pre.pattern.t_matmul(grad_pre.values, x_cent).t() if sparse
+               else x_cent.t() @ grad_pre)
     if need[2]:
         g_b_dec = -(grad_pre_sum @ W_enc.t())
     g_r_mag = g_r_mag if len(need) > 4 and need[4] else None
     return g_x, g_W, g_b_dec, g_b_gate, g_r_mag, g_b_mag
 
 
-def _sparse_t_matmul(codes: SparseCodes, dense: Tensor) -> Tensor:
-    """codes^T @ dense, [n_features, d]: touches only the stored entries."""
-    return torch.sparse.mm(codes.csr().t(), dense)
-
-
 class GatedEncodeSparse(Function):
-    """Like GatedEncodeDense, but returns values of f and ReLU(pi_gate) on the support.
+    """Like GatedEncodeDense, but f and ReLU(pi_gate) are values on the gate's support.
 
-    Outputs (f_values, gate_values, crow, col, fired); crow and col give the CSR pattern,
-    fired counts the rows where each feature's f is non-zero.
+    Outputs (f_values, gate_values, fired, pattern): `pattern` (not a tensor) says where
+    the values sit; fired counts the rows where each feature's f is non-zero.
     """
 
     @staticmethod
@@ -181,31 +208,31 @@ class GatedEncodeSparse(Function):
     def forward(ctx, x, W_enc, b_dec, b_gate, r_mag, b_mag):
         x_cent = x - b_dec
         pi_gate = torch.addmm(b_gate, x_cent, W_enc)
-        support = pi_gate > 0
-        crow = torch.zeros(x.shape[0] + 1, dtype=torch.int64, device=x.device)
-        torch.cumsum(support.sum(1), 0, out=crow[1:])
-        col = support.nonzero()[:, 1]
-        gate_values = pi_gate[support]  # row-major order: matches (crow, col)
+        row, col = (pi_gate > 0).nonzero().unbind(1)  # row-major: rows come sorted
+        pattern = Pattern(row, col, *pi_gate.shape)
+        gate_values = pi_gate[row, col]
+        del pi_gate  # the one dense [B, d_sae] tensor of this path: free it early
         scale = torch.exp(r_mag)
         pre_values = gate_values - b_gate[col]
         mag_values = pre_values * scale[col] + b_mag[col]
         f_values = torch.relu(mag_values)
         fired = torch.bincount(col[f_values > 0], minlength=W_enc.shape[1])
-        ctx.save_for_backward(x_cent, W_enc, crow, col, pre_values, mag_values, scale)
-        ctx.shape = (x.shape[0], W_enc.shape[1])
-        ctx.mark_non_differentiable(crow, col, fired)
-        return f_values, gate_values, crow, col, fired
+        ctx.save_for_backward(x_cent, W_enc, pre_values, mag_values, scale)
+        ctx.pattern = pattern
+        ctx.mark_non_differentiable(fired)
+        return f_values, gate_values, fired, pattern
 
     @staticmethod
     @custom_bwd(device_type="cuda")
-    def backward(ctx, grad_f_values, grad_gate_values, _crow, _col, _fired):
-        x_cent, W_enc, crow, col, pre_values, mag_values, scale = ctx.saved_tensors
-        n_features = ctx.shape[1]
+    def backward(ctx, grad_f_values, grad_gate_values, _fired, _pattern):
+        x_cent, W_enc, pre_values, mag_values, scale = ctx.saved_tensors
+        pattern = ctx.pattern
+        n_features = pattern.shape[1]
         grad_mag = torch.where(mag_values > 0, grad_f_values, 0.0)
-        grad_pre_values = grad_gate_values + grad_mag * scale[col]
+        grad_pre_values = grad_gate_values + grad_mag * scale[pattern.col]
         per_feature = lambda v: torch.zeros(n_features, dtype=v.dtype,  # noqa: E731
-                                            device=v.device).index_add_(0, col, v)
-        grad_pre = SparseCodes(crow, col, grad_pre_values, *ctx.shape)
+                                            device=v.device).index_add_(0, pattern.col, v)
+        grad_pre = SparseCodes(pattern, grad_pre_values)
         return _encoder_grads(ctx, x_cent, W_enc, grad_pre, per_feature(grad_pre_values),
                               per_feature(grad_gate_values),
                               per_feature(grad_mag * pre_values) * scale,
@@ -217,37 +244,34 @@ class SparseDecode(Function):
 
     @staticmethod
     @custom_fwd(device_type="cuda")
-    def forward(ctx, values, W, crow, col, n_rows):
-        codes = SparseCodes(crow, col, values, n_rows, W.shape[0])
-        ctx.save_for_backward(values, W, crow, col)
-        ctx.n_rows = n_rows
-        return codes.csr() @ W
+    def forward(ctx, values, W, pattern):
+        ctx.save_for_backward(values, W)
+        ctx.pattern = pattern
+        return pattern.csr(values) @ W
 
     @staticmethod
     @custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):
-        values, W, crow, col = ctx.saved_tensors
-        codes = SparseCodes(crow, col, values, ctx.n_rows, W.shape[0])
+        values, W = ctx.saved_tensors
+        pattern = ctx.pattern
         grad_values = grad_W = None
         if ctx.needs_input_grad[0]:  # (grad_out @ W^T) sampled on the support
             grad_values = torch.sparse.sampled_addmm(
-                codes.csr(torch.zeros_like(values)), grad_out, W.t()).values()
+                pattern.csr(torch.zeros_like(values)), grad_out, W.t()).values()
         if ctx.needs_input_grad[1]:
-            grad_W = _sparse_t_matmul(codes, grad_out)
-        return grad_values, grad_W, None, None, None
+            grad_W = pattern.t_matmul(values, grad_out)
+        return grad_values, grad_W, None
 
 
 def decode_sparse(codes: SparseCodes, W_dec: Tensor, b_dec: Tensor) -> Tensor:
-    return SparseDecode.apply(codes.values, W_dec, codes.crow, codes.col, codes.n_rows) + b_dec
+    return SparseDecode.apply(codes.values, W_dec, codes.pattern) + b_dec
 
 
 def encode_gated_sparse(x, W_enc, b_dec, b_gate, r_mag, b_mag):
     """(f, ReLU(pi_gate)) as SparseCodes on one shared pattern, and the fired counts."""
-    f_values, gate_values, crow, col, fired = GatedEncodeSparse.apply(
+    f_values, gate_values, fired, pattern = GatedEncodeSparse.apply(
         x, W_enc, b_dec, b_gate, r_mag, b_mag)
-    shape = (x.shape[0], W_enc.shape[1])
-    return SparseCodes(crow, col, f_values, *shape), SparseCodes(crow, col, gate_values, *shape), \
-        fired
+    return SparseCodes(pattern, f_values), SparseCodes(pattern, gate_values), fired
 
 
 # ---- what loss terms and metrics call, for dense tensors and SparseCodes alike ----------

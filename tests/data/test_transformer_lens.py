@@ -139,3 +139,49 @@ def test_empty_dataset_and_nan_activations_are_refused(tmp_path, source, lm_file
             source.rows(tokens)
     finally:
         del source.activations
+
+
+def test_legacy_neelnanda_repos_go_through_the_legacy_loader(lm_files, monkeypatch):
+    """GELU-1L's path, offline: NeelNanda/* names are booted by TL 4's legacy loader, whose
+    bridge (a TL-native model) is stood in for by a random one of the same kind."""
+    from transformer_lens import TransformerBridge
+    from transformer_lens.config import TransformerBridgeConfig
+    from transformer_lens.model_bridge.sources.native import boot as boot_native
+    from transformers import AutoTokenizer
+
+    from gsae_pl import lm_eval
+
+    tokenizer = AutoTokenizer.from_pretrained(lm_files[0])
+    config = TransformerBridgeConfig(
+        d_model=32, n_layers=1, d_mlp=128, d_head=8, n_heads=4, n_ctx=32,
+        d_vocab=len(tokenizer), act_fn="gelu", normalization_type="LN",
+        positional_embedding_type="standard", architecture="TransformerLensNative")
+    asked = []
+
+    def fake_legacy(name, device=None, dtype=None):
+        asked.append(name)
+        return boot_native(config, tokenizer=tokenizer, device=device, dtype=dtype)
+
+    monkeypatch.setattr(TransformerBridge, "boot_tl_legacy", staticmethod(fake_legacy))
+    src = build_lm_source(lm_cfg("NeelNanda/GELU_1L_fake", lm_files[1]))
+    assert asked == ["NeelNanda/GELU_1L_fake"] and src.d_in == 128
+    tokens = src.heldout[:2]
+    with torch.no_grad():
+        _, cache = src.bridge.run_with_cache(tokens, names_filter=src.hook)
+    torch.testing.assert_close(src.activations(tokens), cache[src.hook])
+    sums = lm_eval.ce_sums(src, src.heldout_tokens(2), lambda x: x.clone())
+    assert lm_eval.loss_recovered(sums)["loss_recovered"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_an_unreachable_hub_dataset_names_the_offline_option(lm_files, monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'someone/corpus' on the Hub (LocalEntryNotFound)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(UserError) as info:
+        build_lm_source(lm_cfg(lm_files[0], "someone/corpus"))
+    message = str(info.value)
+    assert "Couldn't reach" in message and "data.source=tiny_lm" in message
+    assert "\n" not in message

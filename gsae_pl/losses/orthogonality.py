@@ -1,0 +1,58 @@
+"""Orthogonality regulariser on decoder nearest neighbours (PAPER.md sec. 5, D. Till).
+
+For each feature i active in the batch (fired on at least one row), with unit decoder
+directions d_j = W_dec[j] / ||W_dec[j]||:
+
+    c_ij    = |d_i . d_j|                       for every other feature j (i itself excluded)
+    N(i)    = argmax_j c_ij                     all tied maxima (within TIE_TOLERANCE)
+    P_i     = mean_{j in N(i)} c_ij ^ p         (p = loss.orthogonality.exponent, > 1)
+    L_orth  = mean over active i of P_i
+
+Penalty shape (PAPER.md sec. 5 decision): |cos|^p, p = 4 by default: ~0 for near-orthogonal
+neighbours (0.3^4 < 0.01), growing steeply towards duplicates (|cos| = 1 costs 1), so it
+mostly separates near-duplicate features and leaves merely nearby ones alone. Its gradient
+moves both rows of a pair: the active feature's and its neighbour's, active or not.
+
+Cost: one [k, d_sae] product of the k active rows with all rows, O(k * d_sae * d_in); a
+[d_sae, d_sae] Gram matrix is never formed (tests/test_orthogonality.py checks shapes).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from gsae_pl.losses.base import Term
+
+TIE_TOLERANCE = 1e-6  # |cos| values this close to the maximum count as tied neighbours
+
+
+def nearest_neighbour_penalty(W_dec: Tensor, active: Tensor, exponent: float) -> Tensor:
+    """Mean over the `active` feature indices [k] of |cos to nearest other row|^exponent."""
+    d_sae = W_dec.shape[0]
+    if active.numel() == 0 or d_sae < 2:
+        return W_dec.sum() * 0.0  # a zero that still belongs to the graph
+    directions = W_dec / W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    cos_KF = (directions[active] @ directions.t()).abs()  # [k, d_sae]: the only big product
+    is_self_KF = torch.zeros_like(cos_KF, dtype=torch.bool)
+    is_self_KF[torch.arange(active.numel(), device=active.device), active] = True
+    with torch.no_grad():  # which neighbours are nearest: a selection, not differentiated
+        candidates = cos_KF.masked_fill(is_self_KF, -1.0)
+        nearest_max = candidates.max(dim=1, keepdim=True).values
+        tied_KF = (candidates >= nearest_max - TIE_TOLERANCE) & ~is_self_KF
+        weights_KF = tied_KF / tied_KF.sum(dim=1, keepdim=True)  # mean over ties
+    per_feature = (weights_KF * cos_KF.pow(exponent)).sum(dim=1)
+    return per_feature.mean()
+
+
+def orthogonality_loss(x, x_hat, enc, sae, exponent: float) -> Tensor:
+    active = torch.nonzero(enc.fired > 0).squeeze(1)  # `fired` exists on every kernel path
+    return nearest_neighbour_penalty(sae.W_dec, active, exponent)
+
+
+def orthogonality_term(loss_cfg) -> Term:
+    orth = loss_cfg.orthogonality
+    return Term(fn=partial(orthogonality_loss, exponent=orth.exponent),
+                coefficient=orth.coefficient)

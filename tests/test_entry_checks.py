@@ -1,0 +1,41 @@
+"""`fit` refuses bad trainer and batch settings before any work: one line, exit 2, nothing
+written (the config and data cases live in test_fit.py, export's in test_export.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gsae_pl.fit import main
+from tests.tiny_run import args
+
+BAD = {
+    "global batch not divisible": (["trainer.devices=2", "trainer.strategy=ddp",
+                                    "data.batch_size=127"], "multiple of 2"),
+    "unknown strategy": (["trainer.strategy=fsdp9"], "lightning refused the trainer settings"),
+    "unknown precision": (["trainer.precision=13-bits"], "lightning refused the trainer"),
+    "nan coefficient": (["loss.l1_coefficient=nan"], "must be a finite number"),
+    "inf learning rate": (["optim.lr=inf"], "must be a finite number"),
+    "batch larger than the data": (["data.source=file", "data.path={rows}",
+                                    "data.batch_size=1024"], "1024 to train on"),
+}
+
+
+@pytest.mark.parametrize("case", BAD, ids=list(BAD))
+def test_refused_before_anything_is_written(case, tmp_path, capsys):
+    extra, needle = BAD[case]
+    np.save(tmp_path / "rows.npy", np.ones((1000, 8), np.float32))
+    extra = [a.format(rows=tmp_path / "rows.npy") for a in extra]
+    out_dir = tmp_path / "out"
+    assert main(args(out_dir, "run", *extra)) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.startswith("error: ") and err.count("\n") == 1, err
+    assert not out_dir.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_gpu_asked_for_on_a_cpu_machine(tmp_path, capsys):
+    assert main(args(tmp_path / "out", "run", "trainer.accelerator=gpu")) == 2
+    assert "lightning refused the trainer settings" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
