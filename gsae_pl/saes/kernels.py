@@ -83,36 +83,57 @@ class SparseCodes(NamedTuple):
 
 # ---- dense pointwise maths, eager or fused by torch.compile (see `pointwise`) ------------
 def _gated_forward(pre: Tensor, b_gate: Tensor, scale: Tensor, b_mag: Tensor):
-    """f, ReLU(pi_gate) and per-feature fire counts from pre = (x - b_dec) @ W_enc."""
+    """f, ReLU(pi_gate) and f's non-zero mask (as floats) from pre = (x - b_dec) @ W_enc."""
     pi_gate = pre + b_gate
     f = torch.where(pi_gate > 0, torch.relu(pre * scale + b_mag), 0.0)
-    return f, torch.relu(pi_gate), (f != 0).sum(0)
+    return f, torch.relu(pi_gate), (f > 0).to(pre.dtype)
 
 
 def _gated_backward(grad_f, grad_gate_acts, pre, b_gate, scale, b_mag):
-    """dL/d pre, its batch sum, and the batch sums that are the bias and r_mag gradients."""
+    """dL/d pre, and dL/d pi_gate, dL/d pi_mag, dL/d pi_mag * pre, whose batch sums are the
+    b_gate, b_mag and r_mag gradients. Each sum is taken on its own tensor, so a term that
+    cannot reach a parameter gives it exactly zero (the routing tests check exact zeros)."""
     gate = (pre + b_gate) > 0
     grad_mag = torch.where(gate & ((pre * scale + b_mag) > 0), grad_f, 0.0)  # dL/d pi_mag
     grad_gate = torch.where(gate, grad_gate_acts, 0.0)  # dL/d pi_gate
-    grad_pre = grad_gate + grad_mag * scale
-    return (grad_pre, grad_pre.sum(0), grad_gate.sum(0), (grad_mag * pre).sum(0) * scale,
-            grad_mag.sum(0))
+    return grad_gate + grad_mag * scale, grad_gate, grad_mag, grad_mag * pre
 
 
 # Each eager line above is a pass over [B, d_sae] into a fresh buffer; on CPU the fresh
 # buffer's page faults cost more than the arithmetic. torch.compile fuses each function into
-# one loop (measured in benchmarks/RESULTS.md), at a one-time compile cost of ~20 s.
+# one loop, at a one-time compile cost of ~20 s (benchmarks/RESULTS.md). The batch sums are
+# left out of the fused loops on purpose: inductor's column reductions over [B, d_sae] ran
+# 3-4x slower than separate `sum(0)` / matrix-vector passes, measured at 4096 x 16384.
+# The backward's [B, d_sae] results live only inside the backward, so the compiled path
+# writes them into buffers kept from step to step: fresh ones cost their page faults every
+# step (300 ms at 4096 x 16384 without transparent huge pages, and stalls with them).
 _COMPILED: dict = {}
+_WORKSPACE: dict = {}
 COMPILE_MIN_ELEMENTS = 1 << 22  # `auto` compiles from B * d_sae = 4M elements up
 
 
-def pointwise(fn, n_elements: int, mode: str):
-    """`fn` itself, or its torch.compile'd twin (mode: auto | always | never)."""
-    if mode == "never" or (mode == "auto" and n_elements < COMPILE_MIN_ELEMENTS):
-        return fn
+def _compiled(fn):
+    """fn(*args, *outs): fn's results written into `outs`, as one fused compiled loop."""
     if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(fn, dynamic=False)
+        def into(*args_and_outs, n_out=fn.n_out):
+            args, outs = args_and_outs[:-n_out], args_and_outs[-n_out:]
+            for out, value in zip(outs, fn(*args)):
+                out.copy_(value)
+
+        _COMPILED[fn] = torch.compile(into, dynamic=False)
     return _COMPILED[fn]
+
+
+def pointwise(fn, like: Tensor, mode: str, *args) -> tuple[Tensor, ...]:
+    """fn(*args), eager or compiled (mode: auto | always | never). Compiled results sit in
+    reused workspace buffers shaped like `like`: use them before the next call."""
+    if mode == "never" or (mode == "auto" and like.numel() < COMPILE_MIN_ELEMENTS):
+        return fn(*args)
+    key = (fn, like.shape, like.dtype, like.device)
+    if key not in _WORKSPACE:
+        _WORKSPACE[key] = tuple(torch.empty_like(like) for _ in range(fn.n_out))
+    _compiled(fn)(*args, *_WORKSPACE[key])
+    return _WORKSPACE[key]
 
 
 class GatedEncodeDense(Function):
@@ -125,8 +146,9 @@ class GatedEncodeDense(Function):
         pre = x_cent @ W_enc
         scale = torch.exp(r_mag)
         ctx.compile_mode = compile_mode
-        fwd = pointwise(_gated_forward, pre.numel(), compile_mode)
-        f, gate_acts, fired = fwd(pre, b_gate, scale, b_mag)
+        f, gate_acts, active = _fresh(_gated_forward, pre, compile_mode)(pre, b_gate, scale,
+                                                                         b_mag)
+        fired = _column_sums(active)
         ctx.save_for_backward(x_cent, W_enc, pre, b_gate, scale, b_mag)
         ctx.mark_non_differentiable(fired)
         return f, gate_acts, fired
@@ -135,20 +157,40 @@ class GatedEncodeDense(Function):
     @custom_bwd(device_type="cuda")
     def backward(ctx, grad_f, grad_gate_acts, _fired):
         x_cent, W_enc, pre, b_gate, scale, b_mag = ctx.saved_tensors
-        bwd = pointwise(_gated_backward, pre.numel(), ctx.compile_mode)
-        grad_pre, *sums = bwd(grad_f, grad_gate_acts, pre, b_gate, scale, b_mag)
-        return _encoder_grads(ctx, x_cent, W_enc, grad_pre, *sums) + (None,)
+        grad_pre, *parts = pointwise(_gated_backward, pre, ctx.compile_mode,
+                                     grad_f, grad_gate_acts, pre, b_gate, scale, b_mag)
+        sum_gate, sum_mag, sum_mag_pre = (_column_sums(part) for part in parts)
+        return _encoder_grads(ctx, x_cent, W_enc, grad_pre, sum_gate + sum_mag * scale,
+                              sum_gate, sum_mag_pre * scale, sum_mag) + (None,)
+
+
+def _column_sums(matrix: Tensor) -> Tensor:
+    """Sum over the batch, [B, n] -> [n], as one matrix-vector product."""
+    return (matrix.new_ones(1, matrix.shape[0]) @ matrix).squeeze(0)
 
 
 def _relu_forward(pre: Tensor, b_enc: Tensor):
     f = torch.relu(pre + b_enc)
-    return f, (f != 0).sum(0)
+    return f, (f > 0).to(pre.dtype)
 
 
 def _relu_backward(grad_f: Tensor, f: Tensor):
-    grad_pre = torch.where(f > 0, grad_f, 0.0)
-    grad_sum = grad_pre.sum(0)
-    return grad_pre, grad_sum, grad_sum
+    return (torch.where(f > 0, grad_f, 0.0),)
+
+
+# How many [B, d_sae] results each returns (the workspace holds that many buffers).
+_gated_forward.n_out, _gated_backward.n_out = 3, 4
+_relu_forward.n_out, _relu_backward.n_out = 2, 1
+
+
+def _fresh(fn, like: Tensor, mode: str):
+    """fn or its plain compiled twin, for results that leave the Function (new buffers)."""
+    if mode == "never" or (mode == "auto" and like.numel() < COMPILE_MIN_ELEMENTS):
+        return fn
+    key = ("fresh", fn)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fn, dynamic=False)
+    return _COMPILED[key]
 
 
 class ReLUEncodeDense(Function):
@@ -160,7 +202,8 @@ class ReLUEncodeDense(Function):
         x_cent = x - b_dec
         pre = x_cent @ W_enc
         ctx.compile_mode = compile_mode
-        f, fired = pointwise(_relu_forward, pre.numel(), compile_mode)(pre, b_enc)
+        f, active = _fresh(_relu_forward, pre, compile_mode)(pre, b_enc)
+        fired = _column_sums(active)
         ctx.save_for_backward(x_cent, W_enc, f)
         ctx.mark_non_differentiable(fired)
         return f, fired
@@ -169,10 +212,10 @@ class ReLUEncodeDense(Function):
     @custom_bwd(device_type="cuda")
     def backward(ctx, grad_f, _fired):
         x_cent, W_enc, f = ctx.saved_tensors
-        bwd = pointwise(_relu_backward, f.numel(), ctx.compile_mode)
-        grad_pre, grad_pre_sum, grad_b_enc = bwd(grad_f, f)
+        (grad_pre,) = pointwise(_relu_backward, f, ctx.compile_mode, grad_f, f)
+        grad_sum = _column_sums(grad_pre)
         g_x, g_W, g_b_dec, g_b_enc, _, _ = _encoder_grads(
-            ctx, x_cent, W_enc, grad_pre, grad_pre_sum, grad_b_enc, None, None)
+            ctx, x_cent, W_enc, grad_pre, grad_sum, grad_sum, None, None)
         return g_x, g_W, g_b_dec, g_b_enc, None
 
 
