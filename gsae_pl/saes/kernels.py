@@ -104,36 +104,39 @@ def _gated_backward(grad_f, grad_gate_acts, pre, b_gate, scale, b_mag):
 # one loop, at a one-time compile cost of ~20 s (benchmarks/RESULTS.md). The batch sums are
 # left out of the fused loops on purpose: inductor's column reductions over [B, d_sae] ran
 # 3-4x slower than separate `sum(0)` / matrix-vector passes, measured at 4096 x 16384.
-# The backward's [B, d_sae] results live only inside the backward, so the compiled path
-# writes them into buffers kept from step to step: fresh ones cost their page faults every
-# step (300 ms at 4096 x 16384 without transparent huge pages, and stalls with them).
+# Results that live only inside a Function (the backward's gradients, the forward's fire
+# mask) are written into buffers kept from step to step on the compiled path: fresh ones
+# cost their page faults every step (300 ms at 4096 x 16384 without transparent huge
+# pages, and stalls with them). Results that leave the Function (f, ReLU(pi_gate)) are new.
 _COMPILED: dict = {}
 _WORKSPACE: dict = {}
 COMPILE_MIN_ELEMENTS = 1 << 22  # `auto` compiles from B * d_sae = 4M elements up
 
 
 def _compiled(fn):
-    """fn(*args, *outs): fn's results written into `outs`, as one fused compiled loop."""
+    """fn(*args, *buffers): fn's first `n_new` results returned, the rest written into the
+    buffers, all in one fused compiled loop."""
     if fn not in _COMPILED:
-        def into(*args_and_outs, n_out=fn.n_out):
-            args, outs = args_and_outs[:-n_out], args_and_outs[-n_out:]
-            for out, value in zip(outs, fn(*args)):
-                out.copy_(value)
+        def into(*args_and_buffers, n_new=fn.n_new, n_kept=fn.n_kept):
+            args, buffers = args_and_buffers[:-n_kept], args_and_buffers[-n_kept:]
+            results = fn(*args)
+            for buffer, value in zip(buffers, results[n_new:]):
+                buffer.copy_(value)
+            return results[:n_new]
 
         _COMPILED[fn] = torch.compile(into, dynamic=False)
     return _COMPILED[fn]
 
 
 def pointwise(fn, like: Tensor, mode: str, *args) -> tuple[Tensor, ...]:
-    """fn(*args), eager or compiled (mode: auto | always | never). Compiled results sit in
-    reused workspace buffers shaped like `like`: use them before the next call."""
+    """fn(*args), eager or compiled (mode: auto | always | never). On the compiled path the
+    last `fn.n_kept` results sit in reused buffers shaped like `like`: use them at once."""
     if mode == "never" or (mode == "auto" and like.numel() < COMPILE_MIN_ELEMENTS):
         return fn(*args)
     key = (fn, like.shape, like.dtype, like.device)
     if key not in _WORKSPACE:
-        _WORKSPACE[key] = tuple(torch.empty_like(like) for _ in range(fn.n_out))
-    _compiled(fn)(*args, *_WORKSPACE[key])
-    return _WORKSPACE[key]
+        _WORKSPACE[key] = tuple(torch.empty_like(like) for _ in range(fn.n_kept))
+    return tuple(_compiled(fn)(*args, *_WORKSPACE[key])) + _WORKSPACE[key]
 
 
 class GatedEncodeDense(Function):
@@ -146,8 +149,8 @@ class GatedEncodeDense(Function):
         pre = x_cent @ W_enc
         scale = torch.exp(r_mag)
         ctx.compile_mode = compile_mode
-        f, gate_acts, active = _fresh(_gated_forward, pre, compile_mode)(pre, b_gate, scale,
-                                                                         b_mag)
+        f, gate_acts, active = pointwise(_gated_forward, pre, compile_mode,
+                                         pre, b_gate, scale, b_mag)
         fired = _column_sums(active)
         ctx.save_for_backward(x_cent, W_enc, pre, b_gate, scale, b_mag)
         ctx.mark_non_differentiable(fired)
@@ -178,19 +181,12 @@ def _relu_backward(grad_f: Tensor, f: Tensor):
     return (torch.where(f > 0, grad_f, 0.0),)
 
 
-# How many [B, d_sae] results each returns (the workspace holds that many buffers).
-_gated_forward.n_out, _gated_backward.n_out = 3, 4
-_relu_forward.n_out, _relu_backward.n_out = 2, 1
-
-
-def _fresh(fn, like: Tensor, mode: str):
-    """fn or its plain compiled twin, for results that leave the Function (new buffers)."""
-    if mode == "never" or (mode == "auto" and like.numel() < COMPILE_MIN_ELEMENTS):
-        return fn
-    key = ("fresh", fn)
-    if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(fn, dynamic=False)
-    return _COMPILED[key]
+# Of each function's [B, d_sae] results: how many leave the Function (new buffers), and
+# how many after those are used only inside it (reused buffers on the compiled path).
+_gated_forward.n_new, _gated_forward.n_kept = 2, 1
+_gated_backward.n_new, _gated_backward.n_kept = 0, 4
+_relu_forward.n_new, _relu_forward.n_kept = 1, 1
+_relu_backward.n_new, _relu_backward.n_kept = 0, 1
 
 
 class ReLUEncodeDense(Function):
@@ -202,7 +198,7 @@ class ReLUEncodeDense(Function):
         x_cent = x - b_dec
         pre = x_cent @ W_enc
         ctx.compile_mode = compile_mode
-        f, active = _fresh(_relu_forward, pre, compile_mode)(pre, b_enc)
+        f, active = pointwise(_relu_forward, pre, compile_mode, pre, b_enc)
         fired = _column_sums(active)
         ctx.save_for_backward(x_cent, W_enc, f)
         ctx.mark_non_differentiable(fired)
