@@ -126,6 +126,14 @@ class Resampler(L.Callback):
             trainer.logger.log_metrics({"resample/dead_fraction": float(dead.float().mean())},
                                        max(0, step - 1))
 
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        # Each process counted only its own rows, and only process 0's state is written:
+        # save the sum over processes, so a resumed run of any process count knows which
+        # features fired anywhere. Only `fired == 0` is ever read, so counting the saved
+        # part again at the next resample's reduction changes nothing.
+        self.fired = trainer.strategy.reduce(self.fired, reduce_op="sum")
+        checkpoint["callbacks"][self.state_key] = self.state_dict()
+
     def state_dict(self) -> dict:
         return {"fired": self.fired.cpu()}
 

@@ -225,3 +225,24 @@ def test_ddp_run_with_resampling_follows_one_process(tmp_path):
         torch.testing.assert_close(weights[1][name], value, rtol=1e-4, atol=1e-5)
     a, b = metrics(tmp_path, "one"), metrics(tmp_path, "two")
     assert all(math.isclose(a[k], b[k], rel_tol=1e-4, abs_tol=1e-6) for k in a), (a, b)
+
+
+def test_checkpoint_saves_the_counts_of_every_process():
+    """Process 0 writes the checkpoint, so it must hold what any process saw fire."""
+    cfg = make_cfg("resample.enabled=true")
+    callback = Resampler(cfg.resample, d_sae=3, seed=0)
+    callback.fired = torch.tensor([0, 2, 0])  # this process: feature 1 only
+    other_process = torch.tensor([0, 0, 5])  # the other one saw feature 2 fire
+
+    class _Strategy:
+        def reduce(self, tensor, reduce_op):
+            assert reduce_op == "sum"
+            return tensor + other_process
+
+    checkpoint = {"callbacks": {}}
+    callback.on_save_checkpoint(SimpleNamespace(strategy=_Strategy()), None, checkpoint)
+    saved = checkpoint["callbacks"][callback.state_key]["fired"]
+    assert saved.tolist() == [0, 2, 5]  # feature 0 alone is dead everywhere
+    fresh = Resampler(cfg.resample, d_sae=3, seed=0)
+    fresh.load_state_dict(checkpoint["callbacks"][callback.state_key])
+    assert (fresh.fired == 0).tolist() == [True, False, False]
