@@ -13,6 +13,7 @@ Reported: median ms/step of each and the slowdown against memory.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import tempfile
@@ -20,20 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from step import _SameBatch, make_module, time_steps
-from torch.utils.data import DataLoader, IterableDataset
+from step import batch_loader, make_module, time_steps
 
 from gsae_pl.data.file import FileSource
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class _Stream(IterableDataset):
-    def __init__(self, make_iter):
-        self.make_iter = make_iter
-
-    def __iter__(self):
-        return self.make_iter()
 
 
 def shard_stream(shards: list[np.ndarray], batch: int):
@@ -68,11 +60,9 @@ def main() -> None:
             shards.append(np.load(Path(tmp) / f"shard{i}.npy", mmap_mode="r"))
         file_source = FileSource(str(path), seed=0, holdout_rows=4096, min_train_rows=args.batch)
         feeds = {
-            "memory": DataLoader(_SameBatch(data[:args.batch]), batch_size=None),
-            "file": DataLoader(_Stream(lambda: file_source.train_batches(args.batch, 0, 1)),
-                               batch_size=None),
-            "cache": DataLoader(_Stream(lambda: shard_stream(shards, args.batch)),
-                                batch_size=None),
+            "memory": batch_loader(lambda: itertools.repeat(data[:args.batch])),
+            "file": batch_loader(lambda: file_source.train_batches(args.batch, 0, 1)),
+            "cache": batch_loader(lambda: shard_stream(shards, args.batch)),
         }
         times = {name: [] for name in feeds}
         for _ in range(args.rounds):  # interleaved, so drift in machine load hits all alike

@@ -15,6 +15,7 @@ decoder and aux decoder forwards, four backward products), 5 for the baseline.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import statistics
@@ -47,13 +48,17 @@ CASES.update(CROSSOVER)
 MAIN = [name for name in CASES if name not in CROSSOVER]
 
 
-class _SameBatch(IterableDataset):
-    def __init__(self, batch):
-        self.batch = batch
+class _Stream(IterableDataset):
+    def __init__(self, make_iter):
+        self.make_iter = make_iter
 
     def __iter__(self):
-        while True:
-            yield self.batch
+        return self.make_iter()
+
+
+def batch_loader(make_iter) -> DataLoader:
+    """A loader over the batches `make_iter()` yields (already batched, so batch_size=None)."""
+    return DataLoader(_Stream(make_iter), batch_size=None)
 
 
 def _sync() -> None:
@@ -131,7 +136,7 @@ def run_case(name: str, batch: int, steps: int, warmup: int, compile_mode: str,
         z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(1 - target_l0 / d_sae))
         with torch.no_grad():
             module.sae.b_gate.fill_(-float(z))
-    timer = time_steps(module, DataLoader(_SameBatch(x), batch_size=None), steps, warmup,
+    timer = time_steps(module, batch_loader(lambda: itertools.repeat(x)), steps, warmup,
                        accelerator, precision)
     step_s = statistics.median(timer.times[warmup:])
     device = str(module.device)
