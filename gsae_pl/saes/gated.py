@@ -22,7 +22,7 @@ from gsae_pl.saes.kernels import GatedEncodeDense, encode_gated_sparse
 
 # Below this share of active (feature, row) pairs the sparse path beats the dense one on
 # CPU. Measured at 768 x 16384, batch 4096 (`benchmarks/step.py --cases crossover`,
-# benchmarks/RESULTS.md): sparse wins at L0 1024 (6.3%), loses at L0 2048 (12.5%), and the
+# benchmarks/RESULTS.md): sparse wins at L0 984 (6.0%), loses at L0 2000 (12.2%), and the
 # interpolated crossover is ~7.7%; 7% keeps a margin.
 SPARSE_CROSSOVER = 0.07
 
