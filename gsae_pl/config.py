@@ -165,6 +165,7 @@ class CheckpointConfig:
 class OutputConfig:
     dir: str = "tensorboard_logs"
     name: Optional[str] = None  # null: derived from architecture, l1 coefficient and seed
+    variant: Optional[str] = None  # label for reports and TensorBoard's HParams (ablate sets it)
 
 
 @dataclass
