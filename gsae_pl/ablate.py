@@ -1,0 +1,224 @@
+"""Run an ablation suite: `python -m gsae_pl.ablate --suite FILE [--devices N]
+[--strategy parallel|ddp] [key=value ...]`, then write its report.
+
+Every run is `python -m gsae_pl.fit` in its own process, its output in
+`<output_dir>/logs/<run>.log`, its results in `<output_dir>/runs/<run>/` (gsae_pl/suite.py):
+- `parallel` runs one SAE per device at once (the right choice for small SAEs): on GPUs
+  each process sees one device; on CPU each gets cores / N threads.
+- `ddp` runs the SAEs one after another, each with Lightning DDP over all N devices
+  (gloo on CPU). Multi-node: every node runs the same command with `trainer.num_nodes=K`
+  under torchrun or SLURM, the output on a shared filesystem (docs/scaling.md).
+A run that fails is recorded in `<output_dir>/failed/<run>.json` and the suite goes on;
+rerunning the command skips finished runs (those with metrics.json) and retries the rest,
+which resume from their checkpoints. Before any run, LM activations that runs read from
+the disk cache (`data.cache=true`) are written once, so the LM runs once per token for the
+whole suite rather than once per run. Bad input is refused before anything runs (exit 2);
+a suite with failed runs exits 3 after its report is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from gsae_pl.cache import rows_wanted
+from gsae_pl.cli import ArgumentParser, run_main
+from gsae_pl.errors import RunFailed, UserError
+from gsae_pl.io import atomic_write_json
+from gsae_pl.suite import Run, Suite, load_suite
+
+STRATEGIES = ("parallel", "ddp")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = ArgumentParser(prog="python -m gsae_pl.ablate", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", required=True, help="suite YAML (e.g. ablations/quick.yaml)")
+    parser.add_argument("--devices", type=int, default=1,
+                        help="devices to use: GPUs, or CPU processes where there is no GPU")
+    parser.add_argument("--strategy", choices=STRATEGIES, default="parallel",
+                        help="parallel: one SAE per device at once; ddp: each SAE over all")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides for every run")
+    return parser.parse_intermixed_args(argv)
+
+
+def available_devices(accelerator: str) -> tuple[str, int]:
+    """The device kind runs will use, and how many of it this machine has."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and gpus > 0):
+        return "gpu", gpus
+    if accelerator not in ("cpu", "auto"):
+        raise UserError(f"trainer.accelerator={accelerator}: the ablation driver knows cpu, "
+                        "gpu and auto")
+    return "cpu", len(os.sched_getaffinity(0))
+
+
+def check_devices(suite: Suite, devices: int) -> str:
+    kinds = {run.cfg.trainer.accelerator for run in suite.runs}
+    if len(kinds) > 1:
+        raise UserError(f"the suite's runs ask for different accelerators ({sorted(kinds)}): "
+                        "set trainer.accelerator once in the suite's overrides")
+    kind, have = available_devices(kinds.pop())
+    if not 1 <= devices <= have:
+        raise UserError(f"--devices {devices} is not available: this machine has {have} "
+                        f"{'GPU(s)' if kind == 'gpu' else 'CPU core(s)'}; pass 1 to {have}")
+    return kind
+
+
+def fit_command(run: Run, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "gsae_pl.fit", "--config", str(run.config_path),
+            *run.overrides, *extra]
+
+
+def worker_env(kind: str, slot: int | None, threads: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    if kind == "gpu" and slot is not None:  # parallel: each process sees one GPU as cuda:0
+        env["CUDA_VISIBLE_DEVICES"] = str(slot)
+    return env
+
+
+def prepare_caches(suite: Suite, log_dir: Path) -> None:
+    """Write each distinct activation cache once, before any run reads it (in parallel,
+    several runs would otherwise race to write the same cache)."""
+    groups: dict[str, list[Run]] = {}
+    for run in suite.runs:
+        if run.cfg.data.cache and run.cfg.data.source in ("tiny_lm", "transformer_lens"):
+            key = json.dumps(OmegaConf.to_container(run.cfg.data), sort_keys=True)
+            groups.setdefault(key, []).append(run)
+    for k, runs in enumerate(groups.values()):
+        rows = max(rows_wanted(run.cfg) for run in runs)
+        command = [sys.executable, "-m", "gsae_pl.cache", "--config", str(runs[0].config_path),
+                   *runs[0].overrides, f"data.cache_rows={rows}"]
+        print(f"activation cache {k + 1}/{len(groups)} for {len(runs)} runs ({rows} rows)",
+              flush=True)
+        log = log_dir / f"cache{k}.log"
+        with open(log, "w") as out:
+            done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT)
+        if done.returncode != 0:
+            raise RunFailed(f"writing the activation cache failed (exit {done.returncode}): "
+                            f"see {log}")
+
+
+class Launcher:
+    """Starts runs as processes and records how each ended."""
+
+    def __init__(self, suite: Suite, kind: str, devices: int, strategy: str):
+        self.suite, self.kind, self.devices, self.strategy = suite, kind, devices, strategy
+        self.logs, self.failed_dir = suite.output_dir / "logs", suite.output_dir / "failed"
+        cores = len(os.sched_getaffinity(0))
+        self.threads = max(1, cores // devices)
+        self.failures: list[str] = []
+
+    def start(self, run: Run, slot: int | None) -> subprocess.Popen:
+        (self.failed_dir / f"{run.name}.json").unlink(missing_ok=True)  # a retry
+        extra = ["trainer.devices=1"] if self.strategy == "parallel" else \
+            [f"trainer.devices={self.devices}", "trainer.strategy=ddp"]
+        if self.kind == "cpu":
+            extra.append("trainer.accelerator=cpu")
+        log = open(self.logs / f"{run.name}.log", "w")
+        process = subprocess.Popen(fit_command(run, extra), stdout=log,
+                                   stderr=subprocess.STDOUT,
+                                   env=worker_env(self.kind, slot, self.threads))
+        log.close()  # the child holds its own copy of the descriptor
+        return process
+
+    def finish(self, run: Run, returncode: int, seconds: float, index: int) -> None:
+        where = f"[{index}/{len(self.suite.runs)}] {run.name}"
+        metrics_path = run.run_dir / "metrics.json"
+        if returncode == 0 and metrics_path.is_file():
+            m = json.loads(metrics_path.read_text())
+            shown = ", ".join(f"{k} {m[k]:.4g}" for k in ("l0", "loss_recovered", "fvu", "mmcs")
+                              if k in m)
+            print(f"{where}: done in {seconds:.0f} s ({shown})", flush=True)
+            return
+        log = self.logs / f"{run.name}.log"
+        error = last_error_line(log)
+        atomic_write_json(self.failed_dir / f"{run.name}.json", {
+            "run": run.name, "variant": run.variant, "l1_coefficient": run.l1_coefficient,
+            "seed": run.seed, "returncode": returncode, "log": str(log), "error": error})
+        self.failures.append(run.name)
+        print(f"{where}: FAILED (exit {returncode}): {error} (log: {log})", flush=True)
+
+
+def last_error_line(log: Path) -> str:
+    """The line that says why: the last `error:` line fit printed, else the log's last line."""
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines()
+             if line.strip()] if log.is_file() else []
+    errors = [line for line in lines if "error" in line.lower()]
+    return (errors or lines or ["(no output)"])[-1][:500]
+
+
+def run_all(launcher: Launcher, todo: list[tuple[int, Run]]) -> None:
+    """Parallel: keep one run per device going. DDP: one run at a time over every device."""
+    slots = launcher.devices if launcher.strategy == "parallel" else 1
+    free, busy = list(range(slots)), {}
+    pending = list(todo)
+    try:
+        while pending or busy:
+            while pending and free:
+                index, run = pending.pop(0)
+                slot = free.pop(0)
+                busy[slot] = (index, run, launcher.start(run, slot), time.perf_counter())
+            time.sleep(0.2)
+            for slot, (index, run, process, began) in list(busy.items()):
+                if process.poll() is not None:
+                    del busy[slot]
+                    free.append(slot)
+                    launcher.finish(run, process.returncode, time.perf_counter() - began, index)
+    finally:  # Ctrl-C or an error here: no orphaned training processes
+        for _, _, process, _ in busy.values():
+            process.kill()
+
+
+def is_first_process() -> bool:
+    """False in the copies of this command that torchrun or SLURM start on other nodes or
+    ranks: their fit processes join rank 0's runs, and rank 0 alone writes caches and reports."""
+    return all(os.environ.get(var, "0") == "0"
+               for var in ("RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID"))
+
+
+def _main(args: argparse.Namespace) -> int:
+    suite = load_suite(args.suite, args.overrides)
+    kind = check_devices(suite, args.devices)
+    todo = [(i, run) for i, run in enumerate(suite.runs, 1)
+            if not (run.run_dir / "metrics.json").is_file()]
+    print(f"suite {suite.name}: {len(suite.runs)} runs ({len(suite.variants)} variants), "
+          f"{len(suite.runs) - len(todo)} already finished; {args.strategy} on "
+          f"{args.devices} {kind} device(s); output in {suite.output_dir}", flush=True)
+    launcher = Launcher(suite, kind, args.devices, args.strategy)
+    for folder in (launcher.logs, launcher.failed_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    if todo and is_first_process():
+        prepare_caches(Suite(suite.name, suite.path, suite.output_dir,
+                             tuple(run for _, run in todo)), launcher.logs)
+    if todo:
+        run_all(launcher, todo)
+    wall = time.perf_counter() - start
+    if is_first_process():  # multi-node: one process writes the report
+        from gsae_pl.report import write_report
+
+        report = write_report(suite.output_dir, wall_seconds=wall if todo else None)
+        print(f"report: {report} ({wall:.0f} s for {len(todo)} runs)")
+    if launcher.failures:
+        raise RunFailed(f"{len(launcher.failures)} of {len(todo)} runs failed "
+                        f"({', '.join(launcher.failures)}): see {launcher.failed_dir}; "
+                        "rerun the same command to retry them")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(lambda: _main(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,324 @@
+"""The ablation suite's report: `python -m gsae_pl.report SUITE_DIR` (ablate calls `write_report`).
+
+Reads what the runs left (runs/<name>/{config.yaml,metrics.json}, failed/<name>.json) and writes,
+each file whole or not at all, results.csv, plots/*.png and report.md beside them. It only reads
+run outputs, so it can be rerun at any time, e.g. while a suite is still going.
+Metric names follow PAPER.md sec. 6.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import sys
+from pathlib import Path
+
+import yaml
+from matplotlib.figure import Figure
+
+from gsae_pl.cli import ArgumentParser, run_main
+from gsae_pl.errors import UserError
+from gsae_pl.io import atomic_write, atomic_write_text
+
+# results.csv columns: the ones a reader compares first, then those only some data has.
+MAIN_COLUMNS = ("variant", "l1_coefficient", "seed", "l0", "fvu", "loss_recovered",
+                "delta_lm_loss", "relative_reconstruction_bias", "dead_fraction", "steps",
+                "seconds")
+EXTRA_COLUMNS = ("mmcs", "fraction_recovered", "tokens", "run")
+COLUMNS = MAIN_COLUMNS + EXTRA_COLUMNS
+
+# Log axes cannot show L0 = 0 (a collapsed SAE); such points are drawn at this floor.
+L0_FLOOR = 0.01
+# Where the Pareto summary reads each variant's curve: a 1-2-5 ladder, kept where points bracket it.
+L0_LADDER = (1, 2, 5, 10, 20, 40, 80, 160, 320, 640, 1280)
+
+LABELS = {
+    "l0": "L0 (mean non-zero features per token)",
+    "fvu": "FVU (fraction of variance unexplained)",
+    "loss_recovered": "loss recovered (CE_zero - CE_spliced) / (CE_zero - CE_clean)",
+    "relative_reconstruction_bias": "gamma (relative reconstruction bias)",
+    "mmcs": "MMCS (mean max cosine similarity to true features)",
+}
+# (file stem, y metric); x is always L0. gamma_vs_l0 keeps the issue's name.
+PLOTS = (("l0_vs_loss_recovered", "loss_recovered"), ("l0_vs_fvu", "fvu"),
+         ("gamma_vs_l0", "relative_reconstruction_bias"), ("l0_vs_mmcs", "mmcs"))
+
+
+# ---------------------------------------------------------------- reading the suite
+
+def _read(path: Path, parse):
+    try:
+        return parse(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        raise UserError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
+
+
+def _get(cfg: dict, dotted: str):
+    for key in dotted.split("."):
+        cfg = cfg.get(key) if isinstance(cfg, dict) else None
+    return cfg
+
+
+def read_run(run_dir: Path) -> dict | None:
+    """One results row for a finished run (None when metrics.json is absent: not finished)."""
+    if not (run_dir / "metrics.json").exists():
+        return None
+    metrics = _read(run_dir / "metrics.json", json.loads)
+    cfg = _read(run_dir / "config.yaml", yaml.safe_load) if (run_dir / "config.yaml").exists() \
+        else {}
+    cfg = cfg or {}
+    row = {column: metrics.get(column) for column in COLUMNS}
+    # output.variant is set by ablate; a hand-made run falls back to its architecture.
+    row["variant"] = _get(cfg, "output.variant") or _get(cfg, "sae.architecture") or "unknown"
+    row["l1_coefficient"] = _get(cfg, "loss.l1_coefficient")
+    row["seed"] = _get(cfg, "seed")
+    row["run"] = run_dir.name
+    return row
+
+
+def _sort_key(row: dict):
+    # None sorts first rather than raising, so one odd config cannot stop the report.
+    def num(value):
+        return (value is not None, value if value is not None else 0)
+    return (row["variant"], num(row["l1_coefficient"]), num(row["seed"]), row["run"])
+
+
+def load_rows(suite_dir: Path) -> tuple[list[dict], list[str]]:
+    """(finished runs' rows sorted by variant, l1 coefficient, seed; names of unfinished runs)."""
+    runs = sorted(p for p in (suite_dir / "runs").glob("*") if p.is_dir())
+    rows, unfinished = [], []
+    for run_dir in runs:
+        row = read_run(run_dir)
+        if row is None:
+            unfinished.append(run_dir.name)
+        else:
+            rows.append(row)
+    return sorted(rows, key=_sort_key), unfinished
+
+
+def load_failures(suite_dir: Path, finished: set[str]) -> list[dict]:
+    """failed/<run>.json records, except for runs that have since finished (a stale record
+    from an earlier attempt must not be reported next to the run's results)."""
+    failures = []
+    for path in sorted((suite_dir / "failed").glob("*.json")):
+        record = _read(path, json.loads)
+        record.setdefault("run", path.stem)
+        if record["run"] not in finished:
+            failures.append(record)
+    return failures
+
+
+# ---------------------------------------------------------------- numbers
+
+def interpolate_at_l0(points: list[tuple[float, float]], l0: float) -> float | None:
+    """The curve through `points` (L0, y) at `l0`, linear in log L0; None unless points lie on
+    both sides of `l0` (extrapolating would claim a result no run measured)."""
+    points = sorted(points)
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= l0 <= x1:
+            if x0 == x1:
+                return (y0 + y1) / 2
+            t = (math.log(l0) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            return y0 + t * (y1 - y0)
+    if len(points) == 1 and points[0][0] == l0:
+        return points[0][1]
+    return None
+
+
+def variant_curve(rows: list[dict], metric: str) -> list[tuple[float, float]]:
+    """One variant's (L0, metric) points, the mean over seeds at each coefficient, by L0.
+    L0 is clipped at L0_FLOOR so the curve can live on a log axis."""
+    groups: dict = {}
+    for row in rows:
+        if row[metric] is not None and row["l0"] is not None:
+            groups.setdefault(row["l1_coefficient"], []).append(row)
+    curve = []
+    for group in groups.values():
+        l0 = sum(max(r["l0"], L0_FLOOR) for r in group) / len(group)
+        curve.append((l0, sum(r[metric] for r in group) / len(group)))
+    return sorted(curve)
+
+
+def by_variant(rows: list[dict]) -> dict[str, list[dict]]:
+    """Rows grouped by variant, variants in sorted order (which also fixes their colours)."""
+    groups: dict[str, list[dict]] = {}
+    for row in sorted(rows, key=_sort_key):
+        groups.setdefault(row["variant"], []).append(row)
+    return dict(sorted(groups.items()))
+
+
+def common_l0s(curves: dict[str, list[tuple[float, float]]]) -> list[float]:
+    """Ladder L0s inside every variant's range (else inside any), at most 4, for the summary."""
+    ranges = [(c[0][0], c[-1][0]) for c in curves.values() if c]
+    inside_all = [x for x in L0_LADDER if ranges and all(lo <= x <= hi for lo, hi in ranges)]
+    chosen = inside_all or [x for x in L0_LADDER if any(lo <= x <= hi for lo, hi in ranges)]
+    step = math.ceil(len(chosen) / 4) if chosen else 1
+    return chosen[::step]
+
+
+def fmt(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+# ---------------------------------------------------------------- outputs
+
+def write_results_csv(suite_dir: Path, rows: list[dict]) -> Path:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row[k] is None else row[k] for k in COLUMNS})
+    path = suite_dir / "results.csv"
+    atomic_write_text(path, buffer.getvalue())
+    return path
+
+
+def plot_metric(rows: list[dict], metric: str, title: str) -> bytes:
+    """PNG bytes: one colour per variant, each run a point, a line through the seed means.
+    A bare Figure (no pyplot) renders with Agg and touches no global matplotlib state."""
+    import matplotlib
+
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    colours = matplotlib.colormaps["tab10"]
+    for i, (variant, group) in enumerate(by_variant(rows).items()):
+        points = [(max(r["l0"], L0_FLOOR), r[metric]) for r in group
+                  if r[metric] is not None and r["l0"] is not None]
+        if not points:
+            continue
+        curve = variant_curve(group, metric)
+        colour = colours(i % colours.N)
+        ax.scatter(*zip(*points), color=colour, s=18, alpha=0.6)
+        ax.plot(*zip(*curve), color=colour, marker="o", label=variant)
+    ax.set_xscale("log")
+    clipped = any(r["l0"] is not None and r["l0"] < L0_FLOOR for r in rows)
+    ax.set_xlabel(LABELS["l0"] + (f"; L0 < {L0_FLOOR} drawn at {L0_FLOOR}" if clipped else ""))
+    ax.set_ylabel(LABELS[metric])
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+def write_plots(suite_dir: Path, rows: list[dict], title: str) -> list[Path]:
+    """The plots whose y metric some run has; a skipped plot's old file is removed so the
+    plots folder never shows a figure from an earlier state of the suite."""
+    written = []
+    for stem, metric in PLOTS:
+        path = suite_dir / "plots" / f"{stem}.png"
+        if any(r[metric] is not None and r["l0"] is not None for r in rows):
+            png = plot_metric(rows, metric, title)
+            atomic_write(path, lambda fh, png=png: fh.write(png))
+            written.append(path)
+        else:
+            path.unlink(missing_ok=True)
+    return written
+
+
+def _markdown_table(header: list[str], body: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(cells) + " |" for cells in body]
+
+
+def pareto_summary(rows: list[dict]) -> list[str]:
+    """Per metric, each variant's L0 range and the metric read off its curve at common L0s:
+    the table that says whether one variant Pareto-dominates another."""
+    lines = []
+    for metric in ("loss_recovered", "fvu"):
+        curves = {v: variant_curve(g, metric) for v, g in by_variant(rows).items()}
+        targets = common_l0s(curves)
+        if not any(curves.values()) or not targets:
+            continue
+        header = ["variant", "points", "L0 range"] + [f"{metric} @ L0={x}" for x in targets]
+        body = [[v, str(len(c)), f"{fmt(c[0][0])} - {fmt(c[-1][0])}" if c else ""]
+                + [fmt(interpolate_at_l0(c, x)) for x in targets] for v, c in curves.items()]
+        lines += ["", f"**{metric}** (mean over seeds per coefficient, interpolated linearly "
+                      "in log L0; blank where the variant's runs do not bracket that L0):", ""]
+        lines += _markdown_table(header, body)
+    return lines
+
+
+def _tokens_text(rows: list[dict]) -> str:
+    tokens = sorted({r["tokens"] for r in rows if r["tokens"] is not None})
+    if not tokens:
+        return "unknown tokens per run"
+    if len(tokens) == 1:
+        return f"{tokens[0]:,} tokens per run"
+    return f"{tokens[0]:,} - {tokens[-1]:,} tokens per run"
+
+
+def _intro(rows, failures, unfinished, wall_seconds) -> str:
+    text = (f"Made by `python -m gsae_pl.report` from the runs under `runs/`: {len(rows)} "
+            f"finished, {len(failures)} failed")
+    text += f", {len(unfinished)} unfinished ({', '.join(unfinished)})" if unfinished else ""
+    text += f"; {_tokens_text(rows)}"
+    text += f"; suite wall time {wall_seconds:.0f} s." if wall_seconds is not None else "."
+    clipped = sum(1 for r in rows if r["l0"] is not None and r["l0"] < L0_FLOOR)
+    text += (f" L0 axes are logarithmic; L0 below {L0_FLOOR} is drawn at {L0_FLOOR} "
+             f"({clipped} run(s) affected). Metrics are defined in PAPER.md sec. 6 and "
+             "measured on held-out data; every number is also in `results.csv`.")
+    return text
+
+
+def _failures_section(suite_dir: Path, failures: list[dict]) -> list[str]:
+    if not failures:
+        return ["none"]
+    body = []
+    for f in failures:
+        log = f.get("log") or f"logs/{f['run']}.log"
+        try:  # a path relative to the suite is a working link from report.md
+            log = str(Path(log).relative_to(suite_dir))
+        except ValueError:
+            pass
+        error = str(f.get("error", "")).replace("|", "\\|")
+        body.append([f["run"], fmt(f.get("returncode")), error, f"[{log}]({log})"])
+    return _markdown_table(["run", "returncode", "error", "log"], body)
+
+
+def write_report(suite_dir: Path, wall_seconds: float | None = None) -> Path:
+    """results.csv, plots/*.png and report.md for the suite; returns report.md's path."""
+    suite_dir = Path(suite_dir)
+    if not suite_dir.is_dir():
+        raise UserError(f"{suite_dir} is not a directory (expected an ablation suite's output)")
+    rows, unfinished = load_rows(suite_dir)
+    failures = load_failures(suite_dir, {r["run"] for r in rows})
+    # a failed run keeps its run directory; it is reported once, as failed
+    unfinished = sorted(set(unfinished) - {f["run"] for f in failures})
+    if not rows and not failures and not unfinished:
+        raise UserError(f"{suite_dir} holds no runs (nothing under runs/ or failed/)")
+    write_results_csv(suite_dir, rows)
+    title = f"{suite_dir.resolve().name}: {_tokens_text(rows)}"
+    plots = write_plots(suite_dir, rows, title)
+    lines = [f"# Ablation suite `{suite_dir.resolve().name}`", "",
+             _intro(rows, failures, unfinished, wall_seconds), "", "## Results", ""]
+    lines += _markdown_table(list(COLUMNS), [[fmt(r[c]) for c in COLUMNS] for r in rows])
+    lines += ["", "## Pareto summary"] + (pareto_summary(rows) or ["", "no curve to read"])
+    lines += ["", "## Plots"] + [f"\n![{p.stem}](plots/{p.name})" for p in plots]
+    lines += ["", "## Failed runs", ""] + _failures_section(suite_dir, failures)
+    path = suite_dir / "report.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def _main(args: argparse.Namespace) -> int:
+    print(write_report(Path(args.suite_dir)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(prog="python -m gsae_pl.report", description=__doc__)
+    parser.add_argument("suite_dir", help="an ablation suite's output directory")
+    return run_main(lambda: _main(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""A suite file: which variants, at which sparsity coefficients and seeds, with what overrides.
+
+    name: quick                         # optional; default: the file's stem
+    output_dir: tensorboard_logs/quick  # runs go to <output_dir>/runs/<run name>/
+    seeds: [0]                          # default for every variant
+    overrides:                          # shared by every run: dotted key -> value
+      trainer.max_steps: 3000
+    grids:                              # named l1_coefficient grids: the gated and the
+      gated: [0.02, 0.05, 0.1]          #   baseline lambdas live on different scales
+    variants:                           # name -> <name>.yaml beside this file (or `config:`)
+      gated: {grid: gated}
+      baseline: {l1_coefficient: [0.005, 0.01], overrides: {sae.d_sae: 1024}, seeds: [0, 1]}
+
+Override precedence, last wins: the variant's YAML, the suite's `overrides`, the variant's
+`overrides`, the command line's `key=value`, then the keys that define a run (its
+coefficient, seed and output place), which only the suite may set. Every run's config is
+loaded and validated here, so a bad suite is refused before anything runs.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from omegaconf import DictConfig
+
+from gsae_pl.config import load_config
+from gsae_pl.errors import UserError
+
+SUITE_KEYS = {"name", "output_dir", "seeds", "overrides", "grids", "variants"}
+VARIANT_KEYS = {"config", "grid", "l1_coefficient", "seeds", "overrides"}
+# Keys that make one run differ from another: the suite owns them.
+RUN_KEYS = ("loss.l1_coefficient", "seed", "output.dir", "output.name", "output.variant")
+
+
+@dataclass(frozen=True)
+class Run:
+    variant: str
+    l1_coefficient: float
+    seed: int
+    config_path: Path
+    overrides: tuple[str, ...]  # key=value, as `python -m gsae_pl.fit` takes them
+    cfg: DictConfig  # the resolved config (validated)
+
+    @property
+    def name(self) -> str:
+        return self.cfg.output.name
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.output.dir) / self.cfg.output.name
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    path: Path
+    output_dir: Path
+    runs: tuple[Run, ...]
+
+    @property
+    def variants(self) -> list[str]:
+        return list(dict.fromkeys(run.variant for run in self.runs))
+
+
+def load_suite(path: str | Path, cli_overrides: list[str] = ()) -> Suite:
+    path = Path(path)
+    spec = _read(path)
+    output_dir = Path(spec.get("output_dir") or f"tensorboard_logs/{path.stem}")
+    for item in cli_overrides:
+        key = item.partition("=")[0]
+        if key in RUN_KEYS:
+            raise UserError(f"{key} is set by the suite for each run: change it in {path} "
+                            "(grids, seeds, output_dir) instead of on the command line")
+    shared = _overrides(spec.get("overrides"), f"{path}: overrides")
+    grids = spec.get("grids") or {}
+    if not isinstance(grids, dict):
+        raise UserError(f"{path}: grids must map a grid name to a list of l1 coefficients")
+    variants = spec.get("variants")
+    if not isinstance(variants, dict) or not variants:
+        raise UserError(f"{path}: `variants` must map at least one variant name to its "
+                        "settings, e.g. variants: {gated: {grid: gated}}")
+    runs = []
+    for variant, entry in variants.items():
+        runs += _expand(path, str(variant), entry or {}, spec, grids, shared,
+                        list(cli_overrides), output_dir / "runs")
+    return Suite(name=str(spec.get("name") or path.stem), path=path, output_dir=output_dir,
+                 runs=tuple(runs))
+
+
+def _read(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"suite file {path} not found: pass an existing YAML file to --suite "
+                        "(e.g. ablations/quick.yaml)")
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        raise UserError(f"suite file {path} is not valid YAML: fix its syntax") from None
+    if not isinstance(spec, dict):
+        raise UserError(f"suite file {path} must hold a mapping (name, variants, ...)")
+    unknown = sorted(set(spec) - SUITE_KEYS)
+    if unknown:
+        raise UserError(f"{path}: unknown suite key(s) {', '.join(unknown)} "
+                        f"(valid: {', '.join(sorted(SUITE_KEYS))})")
+    return spec
+
+
+def _expand(path: Path, variant: str, entry: dict, spec: dict, grids: dict,
+            shared: list[str], cli: list[str], runs_dir: Path) -> list[Run]:
+    where = f"{path}: variant {variant}"
+    if not isinstance(entry, dict) or set(entry) - VARIANT_KEYS:
+        raise UserError(f"{where}: settings must be a mapping with keys among "
+                        f"{', '.join(sorted(VARIANT_KEYS))}")
+    config_path = path.parent / entry.get("config", f"{variant}.yaml")
+    if not config_path.is_file():
+        known = sorted(p.stem for p in path.parent.glob("*.yaml") if p != path)
+        raise UserError(f"{where}: unknown variant, no file {config_path} (variants beside the "
+                        f"suite: {', '.join(known)}); add the file or set `config:`")
+    coefficients = _grid(where, entry, grids)
+    seeds = entry.get("seeds", spec.get("seeds", [0]))
+    if not isinstance(seeds, list) or not seeds or not all(_is_int(s) for s in seeds):
+        raise UserError(f"{where}: seeds must be a non-empty list of integers, got {seeds!r}")
+    own = shared + _overrides(entry.get("overrides"), f"{where}: overrides") + cli
+    runs = []
+    for l1 in coefficients:
+        for seed in seeds:
+            name = f"{variant}_l1-{l1:g}_seed{seed}"
+            run_keys = [f"loss.l1_coefficient={l1!r}", f"seed={seed}", f"output.dir={runs_dir}",
+                        f"output.name={name}", f"output.variant={variant}"]
+            try:
+                cfg = load_config(config_path, own + run_keys)
+            except UserError as err:
+                raise UserError(f"{where}, run {name}: {err}") from None
+            runs.append(Run(variant, float(l1), int(seed), config_path,
+                            tuple(own + run_keys), cfg))
+    return runs
+
+
+def _grid(where: str, entry: dict, grids: dict) -> list[float]:
+    if ("grid" in entry) == ("l1_coefficient" in entry):
+        raise UserError(f"{where}: give exactly one of `grid: NAME` or `l1_coefficient: [...]`")
+    if "grid" in entry:
+        if entry["grid"] not in grids:
+            raise UserError(f"{where}: grid {entry['grid']!r} is not among the suite's grids "
+                            f"({', '.join(map(str, grids)) or 'none defined'})")
+        values = grids[entry["grid"]]
+    else:
+        values = entry["l1_coefficient"]
+    if not isinstance(values, list) or not values:
+        raise UserError(f"{where}: the sparsity grid is empty: list at least one l1 coefficient")
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and v >= 0
+               for v in values):
+        raise UserError(f"{where}: l1 coefficients must be numbers >= 0, got {values!r}")
+    if len(set(values)) != len(values):
+        raise UserError(f"{where}: the sparsity grid {values!r} repeats a coefficient")
+    return values
+
+
+def _overrides(mapping, where: str) -> list[str]:
+    """A mapping of dotted keys to scalars, as `key=value` strings."""
+    if mapping is None:
+        return []
+    if not isinstance(mapping, dict):
+        raise UserError(f"{where} must map dotted config keys to values, e.g. "
+                        "{trainer.max_steps: 3000}")
+    out = []
+    for key, value in mapping.items():
+        if isinstance(value, (dict, list)):
+            raise UserError(f"{where}: {key} must be a single value (write nested keys dotted)")
+        if str(key) in RUN_KEYS:
+            raise UserError(f"{where}: {key} is set by the suite for each run; use grids/seeds")
+        out.append(f"{key}={_scalar(value)}")
+    return out
+
+
+def _scalar(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

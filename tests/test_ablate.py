@@ -1,0 +1,129 @@
+"""The ablation driver: suite expansion, refusals before anything runs, a 2-variant x
+2-point suite end to end on CPU (parallel and DDP), failures recorded, reruns skipping."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+
+import pytest
+import yaml
+
+from gsae_pl.errors import UserError
+from gsae_pl.suite import load_suite
+from tests.tiny_run import ROOT, TINY, run
+
+ABLATIONS = ROOT / "ablations"
+SHARED = {item.split("=")[0]: item.split("=")[1] for item in TINY}
+SHARED.update({"trainer.max_steps": 30, "eval.every_n_steps": 30})
+
+
+def write_suite(tmp_path, variants: dict, **extra) -> str:
+    spec = {"name": "t", "output_dir": str(tmp_path / "out"), "seeds": [0],
+            "overrides": SHARED, "grids": {"gated": [0.01, 0.1], "relu": [0.005, 0.05]},
+            "variants": variants, **extra}
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return str(path)
+
+
+def config(name: str) -> str:
+    return str(ABLATIONS / f"{name}.yaml")
+
+
+def ablate(*argv: str, timeout: float = 300):
+    return run([sys.executable, "-m", "gsae_pl.ablate", *argv], timeout=timeout)
+
+
+def test_expansion_names_runs_and_orders_overrides(tmp_path):
+    path = write_suite(tmp_path, {
+        "gated": {"config": config("gated"), "grid": "gated", "seeds": [0, 1]},
+        "baseline": {"config": config("baseline"), "l1_coefficient": [0.02],
+                     "overrides": {"sae.d_sae": 48}}})
+    suite = load_suite(path, ["sae.d_sae=40"])
+    assert [r.name for r in suite.runs] == [
+        "gated_l1-0.01_seed0", "gated_l1-0.01_seed1", "gated_l1-0.1_seed0",
+        "gated_l1-0.1_seed1", "baseline_l1-0.02_seed0"]
+    gated, baseline = suite.runs[0].cfg, suite.runs[-1].cfg
+    assert gated.output.variant == "gated" and gated.loss.l1_coefficient == 0.01
+    assert gated.trainer.max_steps == 30  # the suite's shared overrides
+    assert gated.sae.d_sae == 40  # the command line beats the suite
+    assert baseline.sae.architecture == "relu"  # the variant's own YAML
+    assert baseline.sae.d_sae == 40  # ... and the command line beats the variant too
+    assert str(suite.runs[0].run_dir) == str(tmp_path / "out/runs/gated_l1-0.01_seed0")
+
+
+@pytest.mark.parametrize("variants, extra, message", [
+    ({"nonesuch": {"grid": "gated"}}, {}, "unknown variant"),
+    ({"gated": {"config": config("gated"), "l1_coefficient": []}}, {}, "grid is empty"),
+    ({"gated": {"config": config("gated"), "grid": "wide"}}, {}, "not among the suite's grids"),
+    ({"gated": {"config": config("gated"), "grid": "gated"}}, {"overrides": {"sae.d_sea": 4}},
+     "did you mean sae.d_sae"),
+    ({}, {}, "at least one variant"),
+    ({"gated": {"config": config("gated"), "grid": "gated", "seeds": []}}, {}, "seeds"),
+])
+def test_bad_suites_are_refused_with_one_line(tmp_path, variants, extra, message):
+    path = write_suite(tmp_path, variants, **extra)
+    with pytest.raises(UserError, match=message):
+        load_suite(path)
+
+
+def test_refusals_exit_2_before_anything_is_written(tmp_path):
+    ok = {"gated": {"config": config("gated"), "grid": "gated"}}
+    cases = [
+        ["--suite", str(tmp_path / "missing.yaml")],
+        ["--suite", write_suite(tmp_path, ok), "--devices", "512"],
+        ["--suite", write_suite(tmp_path, ok), "seed=3"],
+        ["--suite", write_suite(tmp_path, {"gated": {"grid": "gated"}})],  # no gated.yaml here
+    ]
+    for argv in cases:
+        done = ablate(*argv, timeout=60)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), \
+            (argv, done.stderr)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_two_variants_two_points_end_to_end_then_rerun_skips(tmp_path):
+    path = write_suite(tmp_path, {
+        "gated": {"config": config("gated"), "grid": "gated"},
+        "baseline": {"config": config("baseline"), "grid": "relu"},
+        "broken": {"config": config("gated"), "l1_coefficient": [0.1],
+                   "overrides": {"optim.lr": 1e30}}})
+    done = ablate("--suite", path, "--devices", "2")
+    out = tmp_path / "out"
+    assert done.returncode == 3, done.stdout + done.stderr  # one run failed, the rest went on
+    assert "1 of 5 runs failed" in done.stderr
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert sorted((r["variant"], float(r["l1_coefficient"])) for r in rows) == [
+        ("baseline", 0.005), ("baseline", 0.05), ("gated", 0.01), ("gated", 0.1)]
+    assert all(int(r["steps"]) == 30 for r in rows)
+    failure = json.loads((out / "failed/broken_l1-0.1_seed0.json").read_text())
+    assert failure["returncode"] == 3 and failure["error"].startswith("error:")
+    assert (out / "report.md").is_file() and (out / "plots/l0_vs_fvu.png").is_file()
+    hparams = (out / "runs/gated_l1-0.01_seed0/config.yaml").read_text()
+    assert "variant: gated" in hparams
+
+    again = ablate("--suite", path, "--devices", "2", timeout=120)
+    assert "4 already finished" in again.stdout, again.stdout
+    assert again.returncode == 3  # the broken run was retried, and failed again
+    assert again.stdout.count(": done in") == 0
+
+
+@pytest.mark.slow
+def test_ddp_strategy_runs_each_sae_over_both_processes(tmp_path):
+    path = write_suite(tmp_path, {"gated": {"config": config("gated"), "l1_coefficient": [0.1]}})
+    done = ablate("--suite", path, "--devices", "2", "--strategy", "ddp")
+    assert done.returncode == 0, done.stdout + done.stderr
+    log = (tmp_path / "out/logs/gated_l1-0.1_seed0.log").read_text()
+    assert "distributed_backend=gloo" in log and "All distributed processes registered" in log
+    # The global batch is split between the processes: the same run as on one process.
+    one = write_suite(tmp_path, {"gated": {"config": config("gated"), "l1_coefficient": [0.1]}},
+                      output_dir=str(tmp_path / "one"))
+    assert ablate("--suite", one, "--devices", "1").returncode == 0
+    a, b = (json.loads((tmp_path / d / "runs/gated_l1-0.1_seed0/metrics.json").read_text())
+            for d in ("out", "one"))
+    for key in ("l0", "fvu", "mse", "relative_reconstruction_bias"):
+        assert a[key] == pytest.approx(b[key], rel=1e-4), key

@@ -1,0 +1,173 @@
+"""The suite report: results.csv rows and order, plots, report.md, the Pareto interpolation
+(hand-computed), a synthetic (LM-less) suite, and the command line's exit codes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gsae_pl.report import COLUMNS, interpolate_at_l0, main, variant_curve, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+COEFFICIENTS = (0.01, 0.03, 0.1)
+# (variant, l1) -> (l0, loss_recovered); gated sits above baseline at every L0.
+LM_POINTS = {
+    ("baseline", 0.01): (80.0, 0.95), ("baseline", 0.03): (20.0, 0.85),
+    ("baseline", 0.1): (5.0, 0.60),
+    ("gated", 0.01): (40.0, 0.97), ("gated", 0.03): (10.0, 0.92), ("gated", 0.1): (0.0, 0.0),
+}
+
+
+def _run(suite: Path, variant: str, l1: float, seed: int, metrics: dict | None) -> str:
+    name = f"{variant}_l1-{l1}_seed{seed}"
+    run = suite / "runs" / name
+    run.mkdir(parents=True)
+    cfg = {"output": {"variant": variant, "name": name}, "loss": {"l1_coefficient": l1},
+           "seed": seed, "data": {"source": "tiny_lm", "batch_size": 256},
+           "sae": {"architecture": "gated", "d_sae": 512}, "trainer": {"max_steps": 100}}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    if metrics is not None:
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    return name
+
+
+def _lm_metrics(l0: float, lr: float) -> dict:
+    return {"l0": l0, "fvu": 0.5 - lr / 4, "mse": 0.1,
+            "relative_reconstruction_bias": 0.9 + lr / 10,
+            "dead_fraction": 0.0, "dense_fraction": 0.0, "steps": 100, "seconds": 1.5,
+            "tokens": 25600, "norm_scale": 1.0, "loss_recovered": lr, "delta_lm_loss": 1 - lr,
+            "ce_clean": 3.0, "ce_spliced": 4.0 - lr, "ce_zero": 4.0}
+
+
+@pytest.fixture
+def lm_suite(tmp_path) -> Path:
+    suite = tmp_path / "suite_lm"
+    # written in reverse so the report's sort, not the file system's order, sets the rows
+    for (variant, l1), (l0, lr) in reversed(list(LM_POINTS.items())):
+        _run(suite, variant, l1, 0, _lm_metrics(l0, lr))
+    _run(suite, "gated", 0.3, 0, None)
+    (suite / "failed").mkdir()
+    (suite / "failed" / "gated_l1-0.3_seed0.json").write_text(json.dumps({
+        "run": "gated_l1-0.3_seed0", "variant": "gated", "l1_coefficient": 0.3, "seed": 0,
+        "returncode": 3, "log": str(suite / "logs" / "gated_l1-0.3_seed0.log"),
+        "error": "error: loss became NaN at step 40"}))
+    return suite
+
+
+def _csv(suite: Path) -> list[dict]:
+    with open(suite / "results.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_results_csv_header_rows_and_order(lm_suite):
+    write_report(lm_suite)
+    header = (lm_suite / "results.csv").read_text().splitlines()[0]
+    assert header == ("variant,l1_coefficient,seed,l0,fvu,loss_recovered,delta_lm_loss,"
+                      "relative_reconstruction_bias,dead_fraction,steps,seconds,"
+                      "mmcs,fraction_recovered,tokens,run")
+    rows = _csv(lm_suite)
+    assert [(r["variant"], float(r["l1_coefficient"])) for r in rows] == sorted(LM_POINTS)
+    first = rows[0]  # baseline, 0.01
+    assert float(first["l0"]) == 80.0 and float(first["loss_recovered"]) == 0.95
+    assert float(first["delta_lm_loss"]) == pytest.approx(0.05)
+    assert first["seed"] == "0" and first["steps"] == "100" and first["tokens"] == "25600"
+    assert first["mmcs"] == "" and first["fraction_recovered"] == ""
+    assert first["run"] == "baseline_l1-0.01_seed0"
+    assert "gated_l1-0.3_seed0" not in {r["run"] for r in rows}  # failed: no metrics.json
+
+
+def test_plots_are_valid_pngs_and_mmcs_plot_skipped_without_mmcs(lm_suite):
+    write_report(lm_suite)
+    plots = lm_suite / "plots"
+    for stem in ("l0_vs_loss_recovered", "l0_vs_fvu", "gamma_vs_l0"):
+        data = (plots / f"{stem}.png").read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 1000
+    assert not (plots / "l0_vs_mmcs.png").exists()
+    assert not list(lm_suite.rglob(".*.tmp*"))  # every write went through a temporary
+
+
+def test_report_md_has_table_plots_pareto_and_failure(lm_suite):
+    text = write_report(lm_suite, wall_seconds=123.4).read_text()
+    assert text.startswith("# Ablation suite `suite_lm`")
+    assert "6 finished, 1 failed" in text and "25,600 tokens per run" in text
+    assert "wall time 123 s" in text and "unfinished" not in text
+    assert "| " + " | ".join(COLUMNS) + " |" in text
+    assert "| baseline | 0.01 | 0 | 80 | 0.2625 | 0.95 | 0.05 | 0.995 | 0 | 100 | 1.5 |" \
+        "  |  | 25600 | baseline_l1-0.01_seed0 |" in text
+    assert "(1 run(s) affected)" in text  # gated at 0.1 has L0 = 0
+    for stem in ("l0_vs_loss_recovered", "l0_vs_fvu", "gamma_vs_l0"):
+        assert f"(plots/{stem}.png)" in text
+    assert "l0_vs_mmcs" not in text
+    failed = text.split("## Failed runs")[1]
+    assert "| gated_l1-0.3_seed0 | 3 | error: loss became NaN at step 40 |" \
+        " [logs/gated_l1-0.3_seed0.log](logs/gated_l1-0.3_seed0.log) |" in failed
+    # Pareto summary: baseline's 20 -> 0.85 is a point; gated at L0=20 interpolates between
+    # (10, 0.92) and (40, 0.97): t = log 2 / log 4 = 0.5 -> 0.945.
+    pareto = text.split("## Pareto summary")[1].split("## Plots")[0]
+    assert "| baseline | 3 | 5 - 80 |" in pareto and "| gated | 3 | 0.01 - 40 |" in pareto
+    assert "loss_recovered @ L0=20" in pareto and "0.945" in pareto
+
+
+def test_stale_failure_record_is_dropped_and_running_runs_are_unfinished(lm_suite):
+    run = lm_suite / "runs" / "gated_l1-0.3_seed0"
+    (run / "metrics.json").write_text(json.dumps(_lm_metrics(3.0, 0.5)))  # rerun finished
+    _run(lm_suite, "baseline", 0.3, 0, None)  # started, neither finished nor failed
+    text = write_report(lm_suite).read_text()
+    assert text.split("## Failed runs")[1].strip() == "none"
+    assert "7 finished, 0 failed, 1 unfinished (baseline_l1-0.3_seed0)" in text
+
+
+def test_interpolation_matches_hand_computed_values():
+    points = [(10.0, 0.8), (40.0, 0.9), (1.0, 0.5)]  # unsorted on purpose
+    assert interpolate_at_l0(points, 20.0) == pytest.approx(0.85)  # log2/log4 = 1/2 of the way
+    assert interpolate_at_l0(points, 10.0) == pytest.approx(0.8)  # exactly on a point
+    # between 1 and 10: t = log(5)/log(10) = 0.69897 -> 0.5 + 0.3 * 0.69897
+    assert interpolate_at_l0(points, 5.0) == pytest.approx(0.5 + 0.3 * math.log10(5))
+    assert interpolate_at_l0(points, 80.0) is None and interpolate_at_l0(points, 0.5) is None
+    assert interpolate_at_l0([(10.0, 0.3)], 10.0) == 0.3
+    assert interpolate_at_l0([], 10.0) is None
+
+
+def test_variant_curve_means_over_seeds_and_clips_l0():
+    rows = [{"l1_coefficient": 0.1, "l0": 10.0, "fvu": 0.2}, {"l1_coefficient": 0.1, "l0": 30.0,
+            "fvu": 0.4}, {"l1_coefficient": 0.3, "l0": 0.0, "fvu": 0.9},
+            {"l1_coefficient": 0.3, "l0": 0.0, "fvu": None}]
+    assert variant_curve(rows, "fvu") == [(0.01, 0.9), (20.0, pytest.approx(0.3))]
+
+
+def test_synthetic_suite_has_empty_lm_cells_and_an_mmcs_plot(tmp_path):
+    suite = tmp_path / "suite_syn"
+    for variant, shift in (("baseline", 0.0), ("gated", 0.05)):
+        for l1, l0 in zip(COEFFICIENTS, (12.0, 6.0, 2.0)):
+            _run(suite, variant, l1, 1, {
+                "l0": l0, "fvu": 0.1 + 0.01 / l0, "mse": 0.01, "relative_reconstruction_bias": 0.95,
+                "dead_fraction": 0.1, "dense_fraction": 0.0, "steps": 50, "seconds": 0.5,
+                "tokens": 6400, "norm_scale": 1.0, "mmcs": 0.8 + shift, "fraction_recovered": 0.5})
+    text = write_report(suite).read_text()
+    rows = _csv(suite)
+    assert len(rows) == 6 and all(r["loss_recovered"] == "" and r["delta_lm_loss"] == ""
+                                  for r in rows)
+    assert float(rows[0]["mmcs"]) == 0.8 and rows[0]["fraction_recovered"] == "0.5"
+    assert (suite / "plots" / "l0_vs_mmcs.png").read_bytes().startswith(PNG_MAGIC)
+    assert not (suite / "plots" / "l0_vs_loss_recovered.png").exists()
+    assert "(plots/l0_vs_mmcs.png)" in text and "l0_vs_loss_recovered" not in text
+    assert "fvu @ L0=" in text and "loss_recovered @" not in text
+    assert "0 failed" in text and text.split("## Failed runs")[1].strip() == "none"
+
+
+def test_cli_regenerates_and_refuses_missing_or_empty_dirs(lm_suite, tmp_path, capsys):
+    assert main([str(lm_suite)]) == 0
+    assert (lm_suite / "report.md").exists()
+    capsys.readouterr()
+    assert main([str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "not a directory" in err and err.count("\n") == 1
+    (tmp_path / "empty" / "runs").mkdir(parents=True)
+    assert main([str(tmp_path / "empty")]) == 2
+    assert "holds no runs" in capsys.readouterr().err
+    assert main([]) == 2  # usage error: one line, exit 2 like any bad input
