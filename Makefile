@@ -4,7 +4,7 @@ STAMP   := .venv/.installed
 CONFIG  ?= configs/base.yaml
 ARGS    ?=
 
-.PHONY: setup fit test test-fast lint bench clean
+.PHONY: setup fit test test-fast lint bench ablate-quick clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,11 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/step.py
 	$(PY) benchmarks/data_path.py
+
+# Every paper ablation on the offline tiny LM, two runs at a time (docs/RESULTS.md).
+DEVICES ?= 2
+ablate-quick: $(STAMP)
+	$(PY) -m gsae_pl.ablate --suite ablations/quick.yaml --devices $(DEVICES) $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check gsae_pl tests

@@ -24,10 +24,13 @@ from gsae_pl.errors import UserError
 
 @dataclass
 class SAEConfig:
-    architecture: str = "gated"  # relu | gated (PAPER.md sec. 1) | prolu (sec. 5)
+    architecture: str = "gated"  # relu | gated (PAPER.md sec. 1) | prolu (sec. 5) | rescale_shift
     d_sae: int = 512
     weight_sharing: str = "r_mag"  # gated only: r_mag | no_r_mag | untied (sec. 2)
     prolu_backward: str = "relu"  # prolu only: relu | ste backward rule (sec. 5)
+    # rescale_shift only (sec. 3 item 4): the last this-many steps of trainer.max_steps learn
+    # only r_mag and b_mag on the frozen baseline (stage 2)
+    rescale_shift_steps: int = 1000
     unit_norm_decoder: bool = True  # project grads + renormalise W_dec rows each step
     b_dec_init: str = "mean"  # zeros | mean | geometric_median of a data sample
     kernel: str = "auto"  # auto | reference | dense | sparse (saes/kernels.py)
@@ -184,7 +187,7 @@ class Config:
 
 
 CHOICES = {
-    "sae.architecture": ("relu", "gated", "prolu"),
+    "sae.architecture": ("relu", "gated", "prolu", "rescale_shift"),
     "sae.prolu_backward": ("relu", "ste"),
     "sae.weight_sharing": ("r_mag", "no_r_mag", "untied"),
     "sae.b_dec_init": ("zeros", "mean", "geometric_median"),
@@ -312,6 +315,8 @@ def _validate_combinations(cfg: DictConfig) -> None:
         raise UserError("loss.sparsity.kind=decoder_norm_l1 is plain L1 under unit-norm decoder "
                         "rows: also set sae.unit_norm_decoder=false")
     _validate_model_side(cfg)
+    if cfg.sae.architecture == "rescale_shift":
+        _validate_rescale_shift(cfg)
     _validate_lm_data(cfg.data)
     if cfg.data.source == "file" and not cfg.data.path:
         raise UserError("data.source=file needs data.path=FILE (.npy, .safetensors or .pt)")
@@ -327,6 +332,24 @@ def _validate_model_side(cfg: DictConfig) -> None:
     if cfg.resample.enabled and cfg.resample.window_steps > cfg.resample.every_n_steps:
         raise UserError(f"resample.window_steps={cfg.resample.window_steps} must be <= "
                         f"resample.every_n_steps={cfg.resample.every_n_steps}")
+
+
+def _validate_rescale_shift(cfg: DictConfig) -> None:
+    steps, max_steps = cfg.sae.rescale_shift_steps, cfg.trainer.max_steps
+    if not 0 < steps < max_steps:
+        raise UserError(f"sae.rescale_shift_steps={steps} must lie strictly between 0 and "
+                        f"trainer.max_steps={max_steps}: stage 1 trains the baseline first")
+    if cfg.sae.weight_sharing != "r_mag":
+        raise UserError(f"sae.architecture=rescale_shift learns r_mag (sec. 3 item 4): set "
+                        f"sae.weight_sharing=r_mag, not {cfg.sae.weight_sharing}")
+    # A resample at step s runs after the s-th optimiser step, s = max_steps included.
+    res = cfg.resample
+    done = [res.every_n_steps * j for j in range(1, res.max_resamples + 1)
+            if res.every_n_steps * j <= max_steps] if res.enabled else []
+    if done and done[-1] > max_steps - steps:
+        raise UserError(f"resample at step {done[-1]} falls inside stage 2, which starts at "
+                        f"step {max_steps - steps} (trainer.max_steps - sae.rescale_shift_steps)"
+                        ": resample less often, fewer times, or shorten stage 2")
 
 
 def _validate_lm_data(data: DictConfig) -> None:

@@ -32,7 +32,8 @@ from gsae_pl.errors import UserError
 from gsae_pl.load import CFG_FILE, WEIGHTS_FILE
 
 # gsae_pl architecture -> SAELens architecture name.
-SAELENS_NAME = {"gated": "gated", "relu": "standard"}
+# rescale_shift (PAPER.md sec. 3 item 4) ends as a gated SAE with weight sharing.
+SAELENS_NAME = {"gated": "gated", "relu": "standard", "rescale_shift": "gated"}
 # SAELens metadata fields we can fill from the data config (null when not an LM source).
 _METADATA = {"model_name": "data.model", "hook_name": "data.hook",
              "context_size": "data.context_size", "dataset_path": "data.dataset"}
@@ -75,7 +76,11 @@ def saelens_params(cfg: dict, weights: dict[str, Tensor]) -> dict[str, Tensor]:
     if arch == "gated" and sharing == "untied":
         raise UserError("sae.weight_sharing=untied has its own W_mag, which SAELens's gated "
                         "format (W_mag = W_enc * exp(r_mag)) cannot hold: nothing written")
-    names = ["W_enc", "W_dec", "b_dec"] + (["b_gate", "r_mag", "b_mag"] if arch == "gated"
+    if arch == "rescale_shift" and not bool(weights.get("sae.in_stage2", False)):
+        raise UserError("this rescale_shift checkpoint is still in stage 1 (a baseline with "
+                        "r_mag, b_mag unset): export one taken in stage 2; nothing written")
+    gated = SAELENS_NAME[arch] == "gated"
+    names = ["W_enc", "W_dec", "b_dec"] + (["b_gate", "r_mag", "b_mag"] if gated
                                             else ["b_enc"])
     sae = {name: weights[f"sae.{name}"].detach().double() for name in names}
     s = weights["norm_scale"].double()

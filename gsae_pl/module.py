@@ -45,11 +45,19 @@ class SAEModule(L.LightningModule):
         return self.sae(x * self.norm_scale)
 
     # ---- training -------------------------------------------------------------------
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        # Staged architectures switch stage here (saes/rescale_shift.py); a no-op otherwise.
+        self.sae.begin_step(self.global_step, self.cfg.trainer.max_steps)
+
     def training_step(self, batch: Tensor, batch_idx: int) -> dict:
         x = batch * self.norm_scale
         x_hat, enc = self.sae(x)
         terms = self.objective(x, x_hat, enc, self.sae, self.global_step)
         loss = torch.stack(list(terms.values())).sum()
+        # Frozen parameters join the graph with a zero gradient, so DDP (which expects one
+        # for every parameter) stays happy; on_before_optimizer_step drops them again.
+        for p in self.sae.frozen_parameters():
+            loss = loss + 0 * p.sum()
         self.log_dict({f"loss/{name}": value for name, value in terms.items()})
         self.log("loss/total", loss, prog_bar=True)
         with torch.no_grad():
@@ -77,6 +85,9 @@ class SAEModule(L.LightningModule):
             self.train_density.reset()
 
     def on_before_optimizer_step(self, optimizer) -> None:
+        # No gradient, so (fused) Adam skips frozen parameters and their moments entirely.
+        for p in self.sae.frozen_parameters():
+            p.grad = None
         # Before clipping and the step: keep only the gradient tangent to the unit sphere.
         self.sae.remove_parallel_grad()
 

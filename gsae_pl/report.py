@@ -233,7 +233,7 @@ def pareto_summary(rows: list[dict]) -> list[str]:
     """Per metric, each variant's L0 range and the metric read off its curve at common L0s:
     the table that says whether one variant Pareto-dominates another."""
     lines = []
-    for metric in ("loss_recovered", "fvu"):
+    for metric in ("loss_recovered", "fvu", "relative_reconstruction_bias", "mmcs"):
         curves = {v: variant_curve(g, metric) for v, g in by_variant(rows).items()}
         targets = common_l0s(curves)
         if not any(curves.values()) or not targets:

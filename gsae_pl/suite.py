@@ -65,6 +65,15 @@ class Suite:
         return list(dict.fromkeys(run.variant for run in self.runs))
 
 
+def is_suite_file(path: Path) -> bool:
+    """Suites and variant YAMLs share ablations/: a suite is the one with `variants:`."""
+    try:
+        spec = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(spec, dict) and "variants" in spec
+
+
 def load_suite(path: str | Path, cli_overrides: list[str] = ()) -> Suite:
     path = Path(path)
     spec = _read(path)
@@ -115,7 +124,7 @@ def _expand(path: Path, variant: str, entry: dict, spec: dict, grids: dict,
                         f"{', '.join(sorted(VARIANT_KEYS))}")
     config_path = path.parent / entry.get("config", f"{variant}.yaml")
     if not config_path.is_file():
-        known = sorted(p.stem for p in path.parent.glob("*.yaml") if p != path)
+        known = sorted(p.stem for p in path.parent.glob("*.yaml") if not is_suite_file(p))
         raise UserError(f"{where}: unknown variant, no file {config_path} (variants beside the "
                         f"suite: {', '.join(known)}); add the file or set `config:`")
     coefficients = _grid(where, entry, grids)

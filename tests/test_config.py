@@ -9,9 +9,11 @@ import pytest
 
 from gsae_pl.config import load_config
 from gsae_pl.errors import UserError
+from gsae_pl.suite import is_suite_file
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = sorted(ROOT.glob("configs/**/*.yaml")) + sorted(ROOT.glob("ablations/*.yaml"))
+SHIPPED = sorted(ROOT.glob("configs/**/*.yaml")) + [
+    p for p in sorted(ROOT.glob("ablations/*.yaml")) if not is_suite_file(p)]
 REQUIRED_KEYS = ["seed", "sae.architecture", "sae.d_sae", "loss.l1_coefficient", "data.source",
                  "data.path", "data.batch_size", "trainer.max_steps", "trainer.accelerator",
                  "trainer.devices", "trainer.strategy", "trainer.precision",

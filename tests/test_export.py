@@ -18,7 +18,10 @@ from tests.tiny_run import args
 
 VARIANTS = {"gated": ["sae.weight_sharing=r_mag"], "no_r_mag": ["sae.weight_sharing=no_r_mag"],
             "relu": ["sae.architecture=relu", "loss.aux.enabled=false"],
-            "untied": ["sae.weight_sharing=untied"]}
+            "untied": ["sae.weight_sharing=untied"],
+            # 10 baseline steps, then 10 of rescale & shift: exported as a gated SAE
+            "rescale_shift": ["sae.architecture=rescale_shift", "loss.aux.enabled=false",
+                              "sae.rescale_shift_steps=10"]}
 GATED_PARAMS = {"W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec"}
 STANDARD_PARAMS = {"W_enc", "b_enc", "W_dec", "b_dec"}
 
@@ -40,7 +43,7 @@ def trained(run_dir):
     return module.eval()
 
 
-@pytest.mark.parametrize("name", ["gated", "no_r_mag", "relu"])
+@pytest.mark.parametrize("name", ["gated", "no_r_mag", "relu", "rescale_shift"])
 def test_round_trip_on_raw_activations(runs, tmp_path, name):
     assert export_main([str(runs / name), str(tmp_path / "sae")]) == 0
     module, sae = trained(runs / name), load_sae(tmp_path / "sae")

@@ -10,7 +10,7 @@ from tests.conftest import make_cfg
 
 # (architecture, variant): the variant is sae.weight_sharing, or sae.prolu_backward for prolu.
 VARIANTS = [("relu", "r_mag"), ("gated", "r_mag"), ("gated", "no_r_mag"), ("gated", "untied"),
-            ("prolu", "relu"), ("prolu", "ste")]
+            ("prolu", "relu"), ("prolu", "ste"), ("rescale_shift", "r_mag")]
 
 
 def _sae(arch, sharing, d_in=6, d_sae=10):
@@ -152,4 +152,4 @@ def test_b_dec_init(how):
 
 
 def test_registry_names():
-    assert set(ARCHITECTURES) == {"relu", "gated", "prolu"}
+    assert set(ARCHITECTURES) == {"relu", "gated", "prolu", "rescale_shift"}

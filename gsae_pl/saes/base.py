@@ -61,6 +61,15 @@ class SAE(nn.Module):
         enc = self.encode(x)
         return self.decode(enc.f), enc
 
+    # Staged training (saes/rescale_shift.py); a no-op for single-stage architectures.
+    def begin_step(self, step: int, max_steps: int) -> None:
+        """Called before each training step (`step` optimiser steps done of `max_steps`)."""
+
+    def frozen_parameters(self) -> list[nn.Parameter]:
+        """Parameters the optimiser must leave untouched at this step (SAEModule drops
+        their gradients before it runs)."""
+        return []
+
     def init_b_dec(self, sample: Tensor, how: str) -> None:
         """b_dec from a data sample (PAPER.md sec. 1): zeros, mean or geometric median."""
         with torch.no_grad():
