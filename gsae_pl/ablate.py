@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 from gsae_pl.cache import rows_wanted
 from gsae_pl.cli import ArgumentParser, run_main
 from gsae_pl.errors import RunFailed, UserError
-from gsae_pl.io import atomic_write_json
+from gsae_pl.io import atomic_write_json, atomic_write_text
 from gsae_pl.suite import Run, Suite, load_suite
 
 STRATEGIES = ("parallel", "ddp")
@@ -197,6 +197,8 @@ def _main(args: argparse.Namespace) -> int:
     launcher = Launcher(suite, kind, args.devices, args.strategy)
     for folder in (launcher.logs, launcher.failed_dir):
         folder.mkdir(parents=True, exist_ok=True)
+    # The report reads its `figures:` from this copy; it also records what was asked for.
+    atomic_write_text(suite.output_dir / "suite.yaml", suite.path.read_text())
     start = time.perf_counter()
     if todo and is_first_process():
         prepare_caches(Suite(suite.name, suite.path, suite.output_dir,

@@ -17,11 +17,11 @@ import sys
 from pathlib import Path
 
 import yaml
-from matplotlib.figure import Figure
 
 from gsae_pl.cli import ArgumentParser, run_main
 from gsae_pl.errors import UserError
-from gsae_pl.io import atomic_write, atomic_write_text
+from gsae_pl.io import atomic_write_text
+from gsae_pl.report_plots import L0_FLOOR, by_variant, variant_curve, write_plots
 
 # results.csv columns: the ones a reader compares first, then those only some data has.
 MAIN_COLUMNS = ("variant", "l1_coefficient", "seed", "l0", "fvu", "loss_recovered",
@@ -30,22 +30,8 @@ MAIN_COLUMNS = ("variant", "l1_coefficient", "seed", "l0", "fvu", "loss_recovere
 EXTRA_COLUMNS = ("mmcs", "fraction_recovered", "tokens", "run")
 COLUMNS = MAIN_COLUMNS + EXTRA_COLUMNS
 
-# Log axes cannot show L0 = 0 (a collapsed SAE); such points are drawn at this floor.
-L0_FLOOR = 0.01
 # Where the Pareto summary reads each variant's curve: a 1-2-5 ladder, kept where points bracket it.
 L0_LADDER = (1, 2, 5, 10, 20, 40, 80, 160, 320, 640, 1280)
-
-LABELS = {
-    "l0": "L0 (mean non-zero features per token)",
-    "fvu": "FVU (fraction of variance unexplained)",
-    "loss_recovered": "loss recovered (CE_zero - CE_spliced) / (CE_zero - CE_clean)",
-    "relative_reconstruction_bias": "gamma (relative reconstruction bias)",
-    "mmcs": "MMCS (mean max cosine similarity to true features)",
-}
-# (file stem, y metric); x is always L0. gamma_vs_l0 keeps the issue's name.
-PLOTS = (("l0_vs_loss_recovered", "loss_recovered"), ("l0_vs_fvu", "fvu"),
-         ("gamma_vs_l0", "relative_reconstruction_bias"), ("l0_vs_mmcs", "mmcs"))
-
 
 # ---------------------------------------------------------------- reading the suite
 
@@ -128,35 +114,25 @@ def interpolate_at_l0(points: list[tuple[float, float]], l0: float) -> float | N
     return None
 
 
-def variant_curve(rows: list[dict], metric: str) -> list[tuple[float, float]]:
-    """One variant's (L0, metric) points, the mean over seeds at each coefficient, by L0.
-    L0 is clipped at L0_FLOOR so the curve can live on a log axis."""
-    groups: dict = {}
-    for row in rows:
-        if row[metric] is not None and row["l0"] is not None:
-            groups.setdefault(row["l1_coefficient"], []).append(row)
-    curve = []
-    for group in groups.values():
-        l0 = sum(max(r["l0"], L0_FLOOR) for r in group) / len(group)
-        curve.append((l0, sum(r[metric] for r in group) / len(group)))
-    return sorted(curve)
-
-
-def by_variant(rows: list[dict]) -> dict[str, list[dict]]:
-    """Rows grouped by variant, variants in sorted order (which also fixes their colours)."""
-    groups: dict[str, list[dict]] = {}
-    for row in sorted(rows, key=_sort_key):
-        groups.setdefault(row["variant"], []).append(row)
-    return dict(sorted(groups.items()))
-
-
 def common_l0s(curves: dict[str, list[tuple[float, float]]]) -> list[float]:
-    """Ladder L0s inside every variant's range (else inside any), at most 4, for the summary."""
+    """Ladder L0s that at least half the variants' curves bracket (an outlier such as a
+    collapsed no-aux run must not empty the table), the 4 most widely covered, in order."""
     ranges = [(c[0][0], c[-1][0]) for c in curves.values() if c]
-    inside_all = [x for x in L0_LADDER if ranges and all(lo <= x <= hi for lo, hi in ranges)]
-    chosen = inside_all or [x for x in L0_LADDER if any(lo <= x <= hi for lo, hi in ranges)]
-    step = math.ceil(len(chosen) / 4) if chosen else 1
-    return chosen[::step]
+    covered = {x: sum(lo <= x <= hi for lo, hi in ranges) for x in L0_LADDER}
+    chosen = [x for x in L0_LADDER if ranges and 2 * covered[x] >= len(ranges)]
+    return sorted(sorted(chosen, key=lambda x: -covered[x])[:4])
+
+
+def l0_needed(points: list[tuple[float, float]], target: float) -> float | None:
+    """The smallest L0 at which the curve (L0, loss recovered) reaches `target`, linear in
+    log L0 between the two runs that straddle it; None if no run reaches it, or the first
+    run already exceeds it (extrapolating would claim an L0 no run measured)."""
+    points = sorted(points)
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if y0 < target <= y1:
+            t = (target - y0) / (y1 - y0)
+            return math.exp(math.log(x0) + t * (math.log(x1) - math.log(x0)))
+    return None
 
 
 def fmt(value) -> str:
@@ -180,50 +156,6 @@ def write_results_csv(suite_dir: Path, rows: list[dict]) -> Path:
     return path
 
 
-def plot_metric(rows: list[dict], metric: str, title: str) -> bytes:
-    """PNG bytes: one colour per variant, each run a point, a line through the seed means.
-    A bare Figure (no pyplot) renders with Agg and touches no global matplotlib state."""
-    import matplotlib
-
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
-    ax = fig.add_subplot()
-    colours = matplotlib.colormaps["tab10"]
-    for i, (variant, group) in enumerate(by_variant(rows).items()):
-        points = [(max(r["l0"], L0_FLOOR), r[metric]) for r in group
-                  if r[metric] is not None and r["l0"] is not None]
-        if not points:
-            continue
-        curve = variant_curve(group, metric)
-        colour = colours(i % colours.N)
-        ax.scatter(*zip(*points), color=colour, s=18, alpha=0.6)
-        ax.plot(*zip(*curve), color=colour, marker="o", label=variant)
-    ax.set_xscale("log")
-    clipped = any(r["l0"] is not None and r["l0"] < L0_FLOOR for r in rows)
-    ax.set_xlabel(LABELS["l0"] + (f"; L0 < {L0_FLOOR} drawn at {L0_FLOOR}" if clipped else ""))
-    ax.set_ylabel(LABELS[metric])
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    return buffer.getvalue()
-
-
-def write_plots(suite_dir: Path, rows: list[dict], title: str) -> list[Path]:
-    """The plots whose y metric some run has; a skipped plot's old file is removed so the
-    plots folder never shows a figure from an earlier state of the suite."""
-    written = []
-    for stem, metric in PLOTS:
-        path = suite_dir / "plots" / f"{stem}.png"
-        if any(r[metric] is not None and r["l0"] is not None for r in rows):
-            png = plot_metric(rows, metric, title)
-            atomic_write(path, lambda fh, png=png: fh.write(png))
-            written.append(path)
-        else:
-            path.unlink(missing_ok=True)
-    return written
-
-
 def _markdown_table(header: list[str], body: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(cells) + " |" for cells in body]
@@ -244,7 +176,19 @@ def pareto_summary(rows: list[dict]) -> list[str]:
         lines += ["", f"**{metric}** (mean over seeds per coefficient, interpolated linearly "
                       "in log L0; blank where the variant's runs do not bracket that L0):", ""]
         lines += _markdown_table(header, body)
-    return lines
+    return lines + _l0_needed_table(rows)
+
+
+def _l0_needed_table(rows: list[dict]) -> list[str]:
+    """The paper's way to read the Pareto plot: L0 needed for a given loss recovered."""
+    curves = {v: variant_curve(g, "loss_recovered") for v, g in by_variant(rows).items()}
+    if not any(curves.values()):
+        return []
+    targets = (0.9, 0.95, 0.97, 0.98)
+    body = [[v] + [fmt(l0_needed(c, t)) for t in targets] for v, c in curves.items()]
+    return ["", "**L0 needed** to reach each loss recovered (same interpolation; blank where "
+                "no pair of the variant's runs straddles it):", ""] + \
+        _markdown_table(["variant"] + [f"L0 @ loss_recovered={t}" for t in targets], body)
 
 
 def _tokens_text(rows: list[dict]) -> str:
@@ -297,16 +241,29 @@ def write_report(suite_dir: Path, wall_seconds: float | None = None) -> Path:
         raise UserError(f"{suite_dir} holds no runs (nothing under runs/ or failed/)")
     write_results_csv(suite_dir, rows)
     title = f"{suite_dir.resolve().name}: {_tokens_text(rows)}"
-    plots = write_plots(suite_dir, rows, title)
+    figures = suite_figures(suite_dir)
+    plots = write_plots(suite_dir, rows, title, figures)
     lines = [f"# Ablation suite `{suite_dir.resolve().name}`", "",
              _intro(rows, failures, unfinished, wall_seconds), "", "## Results", ""]
     lines += _markdown_table(list(COLUMNS), [[fmt(r[c]) for c in COLUMNS] for r in rows])
     lines += ["", "## Pareto summary"] + (pareto_summary(rows) or ["", "no curve to read"])
-    lines += ["", "## Plots"] + [f"\n![{p.stem}](plots/{p.name})" for p in plots]
+    lines += ["", "## Plots"] + [f"\n![{p.stem}](plots/{p.name})" for p in plots.get("", [])]
+    for name, paths in plots.items():
+        if name:
+            lines += ["", f"### {name}: {', '.join(figures[name])}"]
+            lines += [f"\n![{p.stem}](plots/{p.name})" for p in paths]
     lines += ["", "## Failed runs", ""] + _failures_section(suite_dir, failures)
     path = suite_dir / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def suite_figures(suite_dir: Path) -> dict[str, list[str]]:
+    """The focused figures the suite file names (`figures:`), from the copy of it that
+    ablate keeps in the suite directory; none without one."""
+    path = suite_dir / "suite.yaml"
+    spec = _read(path, yaml.safe_load) if path.is_file() else None
+    return dict((spec or {}).get("figures") or {})
 
 
 def _main(args: argparse.Namespace) -> int:

@@ -10,6 +10,8 @@
     variants:                           # name -> <name>.yaml beside this file (or `config:`)
       gated: {grid: gated}
       baseline: {l1_coefficient: [0.005, 0.01], overrides: {sae.d_sae: 1024}, seeds: [0, 1]}
+    figures:                            # optional: focused report plots, name -> variants
+      main: [gated, baseline]
 
 Override precedence, last wins: the variant's YAML, the suite's `overrides`, the variant's
 `overrides`, the command line's `key=value`, then the keys that define a run (its
@@ -29,7 +31,7 @@ from omegaconf import DictConfig
 from gsae_pl.config import load_config
 from gsae_pl.errors import UserError
 
-SUITE_KEYS = {"name", "output_dir", "seeds", "overrides", "grids", "variants"}
+SUITE_KEYS = {"name", "output_dir", "seeds", "overrides", "grids", "variants", "figures"}
 VARIANT_KEYS = {"config", "grid", "l1_coefficient", "seeds", "overrides"}
 # Keys that make one run differ from another: the suite owns them.
 RUN_KEYS = ("loss.l1_coefficient", "seed", "output.dir", "output.name", "output.variant")
@@ -95,8 +97,24 @@ def load_suite(path: str | Path, cli_overrides: list[str] = ()) -> Suite:
     for variant, entry in variants.items():
         runs += _expand(path, str(variant), entry or {}, spec, grids, shared,
                         list(cli_overrides), output_dir / "runs")
+    _check_figures(path, spec.get("figures"), set(variants))
     return Suite(name=str(spec.get("name") or path.stem), path=path, output_dir=output_dir,
                  runs=tuple(runs))
+
+
+def _check_figures(path: Path, figures, variants: set) -> None:
+    """`figures:` maps a plot name to some of the suite's variants (the report draws each)."""
+    if figures is None:
+        return
+    if not isinstance(figures, dict) or not all(
+            isinstance(v, list) and v and str(k).isidentifier() for k, v in figures.items()):
+        raise UserError(f"{path}: figures must map a name (letters, digits, _) to a non-empty "
+                        "list of variants, e.g. figures: {main: [gated, baseline]}")
+    for name, members in figures.items():
+        unknown = sorted(set(map(str, members)) - variants)
+        if unknown:
+            raise UserError(f"{path}: figure {name} names {', '.join(unknown)}, not among the "
+                            f"suite's variants ({', '.join(sorted(variants))})")
 
 
 def _read(path: Path) -> dict:

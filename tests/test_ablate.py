@@ -62,6 +62,8 @@ def test_expansion_names_runs_and_orders_overrides(tmp_path):
      "did you mean sae.d_sae"),
     ({}, {}, "at least one variant"),
     ({"gated": {"config": config("gated"), "grid": "gated", "seeds": []}}, {}, "seeds"),
+    ({"gated": {"config": config("gated"), "grid": "gated"}}, {"figures": {"main": ["relu"]}},
+     "figure main names relu"),
 ])
 def test_bad_suites_are_refused_with_one_line(tmp_path, variants, extra, message):
     path = write_suite(tmp_path, variants, **extra)
@@ -91,7 +93,7 @@ def test_two_variants_two_points_end_to_end_then_rerun_skips(tmp_path):
         "gated": {"config": config("gated"), "grid": "gated"},
         "baseline": {"config": config("baseline"), "grid": "relu"},
         "broken": {"config": config("gated"), "l1_coefficient": [0.1],
-                   "overrides": {"optim.lr": 1e30}}})
+                   "overrides": {"optim.lr": 1e30}}}, figures={"main": ["gated", "baseline"]})
     done = ablate("--suite", path, "--devices", "2")
     out = tmp_path / "out"
     assert done.returncode == 3, done.stdout + done.stderr  # one run failed, the rest went on
@@ -103,6 +105,7 @@ def test_two_variants_two_points_end_to_end_then_rerun_skips(tmp_path):
     failure = json.loads((out / "failed/broken_l1-0.1_seed0.json").read_text())
     assert failure["returncode"] == 3 and failure["error"].startswith("error:")
     assert (out / "report.md").is_file() and (out / "plots/l0_vs_fvu.png").is_file()
+    assert (out / "plots/main_l0_vs_fvu.png").is_file()  # the suite's focused figure
     hparams = (out / "runs/gated_l1-0.01_seed0/config.yaml").read_text()
     assert "variant: gated" in hparams
 

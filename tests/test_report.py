@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gsae_pl.report import COLUMNS, interpolate_at_l0, main, variant_curve, write_report
+from gsae_pl.report import (
+    COLUMNS,
+    common_l0s,
+    interpolate_at_l0,
+    l0_needed,
+    main,
+    variant_curve,
+    write_report,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 COEFFICIENTS = (0.01, 0.03, 0.1)
@@ -131,6 +139,22 @@ def test_interpolation_matches_hand_computed_values():
     assert interpolate_at_l0(points, 80.0) is None and interpolate_at_l0(points, 0.5) is None
     assert interpolate_at_l0([(10.0, 0.3)], 10.0) == 0.3
     assert interpolate_at_l0([], 10.0) is None
+
+
+def test_l0_needed_inverts_the_curve_in_log_l0():
+    points = [(40.0, 0.9), (10.0, 0.8), (1.0, 0.5)]
+    assert l0_needed(points, 0.85) == pytest.approx(20.0)  # half way from 10 to 40 in log L0
+    assert l0_needed(points, 0.8) == pytest.approx(10.0)
+    assert l0_needed(points, 0.95) is None  # no run reaches it
+    assert l0_needed(points, 0.4) is None  # the sparsest run already exceeds it
+
+
+def test_common_l0s_ignore_a_lone_outlier_curve():
+    wide = [(3.0, 0.8), (50.0, 0.98)]
+    curves = {"a": wide, "b": wide, "collapsed": [(0.5, 0.3), (2.5, 0.9)]}
+    assert common_l0s(curves) == [5, 10, 20, 40]  # the 4 values both wide curves bracket
+    assert common_l0s({"a": [(1.5, 0.5), (2.5, 0.6)]}) == [2]
+    assert common_l0s({}) == []
 
 
 def test_variant_curve_means_over_seeds_and_clips_l0():

@@ -1,0 +1,115 @@
+"""The suite report's figures: each metric against L0 (log axis), one colour and marker per
+variant, a point per run and a line through the seed means (gsae_pl/report.py).
+
+A bare matplotlib Figure renders with Agg and touches no global pyplot state. Colours and
+markers follow a variant's place among ALL the suite's variants, so a variant looks the
+same in every figure, including the focused ones a suite names under `figures:`.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from gsae_pl.io import atomic_write
+
+# Log axes cannot show L0 = 0 (a collapsed SAE); such points are drawn at this floor.
+L0_FLOOR = 0.01
+
+LABELS = {
+    "l0": "L0 (mean non-zero features per token)",
+    "fvu": "FVU (fraction of variance unexplained)",
+    "loss_recovered": "loss recovered (CE_zero - CE_spliced) / (CE_zero - CE_clean)",
+    "relative_reconstruction_bias": "gamma (relative reconstruction bias)",
+    "mmcs": "MMCS (mean max cosine similarity to true features)",
+}
+# (file stem, y metric); x is always L0. gamma_vs_l0 keeps the issue's name.
+PLOTS = (("l0_vs_loss_recovered", "loss_recovered"), ("l0_vs_fvu", "fvu"),
+         ("gamma_vs_l0", "relative_reconstruction_bias"), ("l0_vs_mmcs", "mmcs"))
+MARKERS = "osD^vP*X<>hp"
+
+
+def variant_curve(rows: list[dict], metric: str) -> list[tuple[float, float]]:
+    """One variant's (L0, metric) points, the mean over seeds at each coefficient, by L0.
+    L0 is clipped at L0_FLOOR so the curve can live on a log axis."""
+    groups: dict = {}
+    for row in rows:
+        if row[metric] is not None and row["l0"] is not None:
+            groups.setdefault(row["l1_coefficient"], []).append(row)
+    curve = []
+    for group in groups.values():
+        l0 = sum(max(r["l0"], L0_FLOOR) for r in group) / len(group)
+        curve.append((l0, sum(r[metric] for r in group) / len(group)))
+    return sorted(curve)
+
+
+def by_variant(rows: list[dict]) -> dict[str, list[dict]]:
+    """Rows grouped by variant, variants in sorted order (which also fixes their colours)."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:  # load_rows sorted them by variant, coefficient, seed
+        groups.setdefault(row["variant"], []).append(row)
+    return dict(sorted(groups.items()))
+
+
+def styles(variants: list[str]) -> dict[str, tuple]:
+    """variant -> (colour, marker), fixed by the variant's place among all of the suite's:
+    20 colours and 12 markers, so no two of up to 20 variants look alike."""
+    import matplotlib
+
+    # tab20 pairs a dark and a light shade of each hue: take the 10 dark ones first, so
+    # suites of up to 10 variants never put two shades of one hue side by side.
+    colours = matplotlib.colormaps["tab20"]
+    return {v: (colours((2 * i + i // 10) % 20), MARKERS[i % len(MARKERS)])
+            for i, v in enumerate(sorted(variants))}
+
+
+def plot_metric(rows: list[dict], metric: str, title: str, style: dict[str, tuple]) -> bytes:
+    """PNG bytes of `metric` against L0 for the variants in `rows`."""
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    for variant, group in by_variant(rows).items():
+        points = [(max(r["l0"], L0_FLOOR), r[metric]) for r in group
+                  if r[metric] is not None and r["l0"] is not None]
+        if not points:
+            continue
+        colour, marker = style[variant]
+        ax.scatter(*zip(*points), color=colour, marker=marker, s=18, alpha=0.6)
+        ax.plot(*zip(*variant_curve(group, metric)), color=colour, marker=marker,
+                label=variant)
+    ax.set_xscale("log")
+    clipped = any(r["l0"] is not None and r["l0"] < L0_FLOOR for r in rows)
+    ax.set_xlabel(LABELS["l0"] + (f"; L0 < {L0_FLOOR} drawn at {L0_FLOOR}" if clipped else ""))
+    ax.set_ylabel(LABELS[metric])
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+def write_plots(suite_dir: Path, rows: list[dict], title: str,
+                figures: dict[str, list[str]] | None = None) -> dict[str, list[Path]]:
+    """Every metric some run has, over all variants (group "") and over each named group of
+    `figures` (files `<group>_<stem>.png`). Files of plots not made this time are removed,
+    so the folder never shows a figure from an earlier state of the suite."""
+    style = styles(list({r["variant"] for r in rows}))
+    groups = {"": rows}
+    groups.update({name: [r for r in rows if r["variant"] in members]
+                   for name, members in (figures or {}).items()})
+    written: dict[str, list[Path]] = {}
+    for name, group in groups.items():
+        for stem, metric in PLOTS:
+            if not any(r[metric] is not None and r["l0"] is not None for r in group):
+                continue
+            png = plot_metric(group, metric, f"{title}{f' ({name})' if name else ''}", style)
+            path = suite_dir / "plots" / f"{name + '_' if name else ''}{stem}.png"
+            atomic_write(path, lambda fh, png=png: fh.write(png))
+            written.setdefault(name, []).append(path)
+    kept = {p for paths in written.values() for p in paths}
+    for old in (suite_dir / "plots").glob("*.png"):
+        if old not in kept:
+            old.unlink()
+    return written
