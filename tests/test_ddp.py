@@ -53,23 +53,27 @@ def scalars(run_dir, tag):
     return [(e.step, e.value) for e in events.Scalars(tag)]
 
 
+def assert_same_run(out_dir, one: str, two: str, steps: int, batch: int) -> None:
+    """Runs `one` and `two` followed one trajectory: final metrics, the training-window MSE
+    at every log step (reduced over processes) and the last checkpoint's weights."""
+    a, b = metrics(out_dir, one), metrics(out_dir, two)
+    assert a.keys() == b.keys() and a["tokens"] == b["tokens"] == steps * batch
+    for key in a:
+        assert math.isclose(a[key], b[key], rel_tol=1e-5, abs_tol=1e-7), key
+    mse_one, mse_two = (scalars(out_dir / n, "train/mse") for n in (one, two))
+    assert [s for s, _ in mse_one] == [s for s, _ in mse_two] and len(mse_one) == 3
+    assert all(math.isclose(x, y, rel_tol=1e-5) for (_, x), (_, y) in zip(mse_one, mse_two))
+    weights = [torch.load(out_dir / n / "checkpoints" / "last.ckpt", weights_only=False)
+               ["state_dict"] for n in (one, two)]
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, rtol=1e-5, atol=1e-6)
+
+
 def test_two_processes_follow_one_with_the_same_global_batch(tmp_path):
     assert fit_process(tmp_path, "one", *DDP[2:]).returncode == 0
     two = fit_process(tmp_path, "two", *DDP)
     assert two.returncode == 0, two.stderr[-2000:]
-    a, b = metrics(tmp_path, "one"), metrics(tmp_path, "two")
-    assert a.keys() == b.keys() and a["tokens"] == b["tokens"] == 30 * 128
-    for key in a:
-        assert math.isclose(a[key], b[key], rel_tol=1e-5, abs_tol=1e-7), key
-    # The trajectory: the training-window MSE at every log step (reduced over processes).
-    mse_one, mse_two = scalars(tmp_path / "one", "train/mse"), scalars(tmp_path / "two",
-                                                                        "train/mse")
-    assert [s for s, _ in mse_one] == [s for s, _ in mse_two] and len(mse_one) == 3
-    assert all(math.isclose(x, y, rel_tol=1e-5) for (_, x), (_, y) in zip(mse_one, mse_two))
-    weights = [torch.load(tmp_path / n / "checkpoints" / "last.ckpt", weights_only=False)
-               ["state_dict"] for n in ("one", "two")]
-    for name, value in weights[0].items():
-        torch.testing.assert_close(weights[1][name], value, rtol=1e-5, atol=1e-6)
+    assert_same_run(tmp_path, "one", "two", steps=30, batch=128)
     # Only process 0 wrote: every event file carries one pid; no stray temporaries.
     pids = {re.search(r"\.(\d+)\.\d+$", p.name).group(1)
             for p in (tmp_path / "two").glob("events.out.tfevents.*")}

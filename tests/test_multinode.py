@@ -9,7 +9,6 @@ global rank 0 writes. Real machines, NCCL and SLURM are not tested here (docs/sc
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import signal
@@ -20,10 +19,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from tests.test_ddp import scalars
-from tests.tiny_run import ROOT, args, metrics
+from tests.test_ddp import assert_same_run
+from tests.tiny_run import ROOT, args
 
 pytestmark = pytest.mark.slow
 
@@ -103,17 +101,7 @@ def test_two_nodes_follow_one_process_and_only_rank_zero_writes(tmp_path):
     assert rc_one == 0, err_one[-2000:]
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in err1  # node 1 really was the world's 2nd process
 
-    a, b = metrics(tmp_path, "one"), metrics(tmp_path, "two")
-    assert a.keys() == b.keys() and a["tokens"] == b["tokens"] == 30 * 128
-    for key in a:
-        assert math.isclose(a[key], b[key], rel_tol=1e-5, abs_tol=1e-7), key
-    mse_one, mse_two = (scalars(tmp_path / n, "train/mse") for n in ("one", "two"))
-    assert [s for s, _ in mse_one] == [s for s, _ in mse_two] and len(mse_one) == 3
-    assert all(math.isclose(x, y, rel_tol=1e-5) for (_, x), (_, y) in zip(mse_one, mse_two))
-    weights = [torch.load(tmp_path / n / "checkpoints" / "last.ckpt", weights_only=False)
-               ["state_dict"] for n in ("one", "two")]
-    for name, value in weights[0].items():
-        torch.testing.assert_close(weights[1][name], value, rtol=1e-5, atol=1e-6)
+    assert_same_run(tmp_path, "one", "two", steps=30, batch=128)
 
     # Written once, by global rank 0: one metrics.json, one writer of event files, the
     # checkpoints in the run directory only, no stray temporaries.
