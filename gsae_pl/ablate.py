@@ -125,9 +125,11 @@ class Launcher:
         if self.kind == "cpu":
             extra.append("trainer.accelerator=cpu")
         log = open(self.logs / f"{run.name}.log", "w")
+        # Only a parallel run is pinned to its slot's GPU: a DDP run spans every device.
+        pinned = slot if self.strategy == "parallel" else None
         process = subprocess.Popen(fit_command(run, extra), stdout=log,
                                    stderr=subprocess.STDOUT,
-                                   env=worker_env(self.kind, slot, self.threads))
+                                   env=worker_env(self.kind, pinned, self.threads))
         log.close()  # the child holds its own copy of the descriptor
         return process
 

@@ -122,13 +122,15 @@ class OptimConfig:
 
 @dataclass
 class ResampleConfig:
-    enabled: bool = False  # dead-feature resampling (Bricken et al.; PAPER.md sec. 4)
-    every_n_steps: int = 25000
+    # Dead-feature resampling (Bricken et al.; PAPER.md sec. 4). The defaults scale the
+    # paper's recipe (25000 / 12500 / 1000 steps) down to the 4000-step default run.
+    enabled: bool = True
+    every_n_steps: int = 500
     max_resamples: int = 4
-    window_steps: int = 12500  # dead = fired on no row over this many steps before a resample
+    window_steps: int = 250  # dead = fired on no row over this many steps before a resample
     encoder_scale: float = 0.2  # new encoder column norm / mean alive encoder column norm
     lr_drop: float = 0.1  # lr multiplier just after a resample
-    lr_return_steps: int = 1000  # cosine return to 1x over these steps
+    lr_return_steps: int = 200  # cosine return to 1x over these steps
 
 
 @dataclass

@@ -87,6 +87,23 @@ def test_refusals_exit_2_before_anything_is_written(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_parallel_runs_see_one_gpu_each_and_ddp_runs_see_all(monkeypatch, tmp_path):
+    from gsae_pl import ablate
+
+    path = write_suite(tmp_path, {"gated": {"config": config("gated"), "grid": "gated"}})
+    seen = []
+    monkeypatch.setattr(ablate.subprocess, "Popen",
+                        lambda command, env, **_: seen.append((command, env)))
+    for strategy in ("parallel", "ddp"):
+        launcher = ablate.Launcher(load_suite(path), "gpu", 2, strategy)
+        launcher.logs.mkdir(parents=True, exist_ok=True)
+        launcher.start(launcher.suite.runs[0], slot=1)
+    (parallel, p_env), (ddp, d_env) = seen
+    assert p_env["CUDA_VISIBLE_DEVICES"] == "1" and "trainer.devices=1" in parallel
+    assert "CUDA_VISIBLE_DEVICES" not in d_env or d_env["CUDA_VISIBLE_DEVICES"] != "1"
+    assert "trainer.devices=2" in ddp and "trainer.strategy=ddp" in ddp
+
+
 @pytest.mark.slow
 def test_two_variants_two_points_end_to_end_then_rerun_skips(tmp_path):
     path = write_suite(tmp_path, {

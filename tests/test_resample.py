@@ -34,7 +34,7 @@ def test_lr_multiplier_at_hand_picked_steps(step, expected):
 
 def test_lr_multiplier_is_one_when_off_and_composes_with_warmup():
     from gsae_pl.module import SAEModule
-    off = make_cfg("resample.every_n_steps=2000").resample
+    off = make_cfg("resample.enabled=false", "resample.every_n_steps=2000").resample
     assert all(lr_multiplier(s, off) == 1.0 for s in (0, 2000, 2500))
     cfg = make_cfg(*SCHEDULE, "optim.warmup_steps=4", "sae.d_sae=8")
     module = SAEModule(dict(cfg), d_in=4)
