@@ -9,8 +9,9 @@ Every run is `python -m gsae_pl.fit` in its own process, its output in
   (gloo on CPU). Multi-node: every node runs the same command with `trainer.num_nodes=K`
   under torchrun or SLURM, the output on a shared filesystem (docs/scaling.md).
 A run that fails is recorded in `<output_dir>/failed/<run>.json` and the suite goes on;
-rerunning the command skips finished runs (those with metrics.json) and retries the rest,
-which resume from their checkpoints. Before any run, LM activations that runs read from
+rerunning the command skips finished runs (those with metrics.json, trained with the config
+the suite gives them today: a changed one is refused) and retries the rest, which resume
+from their checkpoints. Before any run, LM activations that runs read from
 the disk cache (`data.cache=true`) are written once, so the LM runs once per token for the
 whole suite rather than once per run. Bad input is refused before anything runs (exit 2);
 a suite with failed runs exits 3 after its report is written.
@@ -26,15 +27,20 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
 from omegaconf import OmegaConf
 
 from gsae_pl.cache import rows_wanted
+from gsae_pl.checkpointing import RUN_DEFINING, changed_keys
 from gsae_pl.cli import ArgumentParser, run_main
 from gsae_pl.errors import RunFailed, UserError
 from gsae_pl.io import atomic_write_json, atomic_write_text
 from gsae_pl.suite import Run, Suite, load_suite
 
 STRATEGIES = ("parallel", "ddp")
+# Of the trainer settings, those that change what a run learns (devices and strategy do not:
+# the global batch makes DDP follow the 1-process trajectory).
+TRAINING_KEYS = ("trainer.max_steps", "trainer.precision", "trainer.gradient_clip_val")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -188,11 +194,26 @@ def is_first_process() -> bool:
                for var in ("RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID"))
 
 
+def check_finished_match(runs: list[Run]) -> None:
+    """A finished run is skipped only if the suite would train it the same way today:
+    otherwise its stale results would be reported as this suite's."""
+    for run in runs:
+        saved = yaml.safe_load((run.run_dir / "config.yaml").read_text()) or {}
+        changed = changed_keys(saved, run.cfg, RUN_DEFINING + ("trainer",))
+        changed = [k for k in changed if not k.startswith("trainer.") or k in TRAINING_KEYS]
+        if changed:
+            shown = ", ".join(changed[:4]) + (" ..." if len(changed) > 4 else "")
+            raise UserError(f"{run.run_dir} finished with a different config ({shown}): "
+                            "give the suite a new output_dir, or delete that run to retrain it")
+
+
 def _main(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite, args.overrides)
     kind = check_devices(suite, args.devices)
-    todo = [(i, run) for i, run in enumerate(suite.runs, 1)
-            if not (run.run_dir / "metrics.json").is_file()]
+    finished = [run for run in suite.runs if (run.run_dir / "metrics.json").is_file()]
+    check_finished_match(finished)
+    done = {run.name for run in finished}
+    todo = [(i, run) for i, run in enumerate(suite.runs, 1) if run.name not in done]
     print(f"suite {suite.name}: {len(suite.runs)} runs ({len(suite.variants)} variants), "
           f"{len(suite.runs) - len(todo)} already finished; {args.strategy} on "
           f"{args.devices} {kind} device(s); output in {suite.output_dir}", flush=True)

@@ -31,7 +31,7 @@ warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and i
 
 # Sections that define what a run computes: a rerun that changes one of them is another
 # run, not a resume. Trainer, logging, checkpoint and output settings may change.
-RUN_DEFINING = ("seed", "sae", "loss", "data", "optim", "eval")
+RUN_DEFINING = ("seed", "sae", "loss", "data", "optim", "resample", "eval")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -132,16 +132,20 @@ def checkpoint_step(path: Path) -> int:
 
 def check_same_run(checkpoint: Path, cfg: DictConfig) -> None:
     """Refuse to resume from a checkpoint that a different config trained."""
-    saved = checkpoint_meta(checkpoint)[1]
-    now = OmegaConf.to_container(cfg, resolve=True)
-    changed = [key for section in RUN_DEFINING
-               for key in _diff(saved.get(section, _ABSENT), now.get(section), section)]
+    changed = changed_keys(checkpoint_meta(checkpoint)[1], cfg)
     if changed:
         shown = ", ".join(changed[:4]) + (" ..." if len(changed) > 4 else "")
         run_dir = checkpoint.parent.parent
         raise UserError(f"{run_dir} holds an unfinished run with a different config ({shown}): "
                         "rerun with its config to resume, pass --force to start afresh, or "
                         "set output.name to start another run")
+
+
+def changed_keys(saved: dict, cfg: DictConfig, sections=RUN_DEFINING) -> list[str]:
+    """Dotted keys under `sections` whose value in `cfg` differs from the `saved` config."""
+    now = OmegaConf.to_container(cfg, resolve=True)
+    return [key for section in sections
+            for key in _diff(saved.get(section, _ABSENT), now.get(section), section)]
 
 
 _ABSENT = object()  # a key the older config did not have yet: not a change
@@ -151,6 +155,8 @@ def _diff(old, new, prefix: str) -> list[str]:
     if old is _ABSENT:
         return []
     if isinstance(old, dict) and isinstance(new, dict):
+        if old.get("enabled") is False and new.get("enabled") is False:
+            return []  # a switched-off block's settings do not change the run
         keys = sorted(set(old) | set(new))
         return [k for key in keys
                 for k in _diff(old.get(key, _ABSENT), new.get(key), f"{prefix}.{key}")]

@@ -87,6 +87,30 @@ def test_refusals_exit_2_before_anything_is_written(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_finished_run_with_another_config_is_refused_not_skipped(tmp_path):
+    from omegaconf import OmegaConf
+
+    from gsae_pl.ablate import check_finished_match
+    from gsae_pl.config import to_yaml
+
+    path = write_suite(tmp_path, {"gated": {"config": config("gated"), "l1_coefficient": [0.1]}})
+    run = load_suite(path).runs[0]
+    run.run_dir.mkdir(parents=True)
+    (run.run_dir / "metrics.json").write_text("{}")
+    same = OmegaConf.merge(run.cfg, {"trainer": {"devices": 2, "strategy": "ddp"}})
+    (run.run_dir / "config.yaml").write_text(to_yaml(same))
+    check_finished_match([run])  # devices and strategy do not change what a run learns
+    off = OmegaConf.merge(run.cfg, {"loss": {"orthogonality": {"exponent": 9.0}}})
+    assert not run.cfg.loss.orthogonality.enabled
+    (run.run_dir / "config.yaml").write_text(to_yaml(off))
+    check_finished_match([run])  # nor do the settings of a switched-off block
+    (run.run_dir / "config.yaml").write_text(to_yaml(OmegaConf.merge(run.cfg, {
+        "optim": {"lr": 1e-4}, "trainer": {"max_steps": 7}})))
+    done = ablate("--suite", path, timeout=60)
+    assert done.returncode == 2 and "finished with a different config" in done.stderr
+    assert "optim.lr" in done.stderr and "trainer.max_steps" in done.stderr
+
+
 def test_parallel_runs_see_one_gpu_each_and_ddp_runs_see_all(monkeypatch, tmp_path):
     from gsae_pl import ablate
 
