@@ -92,19 +92,19 @@ def worker_env(kind: str, slot: int | None, threads: int) -> dict:
     return env
 
 
-def prepare_caches(suite: Suite, log_dir: Path) -> None:
+def prepare_caches(runs: list[Run], log_dir: Path) -> None:
     """Write each distinct activation cache once, before any run reads it (in parallel,
     several runs would otherwise race to write the same cache)."""
     groups: dict[str, list[Run]] = {}
-    for run in suite.runs:
+    for run in runs:
         if run.cfg.data.cache and run.cfg.data.source in ("tiny_lm", "transformer_lens"):
             key = json.dumps(OmegaConf.to_container(run.cfg.data), sort_keys=True)
             groups.setdefault(key, []).append(run)
-    for k, runs in enumerate(groups.values()):
-        rows = max(rows_wanted(run.cfg) for run in runs)
-        command = [sys.executable, "-m", "gsae_pl.cache", "--config", str(runs[0].config_path),
-                   *runs[0].overrides, f"data.cache_rows={rows}"]
-        print(f"activation cache {k + 1}/{len(groups)} for {len(runs)} runs ({rows} rows)",
+    for k, group in enumerate(groups.values()):
+        rows = max(rows_wanted(run.cfg) for run in group)
+        command = [sys.executable, "-m", "gsae_pl.cache", "--config", str(group[0].config_path),
+                   *group[0].overrides, f"data.cache_rows={rows}"]
+        print(f"activation cache {k + 1}/{len(groups)} for {len(group)} runs ({rows} rows)",
               flush=True)
         log = log_dir / f"cache{k}.log"
         with open(log, "w") as out:
@@ -224,8 +224,7 @@ def _main(args: argparse.Namespace) -> int:
     atomic_write_text(suite.output_dir / "suite.yaml", suite.path.read_text())
     start = time.perf_counter()
     if todo and is_first_process():
-        prepare_caches(Suite(suite.name, suite.path, suite.output_dir,
-                             tuple(run for _, run in todo)), launcher.logs)
+        prepare_caches([run for _, run in todo], launcher.logs)
     if todo:
         run_all(launcher, todo)
     wall = time.perf_counter() - start
