@@ -164,9 +164,10 @@ def _markdown_table(header: list[str], body: list[list[str]]) -> list[str]:
 def pareto_summary(rows: list[dict]) -> list[str]:
     """Per metric, each variant's L0 range and the metric read off its curve at common L0s:
     the table that says whether one variant Pareto-dominates another."""
-    lines = []
-    for metric in ("loss_recovered", "fvu", "relative_reconstruction_bias", "mmcs"):
-        curves = {v: variant_curve(g, metric) for v, g in by_variant(rows).items()}
+    lines, groups = [], by_variant(rows)
+    curves_of = {metric: {v: variant_curve(g, metric) for v, g in groups.items()}
+                 for metric in ("loss_recovered", "fvu", "relative_reconstruction_bias", "mmcs")}
+    for metric, curves in curves_of.items():
         targets = common_l0s(curves)
         if not any(curves.values()) or not targets:
             continue
@@ -176,12 +177,11 @@ def pareto_summary(rows: list[dict]) -> list[str]:
         lines += ["", f"**{metric}** (mean over seeds per coefficient, interpolated linearly "
                       "in log L0; blank where the variant's runs do not bracket that L0):", ""]
         lines += _markdown_table(header, body)
-    return lines + _l0_needed_table(rows)
+    return lines + _l0_needed_table(curves_of["loss_recovered"])
 
 
-def _l0_needed_table(rows: list[dict]) -> list[str]:
+def _l0_needed_table(curves: dict[str, list[tuple[float, float]]]) -> list[str]:
     """The paper's way to read the Pareto plot: L0 needed for a given loss recovered."""
-    curves = {v: variant_curve(g, "loss_recovered") for v, g in by_variant(rows).items()}
     if not any(curves.values()):
         return []
     targets = (0.9, 0.95, 0.97, 0.98)
