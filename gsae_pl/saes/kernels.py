@@ -99,44 +99,23 @@ def _gated_backward(grad_f, grad_gate_acts, pre, b_gate, scale, b_mag):
     return grad_gate + grad_mag * scale, grad_gate, grad_mag, grad_mag * pre
 
 
-# Each eager line above is a pass over [B, d_sae] into a fresh buffer; on CPU the fresh
-# buffer's page faults cost more than the arithmetic. torch.compile fuses each function into
-# one loop, at a one-time compile cost of ~20 s (benchmarks/RESULTS.md). The batch sums are
-# left out of the fused loops on purpose: inductor's column reductions over [B, d_sae] ran
-# 3-4x slower than separate `sum(0)` / matrix-vector passes, measured at 4096 x 16384.
-# Results that live only inside a Function (the backward's gradients, the forward's fire
-# mask) are written into buffers kept from step to step on the compiled path: fresh ones
-# cost their page faults every step (300 ms at 4096 x 16384 without transparent huge
-# pages, and stalls with them). Results that leave the Function (f, ReLU(pi_gate)) are new.
+# Each eager line above is a pass over [B, d_sae] into a fresh buffer. torch.compile fuses
+# each function into one loop, at a one-time compile cost of ~20 s (benchmarks/RESULTS.md).
+# The batch sums are left out of the fused loops on purpose: inductor's column reductions
+# over [B, d_sae] ran 3-4x slower than separate `sum(0)` / matrix-vector passes, measured
+# at 4096 x 16384. Fresh buffers are cheap because gsae_pl/allocator.py keeps freed memory
+# for reuse: with it, buffers kept from step to step measured no faster.
 _COMPILED: dict = {}
-_WORKSPACE: dict = {}
 COMPILE_MIN_ELEMENTS = 1 << 22  # `auto` compiles from B * d_sae = 4M elements up
 
 
-def _compiled(fn):
-    """fn(*args, *buffers): fn's first `n_new` results returned, the rest written into the
-    buffers, all in one fused compiled loop."""
-    if fn not in _COMPILED:
-        def into(*args_and_buffers, n_new=fn.n_new, n_kept=fn.n_kept):
-            args, buffers = args_and_buffers[:-n_kept], args_and_buffers[-n_kept:]
-            results = fn(*args)
-            for buffer, value in zip(buffers, results[n_new:]):
-                buffer.copy_(value)
-            return results[:n_new]
-
-        _COMPILED[fn] = torch.compile(into, dynamic=False)
-    return _COMPILED[fn]
-
-
 def pointwise(fn, like: Tensor, mode: str, *args) -> tuple[Tensor, ...]:
-    """fn(*args), eager or compiled (mode: auto | always | never). On the compiled path the
-    last `fn.n_kept` results sit in reused buffers shaped like `like`: use them at once."""
+    """fn(*args), eager or compiled (mode: auto | always | never; `auto` by like's size)."""
     if mode == "never" or (mode == "auto" and like.numel() < COMPILE_MIN_ELEMENTS):
         return fn(*args)
-    key = (fn, like.shape, like.dtype, like.device)
-    if key not in _WORKSPACE:
-        _WORKSPACE[key] = tuple(torch.empty_like(like) for _ in range(fn.n_kept))
-    return tuple(_compiled(fn)(*args, *_WORKSPACE[key])) + _WORKSPACE[key]
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=False)
+    return _COMPILED[fn](*args)
 
 
 class GatedEncodeDense(Function):
@@ -179,14 +158,6 @@ def _relu_forward(pre: Tensor, b_enc: Tensor):
 
 def _relu_backward(grad_f: Tensor, f: Tensor):
     return (torch.where(f > 0, grad_f, 0.0),)
-
-
-# Of each function's [B, d_sae] results: how many leave the Function (new buffers), and
-# how many after those are used only inside it (reused buffers on the compiled path).
-_gated_forward.n_new, _gated_forward.n_kept = 2, 1
-_gated_backward.n_new, _gated_backward.n_kept = 0, 4
-_relu_forward.n_new, _relu_forward.n_kept = 1, 1
-_relu_backward.n_new, _relu_backward.n_kept = 0, 1
 
 
 class ReLUEncodeDense(Function):
