@@ -10,6 +10,7 @@ checkpoint (gsae_pl/checkpointing.py); a NaN or Inf stops the run (gsae_pl/fault
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import time
@@ -82,6 +83,29 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         raise UserError(f"lightning refused the trainer settings: {reason}") from None
 
 
+def check_launch(trainer: L.Trainer) -> None:
+    """Refuse a world the launcher cannot provide, before anything is written.
+
+    Lightning itself checks torchrun's and SLURM's world against num_nodes x devices, but
+    only at launch, after config.yaml exists; and a plain process with num_nodes > 1 (no
+    launcher, no NODE_RANK) would wait for nodes nobody starts until the 30-minute
+    process-group timeout. docs/scaling.md has the launch commands.
+    """
+    env = getattr(trainer.strategy, "cluster_environment", None)
+    nodes, devices = trainer.num_nodes, trainer.num_devices
+    if env is not None and env.creates_processes_externally:
+        try:
+            env.validate_settings(num_devices=devices, num_nodes=nodes)
+        except ValueError as err:
+            raise UserError(f"the launcher's world does not match the config: {err} Set "
+                            "trainer.num_nodes and trainer.devices to its nodes and "
+                            "processes per node") from None
+    elif nodes > 1 and not {"NODE_RANK", "MASTER_ADDR"} <= os.environ.keys():
+        raise UserError(f"trainer.num_nodes={nodes}, but no launcher started this process: "
+                        "run the command on every node under torchrun or SLURM (or with "
+                        "MASTER_ADDR, MASTER_PORT and NODE_RANK set), see docs/scaling.md")
+
+
 def fit(cfg: DictConfig, fresh: bool = False, resume_from: Path | None = None) -> dict:
     """Train, evaluate on held-out rows, write metrics.json; returns the final metrics.
 
@@ -92,6 +116,7 @@ def fit(cfg: DictConfig, fresh: bool = False, resume_from: Path | None = None) -
     run_dir = run_dir_of(cfg)
     datamodule = SAEDataModule(cfg)  # refuses bad data before anything is written
     trainer = build_trainer(cfg, run_dir)  # refuses bad trainer settings, writes nothing
+    check_launch(trainer)
     datamodule.check_world(trainer.world_size)
     if fresh and run_dir.exists() and trainer.is_global_zero:
         shutil.rmtree(run_dir)

@@ -17,6 +17,8 @@ BAD = {
     "unknown precision": (["trainer.precision=13-bits"], "lightning refused the trainer"),
     "nan coefficient": (["loss.l1_coefficient=nan"], "must be a finite number"),
     "inf learning rate": (["optim.lr=inf"], "must be a finite number"),
+    "several nodes but no launcher": (["trainer.num_nodes=2", "trainer.strategy=ddp"],
+                                      "no launcher started this process"),
     "batch larger than the data": (["data.source=file", "data.path={rows}",
                                     "data.batch_size=1024"], "1024 to train on"),
 }

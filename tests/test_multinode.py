@@ -117,12 +117,14 @@ def test_two_nodes_follow_one_process_and_only_rank_zero_writes(tmp_path):
 
 
 def test_a_world_smaller_than_num_nodes_is_refused(tmp_path):
-    """trainer.num_nodes=2 under a 1-node torchrun: Lightning refuses at launch and the
-    run ends without metrics. (A plain `python -m gsae_pl.fit` with no launcher at all
-    cannot tell: it waits for the missing node, as docs/scaling.md says.)"""
+    """trainer.num_nodes=2 under a 1-node torchrun: refused before anything is written,
+    with Lightning's reason on gsae_pl's one line (exit 2 from the worker; torchrun then
+    reports the failed worker itself). The no-launcher case is in test_entry_checks.py."""
     command = torchrun(1, 0, free_port()) + args(tmp_path, "run", *TWO_NODES)
     [(rc, err)] = run_all([command], tmp_path)
     assert rc != 0
-    assert "`num_nodes=2` in Lightning, but the product (1 * 2) does not match the " \
-           "world size (1)" in err
-    assert not (tmp_path / "run" / "metrics.json").exists()
+    assert "error: the launcher's world does not match the config: You set `devices=1` and " \
+           "`num_nodes=2` in Lightning, but the product (1 * 2) does not match the world " \
+           "size (1)." in err
+    assert "exitcode  : 2" in err
+    assert not (tmp_path / "run").exists()
