@@ -7,7 +7,8 @@ Every run is `python -m gsae_pl.fit` in its own process, its output in
   each process sees one device; on CPU each gets cores / N threads.
 - `ddp` runs the SAEs one after another, each with Lightning DDP over all N devices
   (gloo on CPU). Multi-node: every node runs the same command with `trainer.num_nodes=K`
-  under torchrun or SLURM, the output on a shared filesystem (docs/scaling.md).
+  under torchrun or SLURM, the output on a shared filesystem; each run gets its own
+  rendezvous port (docs/scaling.md).
 A run that fails is recorded in `<output_dir>/failed/<run>.json` and the suite goes on;
 rerunning the command skips finished runs (those with metrics.json, trained with the config
 the suite gives them today: a changed one is refused) and retries the rest, which resume
@@ -92,6 +93,22 @@ def worker_env(kind: str, slot: int | None, threads: int) -> dict:
     return env
 
 
+def rendezvous_env(index: int) -> dict:
+    """Under torchrun or SLURM (multi-node DDP), each run's own rendezvous: port
+    MASTER_PORT + the run's 1-based index in the suite, hosted by the run's rank 0, the same
+    on every node. Runs one after another on torchrun's own store fail instead: the second
+    run reads the first one's stale addresses (seen with two torchrun nodes on loopback)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    if TorchElasticEnvironment.detect():
+        base = int(os.environ["MASTER_PORT"])
+    elif SLURMEnvironment.detect():
+        base = SLURMEnvironment().main_port  # MASTER_PORT, else Lightning's from the job id
+    else:
+        return {}
+    return {"MASTER_PORT": str(base + index), "TORCHELASTIC_USE_AGENT_STORE": "False"}
+
+
 def prepare_caches(runs: list[Run], log_dir: Path) -> None:
     """Write each distinct activation cache once, before any run reads it (in parallel,
     several runs would otherwise race to write the same cache)."""
@@ -124,18 +141,26 @@ class Launcher:
         self.threads = max(1, cores // devices)
         self.failures: list[str] = []
 
-    def start(self, run: Run, slot: int | None) -> subprocess.Popen:
+    def log_of(self, run: Run) -> Path:
+        """The run's log; on a multi-node suite's other processes `<run>.rank<r>.log`, so
+        that copies on a shared filesystem do not overwrite each other's."""
+        rank = launcher_rank()
+        return self.logs / (f"{run.name}.log" if rank == 0 else f"{run.name}.rank{rank}.log")
+
+    def start(self, run: Run, slot: int | None, index: int) -> subprocess.Popen:
         (self.failed_dir / f"{run.name}.json").unlink(missing_ok=True)  # a retry
         extra = ["trainer.devices=1"] if self.strategy == "parallel" else \
             [f"trainer.devices={self.devices}", "trainer.strategy=ddp"]
         if self.kind == "cpu":
             extra.append("trainer.accelerator=cpu")
-        log = open(self.logs / f"{run.name}.log", "w")
+        log = open(self.log_of(run), "w")
         # Only a parallel run is pinned to its slot's GPU: a DDP run spans every device.
         pinned = slot if self.strategy == "parallel" else None
+        env = worker_env(self.kind, pinned, self.threads)
+        if self.strategy == "ddp":
+            env.update(rendezvous_env(index))
         process = subprocess.Popen(fit_command(run, extra), stdout=log,
-                                   stderr=subprocess.STDOUT,
-                                   env=worker_env(self.kind, pinned, self.threads))
+                                   stderr=subprocess.STDOUT, env=env)
         log.close()  # the child holds its own copy of the descriptor
         return process
 
@@ -148,7 +173,7 @@ class Launcher:
                               if k in m)
             print(f"{where}: done in {seconds:.0f} s ({shown})", flush=True)
             return
-        log = self.logs / f"{run.name}.log"
+        log = self.log_of(run)
         error = last_error_line(log)
         atomic_write_json(self.failed_dir / f"{run.name}.json", {
             "run": run.name, "variant": run.variant, "l1_coefficient": run.l1_coefficient,
@@ -175,7 +200,8 @@ def run_all(launcher: Launcher, todo: list[tuple[int, Run]]) -> None:
             while pending and free:
                 index, run = pending.pop(0)
                 slot = free.pop(0)
-                busy[slot] = (index, run, launcher.start(run, slot), time.perf_counter())
+                busy[slot] = (index, run, launcher.start(run, slot, index),
+                              time.perf_counter())
             time.sleep(0.2)
             for slot, (index, run, process, began) in list(busy.items()):
                 if process.poll() is not None:
@@ -187,11 +213,18 @@ def run_all(launcher: Launcher, todo: list[tuple[int, Run]]) -> None:
             process.kill()
 
 
+LAUNCHER_RANKS = ("RANK", "SLURM_PROCID", "NODE_RANK", "GROUP_RANK")
+
+
+def launcher_rank() -> int:
+    """Which copy of this command torchrun or SLURM started this is: 0 for the first (or
+    the only) one. The others' fit processes join rank 0's runs."""
+    return next((int(os.environ[var]) for var in LAUNCHER_RANKS if os.environ.get(var)), 0)
+
+
 def is_first_process() -> bool:
-    """False in the copies of this command that torchrun or SLURM start on other nodes or
-    ranks: their fit processes join rank 0's runs, and rank 0 alone writes caches and reports."""
-    return all(os.environ.get(var, "0") == "0"
-               for var in ("RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID"))
+    """Rank 0 alone writes caches and reports."""
+    return all(os.environ.get(var, "0") == "0" for var in LAUNCHER_RANKS)
 
 
 def check_finished_match(runs: list[Run]) -> None:

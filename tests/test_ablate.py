@@ -121,11 +121,24 @@ def test_parallel_runs_see_one_gpu_each_and_ddp_runs_see_all(monkeypatch, tmp_pa
     for strategy in ("parallel", "ddp"):
         launcher = ablate.Launcher(load_suite(path), "gpu", 2, strategy)
         launcher.logs.mkdir(parents=True, exist_ok=True)
-        launcher.start(launcher.suite.runs[0], slot=1)
+        launcher.start(launcher.suite.runs[0], slot=1, index=1)
     (parallel, p_env), (ddp, d_env) = seen
     assert p_env["CUDA_VISIBLE_DEVICES"] == "1" and "trainer.devices=1" in parallel
     assert "CUDA_VISIBLE_DEVICES" not in d_env or d_env["CUDA_VISIBLE_DEVICES"] != "1"
     assert "trainer.devices=2" in ddp and "trainer.strategy=ddp" in ddp
+
+
+def test_each_ddp_run_under_torchrun_gets_its_own_rendezvous(monkeypatch):
+    from gsae_pl import ablate
+
+    for var in ("TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "SLURM_JOB_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    assert ablate.rendezvous_env(3) == {}  # no launcher: Lightning picks a free port itself
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # what torchrun sets in its workers
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    assert ablate.rendezvous_env(1) == {"MASTER_PORT": "29501",
+                                        "TORCHELASTIC_USE_AGENT_STORE": "False"}
+    assert ablate.rendezvous_env(3)["MASTER_PORT"] == "29503"
 
 
 @pytest.mark.slow

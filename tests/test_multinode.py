@@ -36,10 +36,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def torchrun(nnodes: int, node_rank: int, port: int) -> list[str]:
+def torchrun(nnodes: int, node_rank: int, port: int, module: str = "gsae_pl.fit") -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes),
             "--nproc-per-node", "1", "--node-rank", str(node_rank),
-            "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "gsae_pl.fit"]
+            "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", module]
 
 
 def _descendants(pid: int) -> list[int]:
@@ -128,3 +128,25 @@ def test_a_world_smaller_than_num_nodes_is_refused(tmp_path):
            "size (1)." in err
     assert "exitcode  : 2" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_an_ablation_suite_across_two_nodes(tmp_path):
+    """`ablate --strategy ddp` under torchrun on each node: the runs one after another, each
+    over both nodes on its own rendezvous; rank 0 alone writes the report."""
+    from tests.test_ablate import SHARED, config, write_suite
+
+    suite = write_suite(tmp_path, {"gated": {"config": config("gated"), "grid": "gated"}},
+                        overrides={**SHARED, "trainer.num_nodes": 2})
+    port = free_port()
+    nodes = [torchrun(2, rank, port, "gsae_pl.ablate") +
+             ["--suite", suite, "--devices", "1", "--strategy", "ddp"] for rank in (0, 1)]
+    (rc0, err0), (rc1, err1) = run_all(nodes, tmp_path)
+    out = tmp_path / "out"
+    logs = {p.name: p.read_text()[-1500:] for p in (out / "logs").glob("*.log")}
+    assert rc0 == 0 and rc1 == 0, (err0[-1500:], err1[-1500:], logs)
+    runs = sorted(p.parent.name for p in (out / "runs").glob("*/metrics.json"))
+    assert runs == ["gated_l1-0.01_seed0", "gated_l1-0.1_seed0"]
+    for run in runs:  # both nodes took part in every run, not only the first
+        assert "GLOBAL_RANK: 1, MEMBER: 2/2" in (out / "logs" / f"{run}.rank1.log").read_text()
+    assert (out / "report.md").is_file() and (out / "results.csv").is_file()
+    assert not (out / "failed").exists() or not list((out / "failed").iterdir())
