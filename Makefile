@@ -4,7 +4,7 @@ STAMP   := .venv/.installed
 CONFIG  ?= configs/base.yaml
 ARGS    ?=
 
-.PHONY: setup fit test test-fast lint bench ablate-quick clean
+.PHONY: setup fit test test-fast lint bench bench-gpu ablate-quick clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,11 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/step.py
 	$(PY) benchmarks/data_path.py
+
+# The same step on a GPU: bf16 autocast, fp32 master weights (benchmarks/RESULTS.md).
+bench-gpu: $(STAMP)
+	$(PY) benchmarks/step.py --accelerator gpu --precision bf16-mixed \
+		--out benchmarks/results/step_gpu.json
 
 # Every paper ablation on the offline tiny LM, two runs at a time (docs/RESULTS.md).
 DEVICES ?= 2

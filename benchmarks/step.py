@@ -164,6 +164,9 @@ def main() -> None:
     parser.add_argument("--precision", default="32-true", help="32-true | bf16-mixed")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/step.json"))
     args = parser.parse_args()
+    if args.accelerator == "gpu" and not torch.cuda.is_available():
+        parser.error("--accelerator gpu: this machine has no CUDA device; run it on one "
+                     "(make bench-gpu)")
     results = []
     print(f"{'case':<32}{'ms/step':>10}{'tokens/s':>10}{'L0':>8}{'GFLOP/s':>9}"
           f"{'bound ms':>10}{'of bound':>9}")
