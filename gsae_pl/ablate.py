@@ -7,8 +7,8 @@ Every run is `python -m gsae_pl.fit` in its own process, its output in
   each process sees one device; on CPU each gets cores / N threads.
 - `ddp` runs the SAEs one after another, each with Lightning DDP over all N devices
   (gloo on CPU). Multi-node: every node runs the same command with `trainer.num_nodes=K`
-  under torchrun or SLURM, the output on a shared filesystem; each run gets its own
-  rendezvous port (docs/scaling.md).
+  under torchrun or SLURM, the output on a shared filesystem; each run meets on its own
+  store (gsae_pl/rendezvous.py, docs/scaling.md).
 A run that fails is recorded in `<output_dir>/failed/<run>.json` and the suite goes on;
 rerunning the command skips finished runs (those with metrics.json, trained with the config
 the suite gives them today: a changed one is refused) and retries the rest, which resume
@@ -36,6 +36,7 @@ from gsae_pl.checkpointing import RUN_DEFINING, changed_keys
 from gsae_pl.cli import ArgumentParser, run_main
 from gsae_pl.errors import RunFailed, UserError
 from gsae_pl.io import atomic_write_json, atomic_write_text
+from gsae_pl.rendezvous import RunStores, is_first_process, launcher_rank
 from gsae_pl.suite import Run, Suite, load_suite
 
 STRATEGIES = ("parallel", "ddp")
@@ -93,22 +94,6 @@ def worker_env(kind: str, slot: int | None, threads: int) -> dict:
     return env
 
 
-def rendezvous_env(index: int) -> dict:
-    """Under torchrun or SLURM (multi-node DDP), each run's own rendezvous: port
-    MASTER_PORT + the run's 1-based index in the suite, hosted by the run's rank 0, the same
-    on every node. Runs one after another on torchrun's own store fail instead: the second
-    run reads the first one's stale addresses (seen with two torchrun nodes on loopback)."""
-    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
-
-    if TorchElasticEnvironment.detect():
-        base = int(os.environ["MASTER_PORT"])
-    elif SLURMEnvironment.detect():
-        base = SLURMEnvironment().main_port  # MASTER_PORT, else Lightning's from the job id
-    else:
-        return {}
-    return {"MASTER_PORT": str(base + index), "TORCHELASTIC_USE_AGENT_STORE": "False"}
-
-
 def prepare_caches(runs: list[Run], log_dir: Path) -> None:
     """Write each distinct activation cache once, before any run reads it (in parallel,
     several runs would otherwise race to write the same cache)."""
@@ -140,6 +125,7 @@ class Launcher:
         cores = len(os.sched_getaffinity(0))
         self.threads = max(1, cores // devices)
         self.failures: list[str] = []
+        self.stores = RunStores() if strategy == "ddp" else None
 
     def log_of(self, run: Run) -> Path:
         """The run's log; on a multi-node suite's other processes `<run>.rank<r>.log`, so
@@ -157,8 +143,8 @@ class Launcher:
         # Only a parallel run is pinned to its slot's GPU: a DDP run spans every device.
         pinned = slot if self.strategy == "parallel" else None
         env = worker_env(self.kind, pinned, self.threads)
-        if self.strategy == "ddp":
-            env.update(rendezvous_env(index))
+        if self.stores is not None:
+            env.update(self.stores.env(index))
         process = subprocess.Popen(fit_command(run, extra), stdout=log,
                                    stderr=subprocess.STDOUT, env=env)
         log.close()  # the child holds its own copy of the descriptor
@@ -211,20 +197,6 @@ def run_all(launcher: Launcher, todo: list[tuple[int, Run]]) -> None:
     finally:  # Ctrl-C or an error here: no orphaned training processes
         for _, _, process, _ in busy.values():
             process.kill()
-
-
-LAUNCHER_RANKS = ("RANK", "SLURM_PROCID", "NODE_RANK", "GROUP_RANK")
-
-
-def launcher_rank() -> int:
-    """Which copy of this command torchrun or SLURM started this is: 0 for the first (or
-    the only) one. The others' fit processes join rank 0's runs."""
-    return next((int(os.environ[var]) for var in LAUNCHER_RANKS if os.environ.get(var)), 0)
-
-
-def is_first_process() -> bool:
-    """Rank 0 alone writes caches and reports."""
-    return all(os.environ.get(var, "0") == "0" for var in LAUNCHER_RANKS)
 
 
 def check_finished_match(runs: list[Run]) -> None:

@@ -146,7 +146,20 @@ def fit(cfg: DictConfig, fresh: bool = False, resume_from: Path | None = None) -
                                        step=trainer.global_step)
         atomic_write_json(run_dir / "metrics.json", metrics)
         print(summary_table(run_dir, metrics))
+    leave_process_group()
     return metrics
+
+
+def leave_process_group() -> None:
+    """DDP: every process leaves together, once rank 0 has written metrics.json. Left to
+    interpreter exit, a process whose peer had already gone could abort in gloo's teardown
+    ("terminate called without an active exception", exit -6; seen with two torchrun
+    nodes on loopback, in about one multi-node suite in four)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _flat(cfg: DictConfig) -> dict:

@@ -128,17 +128,26 @@ def test_parallel_runs_see_one_gpu_each_and_ddp_runs_see_all(monkeypatch, tmp_pa
     assert "trainer.devices=2" in ddp and "trainer.strategy=ddp" in ddp
 
 
-def test_each_ddp_run_under_torchrun_gets_its_own_rendezvous(monkeypatch):
-    from gsae_pl import ablate
+def test_each_ddp_run_under_torchrun_meets_on_its_own_store(monkeypatch):
+    from torch.distributed import TCPStore
 
-    for var in ("TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "SLURM_JOB_NAME"):
+    from gsae_pl.rendezvous import RunStores
+    from tests.test_multinode import free_port
+
+    for var in ("TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "SLURM_JOB_NAME", "RANK"):
         monkeypatch.delenv(var, raising=False)
-    assert ablate.rendezvous_env(3) == {}  # no launcher: Lightning picks a free port itself
+    assert RunStores().env(3) == {}  # no launcher: Lightning picks a free port itself
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # what torchrun sets in its workers
-    monkeypatch.setenv("MASTER_PORT", "29500")
-    assert ablate.rendezvous_env(1) == {"MASTER_PORT": "29501",
-                                        "TORCHELASTIC_USE_AGENT_STORE": "False"}
-    assert ablate.rendezvous_env(3)["MASTER_PORT"] == "29503"
+    base = free_port() - 1
+    monkeypatch.setenv("MASTER_PORT", str(base))
+    stores = RunStores()
+    assert stores.env(1) == {"MASTER_PORT": str(base + 1), "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    # The first process hosts the run's store: a run's rank connects to it as a client.
+    TCPStore("127.0.0.1", base + 1, is_master=False).set("k", "v")
+    assert stores.hosted[1].get("k") == b"v"
+    monkeypatch.setenv("RANK", "1")  # another node's copy only points its runs there
+    other = RunStores()
+    assert other.env(2)["MASTER_PORT"] == str(base + 2) and other.hosted == {}
 
 
 @pytest.mark.slow
