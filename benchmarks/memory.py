@@ -34,6 +34,10 @@ def measure(steps: int, every: int, batch: int, d_in: int, d_sae: int, l0: int) 
     import torch
     from step import make_module
 
+    from gsae_pl import allocator
+
+    allocator.configure()  # a no-op where GLIBC_TUNABLES is set: the baseline child
+
     torch.manual_seed(0)
     module = make_module("gated", d_in, d_sae, "sparse", batch, torch.randn(batch, d_in))
     threshold = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(1 - l0 / d_sae))

@@ -1,4 +1,5 @@
-"""CPU memory allocator settings, applied once when gsae_pl is imported.
+"""CPU memory allocator settings, applied by every gsae_pl command (`cli.run_main`) and
+benchmark at its start; importing gsae_pl as a library changes nothing.
 
 A training step allocates and frees several [batch, d_sae] tensors (64 MiB each at
 4096 x 4096). glibc serves every block over 32 MiB with a fresh mmap and unmaps it on free,
@@ -12,9 +13,10 @@ Two settings remove that:
 The cost: the process keeps its peak memory until it exits, a few hundred MiB above
 glibc's own peak at 768 x 16384, and level after the first tens of steps
 (benchmarks/memory.py).
-Transparent huge pages (THP_MEM_ALLOC_ENABLE, read by torch at its first large allocation)
-make the first touch of each block cheaper still. Any of these already set in the
-environment wins; on a C library other than glibc nothing is changed.
+A glibc setting already in the environment (MALLOC_*_ or GLIBC_TUNABLES) wins; on a C
+library other than glibc nothing is changed. (Torch's transparent huge pages,
+THP_MEM_ALLOC_ENABLE, which gsae_pl used to set, made no measurable difference on top of
+this: benchmarks/RESULTS.md.)
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ _GLIBC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
 
 def configure() -> bool:
     """Apply the settings above; True if glibc's were changed."""
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     if any(name in os.environ for name in _GLIBC_ENV):
         return False
     try:

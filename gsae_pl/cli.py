@@ -1,5 +1,6 @@
 """What every entry point shares: bad input is one line on stderr and exit code 2;
-a run that fails part-way (`RunFailed`) is one line and exit code 3."""
+a run that fails part-way (`RunFailed`) is one line and exit code 3; the CPU allocator set
+up for training (gsae_pl/allocator.py)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ import os
 import sys
 from collections.abc import Callable
 
+from gsae_pl import allocator
 from gsae_pl.errors import RunFailed, UserError
 
 
 def run_main(job: Callable[[], int]) -> int:
+    # Here, not at import: a library user's process (say, a notebook calling load_sae)
+    # keeps its allocator; a command sets it before its first large tensor.
+    allocator.configure()
     try:
         return job()
     except UserError as err:
