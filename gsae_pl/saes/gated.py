@@ -22,8 +22,8 @@ from gsae_pl.saes.kernels import GatedEncodeDense, encode_gated_sparse
 
 # Below this share of active (feature, row) pairs the sparse path beats the dense one on
 # CPU. Measured at 768 x 16384, batch 4096 (`benchmarks/step.py --cases crossover`,
-# benchmarks/RESULTS.md): sparse wins at L0 984 (6.0%), loses at L0 2000 (12.2%), and the
-# interpolated crossover is ~7.7%; 7% keeps a margin.
+# benchmarks/RESULTS.md): sparse wins at L0 971 (5.9%), loses at L0 1985 (12.1%), and the
+# interpolated crossover is ~8.3% (7.7% before the allocator change); 7% keeps a margin.
 SPARSE_CROSSOVER = 0.07
 
 
