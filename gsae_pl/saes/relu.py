@@ -25,13 +25,21 @@ class ReLUSAE(SAE):
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
 
     def encode(self, x: Tensor) -> Encoding:
-        if self.kernel != "reference":
-            f, fired = ReLUEncodeDense.apply(x, self.W_enc, self.b_dec, self.b_enc,
-                                             self.compile_mode)
-            return Encoding(f=f, gate_acts=f, fired=fired)
-        return self.encode_reference(x)
+        return encode_relu(x, self.W_enc, self.b_dec, self.b_enc, self.kernel,
+                           self.compile_mode)
 
     def encode_reference(self, x: Tensor) -> Encoding:
-        pre = (x - self.b_dec) @ self.W_enc + self.b_enc
-        f = torch.relu(pre)
-        return Encoding(f=f, gate_acts=f, fired=(f != 0).sum(0), pi_gate=pre)
+        return encode_relu(x, self.W_enc, self.b_dec, self.b_enc, "reference")
+
+
+def encode_relu(x: Tensor, W_enc: Tensor, b_dec: Tensor, b_enc: Tensor, kernel: str,
+                compile_mode: str = "never") -> Encoding:
+    """f = ReLU((x - b_dec) @ W_enc + b_enc), the sparsity penalty on f itself: through the
+    hand-written backward, or plain autograd for kernel `reference`. The baseline's encoder,
+    also RescaleShiftSAE's stage 1 (with b_gate as b_enc)."""
+    if kernel != "reference":
+        f, fired = ReLUEncodeDense.apply(x, W_enc, b_dec, b_enc, compile_mode)
+        return Encoding(f=f, gate_acts=f, fired=fired)
+    pre = (x - b_dec) @ W_enc + b_enc
+    f = torch.relu(pre)
+    return Encoding(f=f, gate_acts=f, fired=(f != 0).sum(0), pi_gate=pre)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from gsae_pl.saes.base import Encoding
 from gsae_pl.saes.gated import GatedSAE
-from gsae_pl.saes.kernels import ReLUEncodeDense
+from gsae_pl.saes.relu import encode_relu
 
 
 class RescaleShiftSAE(GatedSAE):
@@ -61,13 +61,8 @@ class RescaleShiftSAE(GatedSAE):
     def encode(self, x: Tensor) -> Encoding:
         if self.stage2:
             return super().encode(x)
-        if self.kernel != "reference":  # the baseline's fast path (ReLUSAE does the same)
-            f, fired = ReLUEncodeDense.apply(x, self.W_enc, self.b_dec, self.b_gate,
-                                             self.compile_mode)
-            return Encoding(f=f, gate_acts=f, fired=fired)
-        pre = (x - self.b_dec) @ self.W_enc + self.b_gate
-        f = torch.relu(pre)
-        return Encoding(f=f, gate_acts=f, fired=(f != 0).sum(0), pi_gate=pre)
+        return encode_relu(x, self.W_enc, self.b_dec, self.b_gate, self.kernel,
+                           self.compile_mode)
 
     @torch.no_grad()
     def renormalise_decoder(self) -> None:
