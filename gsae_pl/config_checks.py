@@ -101,9 +101,9 @@ def _validate_rescale_shift(cfg: DictConfig) -> None:
         raise UserError(f"sae.architecture=rescale_shift learns r_mag (sec. 3 item 4): set "
                         f"sae.weight_sharing=r_mag, not {cfg.sae.weight_sharing}")
     # A resample at step s runs after the s-th optimiser step, s = max_steps included.
-    res = cfg.resample
-    done = [res.every_n_steps * j for j in range(1, res.max_resamples + 1)
-            if res.every_n_steps * j <= max_steps] if res.enabled else []
+    from gsae_pl.resample import resample_steps  # here: it brings lightning, only needed now
+
+    done = [step for step in resample_steps(cfg.resample) if step <= max_steps]
     if done and done[-1] > max_steps - steps:
         raise UserError(f"resample at step {done[-1]} falls inside stage 2, which starts at "
                         f"step {max_steps - steps} (trainer.max_steps - sae.rescale_shift_steps)"
