@@ -21,13 +21,15 @@ STORE_TIMEOUT = timedelta(minutes=30)  # torch's default process-group timeout
 
 def launcher_rank() -> int:
     """Which copy of this command torchrun or SLURM started this is: 0 for the first (or
-    the only) one. The others' fit processes join rank 0's runs."""
-    return next((int(os.environ[var]) for var in LAUNCHER_RANKS if os.environ.get(var)), 0)
+    the only) one. The others' fit processes join rank 0's runs. The largest of the ranks
+    set is the global one (a node rank never exceeds it), and 0 only when all are 0."""
+    return max((int(os.environ[var]) for var in LAUNCHER_RANKS if os.environ.get(var)),
+               default=0)
 
 
 def is_first_process() -> bool:
     """Rank 0 alone writes caches and reports, and hosts the runs' stores."""
-    return all(os.environ.get(var, "0") == "0" for var in LAUNCHER_RANKS)
+    return launcher_rank() == 0
 
 
 def launcher_port() -> int | None:
