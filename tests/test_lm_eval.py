@@ -1,4 +1,5 @@
-"""Loss recovered (PAPER.md sec. 6): 1 for a perfect reconstruction, 0 for zeros."""
+"""Loss recovered (docs/method.md): 1 for a perfect reconstruction, 0 for zeros; its
+standard error over held-out windows against a hand-computed example."""
 
 from __future__ import annotations
 
@@ -51,4 +52,64 @@ def test_raw_scale_reconstruction_through_the_module(lm):
     metrics = module._loss_recovered()
     assert metrics["loss_recovered"] == pytest.approx(1.0, abs=1e-4)
     assert set(metrics) == {"ce_clean", "ce_spliced", "ce_zero", "loss_recovered",
-                            "delta_lm_loss"}
+                            "delta_lm_loss", "loss_recovered_se", "delta_lm_loss_se"}
+
+
+# Per-window mean CE (clean, spliced, zero) of 4 hand-made windows.
+WINDOWS = [[3.0, 3.5, 5.0], [2.0, 2.25, 4.5], [4.0, 4.75, 6.0], [3.0, 3.3, 5.5]]
+
+
+def _w(windows):
+    return torch.tensor(windows, dtype=torch.float64)
+
+
+def _hand_se(windows):
+    """The standard errors by hand: plain numpy over windows, the delta method written out."""
+    import numpy as np
+
+    w = np.array(windows)
+    n = len(w)
+    c, s, z = w.mean(0)
+    lr = (z - s) / (z - c)
+    delta_se = np.std(w[:, 1] - w[:, 0], ddof=1) / np.sqrt(n)
+    # the linearised ratio per window: its sample SD over sqrt(n) is the delta-method SE
+    linear = (lr * w[:, 0] - w[:, 1] + (1 - lr) * w[:, 2]) / (z - c)
+    return lr, delta_se, np.std(linear, ddof=1) / np.sqrt(n)
+
+
+def test_standard_errors_match_a_hand_computed_example():
+    sums = lm_eval.window_sums(_w(WINDOWS), tokens_per_window=10)
+    metrics = lm_eval.loss_recovered(sums)
+    lr, delta_se, lr_se = _hand_se(WINDOWS)
+    # means: clean 3.0, spliced 3.45, zero 5.25 -> loss recovered 1.8 / 2.25 = 0.8
+    assert metrics["loss_recovered"] == pytest.approx(0.8) == pytest.approx(lr)
+    assert metrics["delta_lm_loss"] == pytest.approx(0.45)
+    assert metrics["delta_lm_loss_se"] == pytest.approx(delta_se, rel=1e-9)
+    assert metrics["loss_recovered_se"] == pytest.approx(lr_se, rel=1e-9)
+    # spliced - clean per window: 0.5, 0.25, 0.75, 0.3 -> mean 0.45, sample SD 0.2273...
+    assert metrics["delta_lm_loss_se"] == pytest.approx(0.2273030282830976 / 2)
+
+
+def test_window_sums_add_up_across_processes():
+    """DDP sums each process's vector: two shares must give the one-process result."""
+    whole = lm_eval.window_sums(_w(WINDOWS), 10)
+    shares = lm_eval.window_sums(_w(WINDOWS[:1]), 10) + \
+        lm_eval.window_sums(_w(WINDOWS[1:]), 10)
+    assert torch.allclose(whole, shares)
+    assert lm_eval.loss_recovered(shares) == pytest.approx(lm_eval.loss_recovered(whole))
+
+
+def test_one_window_has_no_standard_error():
+    metrics = lm_eval.loss_recovered(lm_eval.window_sums(_w(WINDOWS[:1]), 10))
+    assert "loss_recovered_se" not in metrics and "delta_lm_loss_se" not in metrics
+    assert metrics["loss_recovered"] == pytest.approx(0.75)
+
+
+def test_ce_sums_window_statistics_agree_with_the_token_means(lm):
+    tokens = lm.heldout_tokens(4)
+    sums = lm_eval.ce_sums(lm, tokens, lambda x: 0.5 * x)
+    assert sums.shape == (lm_eval.N_SUMS,) and sums[4] == 4
+    # equal-length windows: the mean of window means is the token mean
+    assert torch.allclose(sums[5:8] / sums[4], sums[:3] / sums[3])
+    metrics = lm_eval.loss_recovered(sums)
+    assert metrics["loss_recovered_se"] > 0 and metrics["delta_lm_loss_se"] > 0
