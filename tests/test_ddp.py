@@ -112,3 +112,119 @@ def test_a_crash_in_one_process_ends_the_others(tmp_path, rank):
     assert not (tmp_path / "run" / "metrics.json").exists()
     for pid_file in tmp_path.glob("pid*"):  # no process left waiting in a collective
         assert _gone(int(pid_file.read_text())), pid_file.name
+
+
+# ---- the objective under real DDP, one step, without Lightning ------------------------
+# Each process runs DistributedDataParallel over its half of one 64-row batch; DDP averages
+# the gradients. Loss terms that are batch means follow the 1-process gradient by that
+# averaging alone; a term over the batch's active features must see the global active set.
+DDP_STEP = """
+import sys
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from tests.test_ddp import objective_step
+
+rank, world, case = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+dist.init_process_group("gloo", init_method=f"file://{case}.store", rank=rank,
+                        world_size=world)
+saved = torch.load(case, weights_only=False)
+kernels = saved["kernels"]
+step = objective_step(saved["overrides"] + [f"sae.kernel={kernels[rank % len(kernels)]}"],
+                      saved["state"])
+model = DistributedDataParallel(step)
+rows = saved["x"].chunk(world)[rank]  # contiguous shares, as gsae_pl's data shards them
+model(rows).backward()
+if rank == 0:
+    torch.save({n: p.grad for n, p in step.sae.named_parameters()}, case + ".grads")
+dist.barrier()  # leave together: gloo can abort a process whose peer has already gone
+dist.destroy_process_group()
+"""
+
+
+class ObjectiveStep(torch.nn.Module):
+    """The training loss of one batch as a module, so DDP can wrap it."""
+
+    def __init__(self, sae, objective):
+        super().__init__()
+        self.sae, self.objective = sae, objective
+
+    def forward(self, x):
+        x_hat, enc = self.sae(x)
+        return sum(self.objective(x, x_hat, enc, self.sae, step=10**6).values())
+
+
+def objective_step(overrides, state) -> ObjectiveStep:
+    from gsae_pl.losses import Objective
+    from gsae_pl.saes import build_sae
+    from tests.conftest import make_cfg
+
+    cfg = make_cfg("sae.d_sae=64", *overrides)
+    sae = build_sae(cfg.sae, 16).double()
+    sae.load_state_dict(state)
+    return ObjectiveStep(sae, Objective.from_config(cfg.loss))
+
+
+def _sparse_state(overrides):
+    """Off the symmetric init, gates mostly shut: the halves' active sets differ."""
+    from gsae_pl.saes import build_sae
+    from tests.conftest import make_cfg
+
+    sae = build_sae(make_cfg("sae.d_sae=64", *overrides).sae, 16).double()
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        sae.b_gate.sub_(2.5)
+        if not make_cfg(*overrides).sae.unit_norm_decoder:  # non-unit decoder rows
+            sae.W_dec.mul_(torch.rand(64, 1, dtype=torch.float64) + 0.5)
+    return sae.state_dict()
+
+
+def ddp_gradients(tmp_path, overrides, kernels=("reference",), world=2, idle_rank=None):
+    """DDP's gradients on rank 0, the 1-process gradients, the 1-process step and the batch.
+    `idle_rank`'s rows are b_dec itself: pi_gate = b_gate < 0, no feature fires there."""
+    import subprocess
+    import sys
+
+    from tests.tiny_run import ROOT
+
+    state = _sparse_state(overrides)
+    x = torch.randn(64, 16, dtype=torch.float64)
+    if idle_rank is not None:
+        x.chunk(world)[idle_rank].copy_(state["b_dec"])
+    case = str(tmp_path / "case.pt")
+    torch.save({"overrides": list(overrides), "state": state, "x": x,
+                "kernels": list(kernels)}, case)
+    script = tmp_path / "ddp_step.py"
+    script.write_text(DDP_STEP)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(world), case], cwd=ROOT,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for r in range(world)]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+    ddp = torch.load(case + ".grads", weights_only=False)
+    one = objective_step(list(overrides) + ["sae.kernel=reference"], state)
+    one(x).backward()
+    return ddp, {n: p.grad for n, p in one.sae.named_parameters()}, one, x
+
+
+def _active_sets_differ(one, x) -> bool:
+    halves = [one.sae(h)[1].fired > 0 for h in x.chunk(2)]
+    return not torch.equal(halves[0], halves[1])
+
+
+@pytest.mark.parametrize("idle_rank", [None, 0, 1])
+def test_ddp_gradient_with_orthogonality_is_the_one_process_gradient(tmp_path, idle_rank):
+    """Each process penalises the globally active features, also one with none of its own
+    (it still joins the all_reduce, or the other would wait forever)."""
+    overrides = ["loss.orthogonality.enabled=true", "loss.orthogonality.coefficient=0.5"]
+    ddp, one, step, x = ddp_gradients(tmp_path, overrides, idle_rank=idle_rank)
+    assert _active_sets_differ(step, x)  # else a per-shard active set is the global one
+    if idle_rank is not None:
+        assert int(step.sae(x.chunk(2)[idle_rank])[1].fired.sum()) == 0
+    assert set(ddp) == set(one)
+    for name in one:
+        torch.testing.assert_close(ddp[name], one[name], rtol=1e-6, atol=1e-9, msg=name)

@@ -13,6 +13,14 @@ neighbours (0.3^4 < 0.01), growing steeply towards duplicates (|cos| = 1 costs 1
 mostly separates near-duplicate features and leaves merely nearby ones alone. Its gradient
 moves both rows of a pair: the active feature's and its neighbour's, active or not.
 
+Under DDP the active set is the global batch's: the per-feature fired counts are summed
+over processes (one [d_sae] all_reduce, on every process every step, since it is a
+collective), so every process holds the same penalty on the same (replicated) W_dec. DDP
+averages gradients over W processes, and the mean of W identical gradients is that
+gradient: no rescaling, and the 2-process run follows the 1-process one
+(tests/test_ddp.py). Averaging per-process means over each shard's own active features
+instead would be a different objective.
+
 Cost: one [k, d_sae] product of the k active rows with all rows, O(k * d_sae * d_in); a
 [d_sae, d_sae] Gram matrix is never formed (tests/test_orthogonality.py checks shapes).
 """
@@ -22,6 +30,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from gsae_pl.losses.base import Term
@@ -47,8 +56,19 @@ def nearest_neighbour_penalty(W_dec: Tensor, active: Tensor, exponent: float) ->
     return per_feature.mean()
 
 
+def global_fired(fired: Tensor) -> Tensor:
+    """Per-feature fired counts over every process's rows (the local ones without DDP)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return fired
+    # A float32 copy: `fired` is float or int by kernel path, and metrics still read it.
+    counts = fired.detach().to(torch.float32, copy=True)
+    dist.all_reduce(counts)  # every process, even one with no active feature of its own
+    return counts
+
+
 def orthogonality_loss(x, x_hat, enc, sae, exponent: float) -> Tensor:
-    active = torch.nonzero(enc.fired > 0).squeeze(1)  # `fired` exists on every kernel path
+    # `fired` exists on every kernel path
+    active = torch.nonzero(global_fired(enc.fired) > 0).squeeze(1)
     return nearest_neighbour_penalty(sae.W_dec, active, exponent)
 
 
