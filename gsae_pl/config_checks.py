@@ -72,9 +72,18 @@ def _validate_combinations(cfg: DictConfig) -> None:
     if cfg.loss.sparsity.kind == "decoder_norm_l1" and cfg.sae.unit_norm_decoder:
         raise UserError("loss.sparsity.kind=decoder_norm_l1 is plain L1 under unit-norm decoder "
                         "rows: also set sae.unit_norm_decoder=false")
+    if (cfg.loss.sparsity.kind == "decoder_norm_l1" and cfg.loss.aux.enabled
+            and cfg.loss.aux.decoder == "frozen"):
+        # The penalty shrinks the rows and the frozen aux decoder (sg(W_dec)) never pushes
+        # back: rows collapse (review: median norm 0.10, L0 3.4x). docs/method.md sec. 2.
+        raise UserError("loss.sparsity.kind=decoder_norm_l1 with loss.aux.decoder=frozen lets "
+                        "the penalty shrink the decoder rows unopposed: set "
+                        "loss.aux.decoder=unfrozen (or loss.aux.enabled=false)")
     _validate_model_side(cfg)
     if cfg.sae.architecture == "rescale_shift":
         _validate_rescale_shift(cfg)
+    if cfg.resample.enabled:  # after rescale_shift's check, whose message is more specific
+        _validate_resample_end(cfg)
     _validate_lm_data(cfg.data)
     if cfg.data.source == "file" and not cfg.data.path:
         raise UserError("data.source=file needs data.path=FILE (.npy, .safetensors or .pt)")
@@ -108,6 +117,25 @@ def _validate_rescale_shift(cfg: DictConfig) -> None:
         raise UserError(f"resample at step {done[-1]} falls inside stage 2, which starts at "
                         f"step {max_steps - steps} (trainer.max_steps - sae.rescale_shift_steps)"
                         ": resample less often, fewer times, or shorten stage 2")
+
+
+def _validate_resample_end(cfg: DictConfig) -> None:
+    """Every resample inside the run must leave resample.lr_return_steps steps before the end.
+
+    Decision (margin = lr_return_steps): by then the lr is back to 1x and the new features
+    have trained as long as the recipe lets them settle; a resample later than that leaves
+    the final metrics measuring half-trained, freshly re-initialised features.
+    """
+    from gsae_pl.resample import resample_steps  # here: it brings lightning, only needed now
+
+    max_steps, margin = cfg.trainer.max_steps, cfg.resample.lr_return_steps
+    inside = [step for step in resample_steps(cfg.resample) if step <= max_steps]
+    fit = [step for step in inside if step + margin <= max_steps]
+    if len(fit) < len(inside):
+        raise UserError(f"resample at step {inside[-1]} leaves {max_steps - inside[-1]} of the "
+                        f"resample.lr_return_steps={margin} steps it needs before "
+                        f"trainer.max_steps={max_steps}: set resample.max_resamples={len(fit)}"
+                        ", resample less often, or train longer")
 
 
 def _validate_lm_data(data: DictConfig) -> None:

@@ -110,3 +110,40 @@ def test_base_yaml_values_are_the_schema_defaults():
     defaults = OmegaConf.to_container(OmegaConf.structured(Config))
     loaded["output"]["name"] = defaults["output"]["name"] = None  # derived when null
     assert loaded == defaults
+
+
+# ---- issue 11: combinations that train but measure the wrong thing ----------------------
+@pytest.mark.parametrize("max_steps,last", [(2000, 2000), (2100, 2000), (1199, 1000)])
+def test_resample_too_near_the_end_is_refused(max_steps, last):
+    """The base schedule resamples after steps 500 ... 2000 and returns the lr over 200
+    steps: a resample inside the last 200 steps would leave the final metrics measuring
+    half-trained, freshly re-initialised features at a dropped lr."""
+    with pytest.raises(UserError) as info:
+        load_config(ROOT / "configs/base.yaml", [f"trainer.max_steps={max_steps}"])
+    message = str(info.value)
+    assert f"resample at step {last}" in message and "resample.lr_return_steps=200" in message
+    assert f"resample.max_resamples={last // 500 - 1}" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("overrides", [
+    ["trainer.max_steps=2200"],  # the last resample (2000) has its 200 steps
+    ["trainer.max_steps=1200", "resample.max_resamples=2"],  # 500, 1000
+    ["trainer.max_steps=1000", "resample.enabled=false"],
+    ["trainer.max_steps=300"],  # no resample falls inside the run
+])
+def test_resample_schedules_that_leave_room_are_accepted(overrides):
+    load_config(ROOT / "configs/base.yaml", overrides)
+
+
+def test_decoder_norm_l1_with_a_frozen_aux_decoder_is_refused():
+    """The penalty shrinks decoder rows, and a frozen aux decoder (sg(W_dec)) does not resist:
+    the rows collapse and the penalty loses its bite (review measured median row norm 0.10,
+    L0 3.4x). Accepted with the aux decoder unfrozen, or without the aux term."""
+    dn = ["loss.sparsity.kind=decoder_norm_l1", "sae.unit_norm_decoder=false"]
+    with pytest.raises(UserError) as info:
+        load_config(ROOT / "configs/base.yaml", [*dn, "loss.aux.decoder=frozen"])
+    message = str(info.value)
+    assert "loss.sparsity.kind=decoder_norm_l1" in message and "\n" not in message
+    assert "loss.aux.decoder=frozen" in message and "set loss.aux.decoder=unfrozen" in message
+    load_config(ROOT / "configs/base.yaml", [*dn, "loss.aux.decoder=unfrozen"])
+    load_config(ROOT / "configs/base.yaml", [*dn, "loss.aux.enabled=false"])
