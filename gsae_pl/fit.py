@@ -21,6 +21,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
+from gsae_pl import provenance
 from gsae_pl.checkpointing import (
     AtomicCheckpointIO,
     RNGState,
@@ -144,6 +145,10 @@ def fit(cfg: DictConfig, fresh: bool = False, resume_from: Path | None = None) -
     if trainer.is_global_zero:
         trainer.logger.log_hyperparams(_flat(cfg), {f"final/{k}": v for k, v in metrics.items()},
                                        step=trainer.global_step)
+        # What made these numbers (commit, versions, data, device), beside metrics.json and
+        # before it, so a finished run always has one (gsae_pl/provenance.py).
+        atomic_write_json(run_dir / "provenance.json",
+                          provenance.collect(datamodule.source, trainer.strategy.root_device))
         atomic_write_json(run_dir / "metrics.json", metrics)
         print(summary_table(run_dir, metrics))
     leave_process_group()
