@@ -3,7 +3,9 @@
 Reads what the runs left (runs/<name>/{config.yaml,metrics.json}, failed/<name>.json) and writes,
 each file whole or not at all, results.csv, plots/*.png and report.md beside them. It only reads
 run outputs, so it can be rerun at any time, e.g. while a suite is still going.
-Metric names follow PAPER.md sec. 6.
+Metric names follow docs/method.md; seed spread, standard errors and what counts as a
+resolved difference: gsae_pl/uncertainty.py; each run's provenance.json: gsae_pl/provenance.py.
+`--verify N` reruns N of a committed suite's runs and compares (gsae_pl/verify.py).
 """
 
 from __future__ import annotations
@@ -12,26 +14,25 @@ import argparse
 import csv
 import io
 import json
-import math
 import sys
 from pathlib import Path
 
 import yaml
 
+from gsae_pl import provenance, uncertainty
 from gsae_pl.cli import ArgumentParser, run_main
+from gsae_pl.curves import common_l0s, interpolate_at_l0, l0_needed
 from gsae_pl.errors import UserError
 from gsae_pl.io import atomic_write_text
 from gsae_pl.report_plots import L0_FLOOR, by_variant, variant_curve, write_plots
 
 # results.csv columns: the ones a reader compares first, then those only some data has.
 MAIN_COLUMNS = ("variant", "l1_coefficient", "seed", "l0", "fvu", "loss_recovered",
-                "delta_lm_loss", "relative_reconstruction_bias", "dead_fraction", "steps",
-                "seconds")
+                "loss_recovered_se", "delta_lm_loss", "delta_lm_loss_se",
+                "relative_reconstruction_bias", "dead_fraction", "steps", "seconds")
 EXTRA_COLUMNS = ("mmcs", "fraction_recovered", "tokens", "run")
 COLUMNS = MAIN_COLUMNS + EXTRA_COLUMNS
 
-# Where the Pareto summary reads each variant's curve: a 1-2-5 ladder, kept where points bracket it.
-L0_LADDER = (1, 2, 5, 10, 20, 40, 80, 160, 320, 640, 1280)
 
 # ---------------------------------------------------------------- reading the suite
 
@@ -99,42 +100,6 @@ def load_failures(suite_dir: Path, finished: set[str]) -> list[dict]:
 
 # ---------------------------------------------------------------- numbers
 
-def interpolate_at_l0(points: list[tuple[float, float]], l0: float) -> float | None:
-    """The curve through `points` (L0, y) at `l0`, linear in log L0; None unless points lie on
-    both sides of `l0` (extrapolating would claim a result no run measured)."""
-    points = sorted(points)
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if x0 <= l0 <= x1:
-            if x0 == x1:
-                return (y0 + y1) / 2
-            t = (math.log(l0) - math.log(x0)) / (math.log(x1) - math.log(x0))
-            return y0 + t * (y1 - y0)
-    if len(points) == 1 and points[0][0] == l0:
-        return points[0][1]
-    return None
-
-
-def common_l0s(curves: dict[str, list[tuple[float, float]]]) -> list[float]:
-    """Ladder L0s that at least half the variants' curves bracket (an outlier such as a
-    collapsed no-aux run must not empty the table), the 4 most widely covered, in order."""
-    ranges = [(c[0][0], c[-1][0]) for c in curves.values() if c]
-    covered = {x: sum(lo <= x <= hi for lo, hi in ranges) for x in L0_LADDER}
-    chosen = [x for x in L0_LADDER if ranges and 2 * covered[x] >= len(ranges)]
-    return sorted(sorted(chosen, key=lambda x: -covered[x])[:4])
-
-
-def l0_needed(points: list[tuple[float, float]], target: float) -> float | None:
-    """The smallest L0 at which the curve (L0, loss recovered) reaches `target`, linear in
-    log L0 between the two runs that straddle it; None if no run reaches it, or the first
-    run already exceeds it (extrapolating would claim an L0 no run measured)."""
-    points = sorted(points)
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if y0 < target <= y1:
-            t = (target - y0) / (y1 - y0)
-            return math.exp(math.log(x0) + t * (math.log(x1) - math.log(x0)))
-    return None
-
-
 def fmt(value) -> str:
     if value is None:
         return ""
@@ -161,34 +126,113 @@ def _markdown_table(header: list[str], body: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(cells) + " |" for cells in body]
 
 
+PARETO_METRICS = ("loss_recovered", "fvu", "relative_reconstruction_bias", "mmcs")
+LOSS_TARGETS = (0.9, 0.95, 0.97, 0.98)
+BAND_NOTE = ("; with several seeds, [min – max] of the same value read off each seed's own "
+             "curve")
+
+
+def _at(x: float):
+    return lambda curve: interpolate_at_l0(curve, x)
+
+
+def _needed(target: float):
+    return lambda curve: l0_needed(curve, target)
+
+
+def _cell(group: list[dict], metric: str, read) -> str:
+    """The value read off the seed-mean curve, with its per-seed band."""
+    return uncertainty.band_text(read(variant_curve(group, metric)),
+                                 uncertainty.per_seed(group, metric, read, variant_curve), fmt)
+
+
 def pareto_summary(rows: list[dict]) -> list[str]:
     """Per metric, each variant's L0 range and the metric read off its curve at common L0s:
     the table that says whether one variant Pareto-dominates another."""
     lines, groups = [], by_variant(rows)
-    curves_of = {metric: {v: variant_curve(g, metric) for v, g in groups.items()}
-                 for metric in ("loss_recovered", "fvu", "relative_reconstruction_bias", "mmcs")}
-    for metric, curves in curves_of.items():
+    for metric in PARETO_METRICS:
+        curves = {v: variant_curve(g, metric) for v, g in groups.items()}
         targets = common_l0s(curves)
         if not any(curves.values()) or not targets:
             continue
         header = ["variant", "points", "L0 range"] + [f"{metric} @ L0={x}" for x in targets]
         body = [[v, str(len(c)), f"{fmt(c[0][0])} - {fmt(c[-1][0])}" if c else ""]
-                + [fmt(interpolate_at_l0(c, x)) for x in targets] for v, c in curves.items()]
+                + [_cell(groups[v], metric, _at(x)) for x in targets]
+                for v, c in curves.items()]
         lines += ["", f"**{metric}** (mean over seeds per coefficient, interpolated linearly "
-                      "in log L0; blank where the variant's runs do not bracket that L0):", ""]
+                      "in log L0; blank where the variant's runs do not bracket that L0"
+                      f"{BAND_NOTE}):", ""]
         lines += _markdown_table(header, body)
-    return lines + _l0_needed_table(curves_of["loss_recovered"])
+    return lines + _l0_needed_table(groups)
 
 
-def _l0_needed_table(curves: dict[str, list[tuple[float, float]]]) -> list[str]:
+def _l0_needed_table(groups: dict[str, list[dict]]) -> list[str]:
     """The paper's way to read the Pareto plot: L0 needed for a given loss recovered."""
-    if not any(curves.values()):
+    if not any(variant_curve(g, "loss_recovered") for g in groups.values()):
         return []
-    targets = (0.9, 0.95, 0.97, 0.98)
-    body = [[v] + [fmt(l0_needed(c, t)) for t in targets] for v, c in curves.items()]
+    body = [[v] + [_cell(g, "loss_recovered", _needed(t)) for t in LOSS_TARGETS]
+            for v, g in groups.items()]
     return ["", "**L0 needed** to reach each loss recovered (same interpolation; blank where "
-                "no pair of the variant's runs straddles it):", ""] + \
-        _markdown_table(["variant"] + [f"L0 @ loss_recovered={t}" for t in targets], body)
+                f"no pair of the variant's runs straddles it{BAND_NOTE}):", ""] + \
+        _markdown_table(["variant"] + [f"L0 @ loss_recovered={t}" for t in LOSS_TARGETS], body)
+
+
+SPREAD_METRICS = ("l0", "fvu", "loss_recovered", "relative_reconstruction_bias")
+
+
+def seed_spread_section(rows: list[dict]) -> list[str]:
+    """Mean ± sample SD over seeds, for every coefficient that has 2 or more seeds."""
+    body = uncertainty.seed_spread_rows(rows, SPREAD_METRICS, fmt)
+    if not body:
+        return ["", "every coefficient has one seed: no seed spread to show"]
+    return ["", "Mean ± sample standard deviation over seeds (n - 1 denominator):", ""] + \
+        _markdown_table(["variant", "l1_coefficient", "seeds"] + list(SPREAD_METRICS), body)
+
+
+def _se_at(x: float):
+    return lambda group: interpolate_at_l0(variant_curve(group, "loss_recovered_se"), x)
+
+
+def _l0_se(target: float):
+    """The loss-recovered SE carried into L0 needed: half the L0 range over which the
+    seed-mean curve, shifted by ± its SE, reaches `target` (None where it cannot)."""
+    def se_of(group):
+        se = dict(variant_curve(group, "loss_recovered_se"))
+        curve = variant_curve(group, "loss_recovered")
+        if not curve or any(x not in se for x, _ in curve):
+            return None
+        ends = [l0_needed([(x, y + sign * se[x]) for x, y in curve], target)
+                for sign in (1, -1)]
+        return None if None in ends else abs(ends[1] - ends[0]) / 2
+    return se_of
+
+
+def comparison_section(rows: list[dict]) -> list[str]:
+    """gated vs baseline at the common L0s and loss-recovered targets, each difference
+    marked resolved or not against seed spread and held-out SE (gsae_pl/uncertainty.py)."""
+    groups = by_variant(rows)
+    if not all(v in groups for v in uncertainty.PAIR):
+        return ["", "no gated-vs-baseline comparison: the suite lacks one of the two variants"]
+    checks = []
+    for metric in ("loss_recovered", "fvu", "relative_reconstruction_bias"):
+        for x in common_l0s({v: variant_curve(g, metric) for v, g in groups.items()}):
+            se = _se_at(x) if metric == "loss_recovered" else None
+            checks.append((f"{metric} @ L0={x}", metric, _at(x), se))
+    checks += [(f"L0 needed @ loss_recovered={t}", "loss_recovered", _needed(t), _l0_se(t))
+               for t in LOSS_TARGETS]
+    body = []
+    for label, metric, read, se in checks:
+        found = uncertainty.compare(groups, read, metric, variant_curve, se)
+        if found:
+            gated, baseline, verdict = found
+            body.append([label, fmt(gated), fmt(baseline), fmt(gated - baseline), verdict])
+    if not body:
+        return ["", "no value that both gated and baseline curves give"]
+    return ["", "Noise = sqrt(sd_gated² + sd_baseline² + SE_gated² + SE_baseline²): sd is the "
+                "sample SD of the per-seed values, SE the held-out standard error (loss "
+                f"recovered only); resolved when |difference| > {uncertainty.RESOLVE_Z:g} x "
+                "noise.", ""] + \
+        _markdown_table(["value", "gated", "baseline", "difference", "verdict"], body)
 
 
 def _tokens_text(rows: list[dict]) -> str:
@@ -208,7 +252,7 @@ def _intro(rows, failures, unfinished, wall_seconds) -> str:
     text += f"; suite wall time {wall_seconds:.0f} s." if wall_seconds is not None else "."
     clipped = sum(1 for r in rows if r["l0"] is not None and r["l0"] < L0_FLOOR)
     text += (f" L0 axes are logarithmic; L0 below {L0_FLOOR} is drawn at {L0_FLOOR} "
-             f"({clipped} run(s) affected). Metrics are defined in PAPER.md sec. 6 and "
+             f"({clipped} run(s) affected). Metrics are defined in docs/method.md and "
              "measured on held-out data; every number is also in `results.csv`.")
     return text
 
@@ -244,9 +288,13 @@ def write_report(suite_dir: Path, wall_seconds: float | None = None) -> Path:
     figures = suite_figures(suite_dir)
     plots = write_plots(suite_dir, rows, title, figures)
     lines = [f"# Ablation suite `{suite_dir.resolve().name}`", "",
-             _intro(rows, failures, unfinished, wall_seconds), "", "## Results", ""]
+             _intro(rows, failures, unfinished, wall_seconds), "", "## Provenance", ""]
+    lines += provenance.suite_header(provenance.read_records(suite_dir, [r["run"] for r in rows]))
+    lines += ["", "## Results", ""]
     lines += _markdown_table(list(COLUMNS), [[fmt(r[c]) for c in COLUMNS] for r in rows])
+    lines += ["", "## Seed spread"] + seed_spread_section(rows)
     lines += ["", "## Pareto summary"] + (pareto_summary(rows) or ["", "no curve to read"])
+    lines += ["", "## Gated vs baseline"] + comparison_section(rows)
     lines += ["", "## Plots"] + [f"\n![{p.stem}](plots/{p.name})" for p in plots.get("", [])]
     for name, paths in plots.items():
         if name:
@@ -267,6 +315,11 @@ def suite_figures(suite_dir: Path) -> dict[str, list[str]]:
 
 
 def _main(args: argparse.Namespace) -> int:
+    if args.verify is not None or args.runs:
+        from gsae_pl.verify import verify
+
+        return verify(Path(args.suite_dir), args.verify, args.runs, args.rtol, args.atol,
+                      args.configs)
     print(write_report(Path(args.suite_dir)))
     return 0
 
@@ -274,6 +327,19 @@ def _main(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m gsae_pl.report", description=__doc__)
     parser.add_argument("suite_dir", help="an ablation suite's output directory")
+    parser.add_argument("--verify", type=int, metavar="N",
+                        help="rerun N of the suite's runs (spread over its variants) with "
+                             "their recorded configs and compare with results.csv: exit 0 "
+                             "if every metric matches, 1 if not")
+    parser.add_argument("--runs", nargs="+", metavar="NAME",
+                        help="with or instead of --verify: rerun these runs by name")
+    parser.add_argument("--rtol", type=float, default=1e-4,
+                        help="relative tolerance of --verify (default 1e-4)")
+    parser.add_argument("--atol", type=float, default=1e-8,
+                        help="absolute tolerance of --verify, for values near 0")
+    parser.add_argument("--configs", default=None,
+                        help="--verify without runs/<run>/config.yaml: the folder holding the "
+                             "suite's variant YAMLs (default: the checkout's ablations/)")
     return run_main(lambda: _main(parser.parse_args(argv)))
 
 

@@ -1,5 +1,8 @@
 """The suite report's figures: each metric against L0 (log axis), one colour and marker per
-variant, a point per run and a line through the seed means (gsae_pl/report.py).
+variant, a point per run and a line through the seed means (gsae_pl/report.py). Error bars:
+on the line, the sample SD over seeds at each coefficient (where there are 2 or more); on
+each loss-recovered point, its held-out standard error. Gamma plots mark gamma = 1 (no
+shrinkage).
 
 A bare matplotlib Figure renders with Agg and touches no global pyplot state. Colours and
 markers follow a variant's place among ALL the suite's variants, so a variant looks the
@@ -9,6 +12,7 @@ same in every figure, including the focused ones a suite names under `figures:`.
 from __future__ import annotations
 
 import io
+import statistics
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -45,6 +49,20 @@ def variant_curve(rows: list[dict], metric: str) -> list[tuple[float, float]]:
     return sorted(curve)
 
 
+def seed_sd_curve(rows: list[dict], metric: str) -> list[float]:
+    """The sample SD over seeds of `metric` at each point of `variant_curve` (0 with one)."""
+    groups: dict = {}
+    for row in rows:
+        if row[metric] is not None and row["l0"] is not None:
+            groups.setdefault(row["l1_coefficient"], []).append(row)
+    points = []
+    for group in groups.values():
+        l0 = sum(max(r["l0"], L0_FLOOR) for r in group) / len(group)
+        values = [r[metric] for r in group]
+        points.append((l0, statistics.stdev(values) if len(values) > 1 else 0.0))
+    return [sd for _, sd in sorted(points)]
+
+
 def by_variant(rows: list[dict]) -> dict[str, list[dict]]:
     """Rows grouped by variant, variants in sorted order (which also fixes their colours)."""
     groups: dict[str, list[dict]] = {}
@@ -76,8 +94,17 @@ def plot_metric(rows: list[dict], metric: str, title: str, style: dict[str, tupl
             continue
         colour, marker = style[variant]
         ax.scatter(*zip(*points), color=colour, marker=marker, s=18, alpha=0.6)
-        ax.plot(*zip(*variant_curve(group, metric)), color=colour, marker=marker,
-                label=variant)
+        se_key = f"{metric}_se"
+        with_se = [(max(r["l0"], L0_FLOOR), r[metric], r[se_key]) for r in group
+                   if r.get(se_key) is not None and r[metric] is not None and r["l0"] is not None]
+        if with_se:  # held-out standard error of each run's value
+            x, y, se = zip(*with_se)
+            ax.errorbar(x, y, yerr=se, fmt="none", ecolor=colour, alpha=0.6, capsize=2)
+        x, y = zip(*variant_curve(group, metric))
+        ax.errorbar(x, y, yerr=seed_sd_curve(group, metric), color=colour, marker=marker,
+                    capsize=3, label=variant)
+    if metric == "relative_reconstruction_bias":
+        ax.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="gamma = 1")
     ax.set_xscale("log")
     clipped = any(r["l0"] is not None and r["l0"] < L0_FLOOR for r in rows)
     ax.set_xlabel(LABELS["l0"] + (f"; L0 < {L0_FLOOR} drawn at {L0_FLOOR}" if clipped else ""))

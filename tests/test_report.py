@@ -49,7 +49,8 @@ def _lm_metrics(l0: float, lr: float) -> dict:
             "relative_reconstruction_bias": 0.9 + lr / 10,
             "dead_fraction": 0.0, "dense_fraction": 0.0, "steps": 100, "seconds": 1.5,
             "tokens": 25600, "norm_scale": 1.0, "loss_recovered": lr, "delta_lm_loss": 1 - lr,
-            "ce_clean": 3.0, "ce_spliced": 4.0 - lr, "ce_zero": 4.0}
+            "ce_clean": 3.0, "ce_spliced": 4.0 - lr, "ce_zero": 4.0,
+            "loss_recovered_se": 0.004, "delta_lm_loss_se": 0.01}
 
 
 @pytest.fixture
@@ -75,7 +76,8 @@ def _csv(suite: Path) -> list[dict]:
 def test_results_csv_header_rows_and_order(lm_suite):
     write_report(lm_suite)
     header = (lm_suite / "results.csv").read_text().splitlines()[0]
-    assert header == ("variant,l1_coefficient,seed,l0,fvu,loss_recovered,delta_lm_loss,"
+    assert header == ("variant,l1_coefficient,seed,l0,fvu,loss_recovered,loss_recovered_se,"
+                      "delta_lm_loss,delta_lm_loss_se,"
                       "relative_reconstruction_bias,dead_fraction,steps,seconds,"
                       "mmcs,fraction_recovered,tokens,run")
     rows = _csv(lm_suite)
@@ -83,6 +85,7 @@ def test_results_csv_header_rows_and_order(lm_suite):
     first = rows[0]  # baseline, 0.01
     assert float(first["l0"]) == 80.0 and float(first["loss_recovered"]) == 0.95
     assert float(first["delta_lm_loss"]) == pytest.approx(0.05)
+    assert float(first["loss_recovered_se"]) == 0.004 and float(first["delta_lm_loss_se"]) == 0.01
     assert first["seed"] == "0" and first["steps"] == "100" and first["tokens"] == "25600"
     assert first["mmcs"] == "" and first["fraction_recovered"] == ""
     assert first["run"] == "baseline_l1-0.01_seed0"
@@ -105,8 +108,8 @@ def test_report_md_has_table_plots_pareto_and_failure(lm_suite):
     assert "6 finished, 1 failed" in text and "25,600 tokens per run" in text
     assert "wall time 123 s" in text and "unfinished" not in text
     assert "| " + " | ".join(COLUMNS) + " |" in text
-    assert "| baseline | 0.01 | 0 | 80 | 0.2625 | 0.95 | 0.05 | 0.995 | 0 | 100 | 1.5 |" \
-        "  |  | 25600 | baseline_l1-0.01_seed0 |" in text
+    assert "| baseline | 0.01 | 0 | 80 | 0.2625 | 0.95 | 0.004 | 0.05 | 0.01 | 0.995 | 0 | 100 |" \
+        " 1.5 |  |  | 25600 | baseline_l1-0.01_seed0 |" in text
     assert "(1 run(s) affected)" in text  # gated at 0.1 has L0 = 0
     for stem in ("l0_vs_loss_recovered", "l0_vs_fvu", "gamma_vs_l0"):
         assert f"(plots/{stem}.png)" in text
@@ -195,3 +198,82 @@ def test_cli_regenerates_and_refuses_missing_or_empty_dirs(lm_suite, tmp_path, c
     assert main([str(tmp_path / "empty")]) == 2
     assert "holds no runs" in capsys.readouterr().err
     assert main([]) == 2  # usage error: one line, exit 2 like any bad input
+
+
+# ---------------------------------------------------------------- seeds, noise, provenance
+
+def _seeded_metrics(l0: float, lr: float, seed: int) -> dict:
+    """Loss recovered moves by 0.01 per seed (SD 0.01 over seeds 0-2); gamma by 0.1, the same
+    for both variants, so gamma differences are pure seed noise."""
+    metrics = _lm_metrics(l0, lr + 0.01 * (seed - 1))
+    metrics["relative_reconstruction_bias"] = 0.9 + 0.1 * (seed - 1)
+    return metrics
+
+
+@pytest.fixture
+def seeded_suite(tmp_path) -> Path:
+    suite = tmp_path / "suite_seeds"
+    points = {("baseline", 0.01): (80.0, 0.95), ("baseline", 0.03): (20.0, 0.85),
+              ("baseline", 0.1): (5.0, 0.60), ("gated", 0.01): (40.0, 0.97),
+              ("gated", 0.03): (10.0, 0.92), ("gated", 0.1): (2.0, 0.70)}
+    for (variant, l1), (l0, lr) in points.items():
+        for seed in (0, 1, 2):
+            _run(suite, variant, l1, seed, _seeded_metrics(l0, lr, seed))
+    return suite
+
+
+def _section(text: str, title: str) -> str:
+    return text.split(f"## {title}")[1].split("\n## ")[0]
+
+
+def test_seed_spread_table_shows_mean_and_sd(seeded_suite):
+    spread = _section(write_report(seeded_suite).read_text(), "Seed spread")
+    assert "sample standard deviation over seeds" in spread
+    # baseline 0.01: loss recovered 0.94, 0.95, 0.96 -> 0.95 ± 0.01; gamma 0.8, 0.9, 1.0
+    assert "| baseline | 0.01 | 3 | 80 ± 0 | 0.2625 ± 0.0025 | 0.95 ± 0.01 | 0.9 ± 0.1 |" in spread
+
+
+def test_pareto_cells_carry_the_per_seed_band(seeded_suite):
+    pareto = _section(write_report(seeded_suite).read_text(), "Pareto summary")
+    # gated at L0=20: half way (in log L0) from (10, 0.92 + d) to (40, 0.97 + d), d = ±0.01
+    assert "0.945 [0.935 – 0.955]" in pareto
+    # L0 needed for 0.9 on baseline, per seed: the curve (20, 0.85 + d) - (80, 0.95 + d)
+    per_seed = [l0_needed([(20.0, 0.85 + d), (80.0, 0.95 + d)], 0.9) for d in (-0.01, 0.01)]
+    assert f"40 [{min(per_seed):.4g} – {max(per_seed):.4g}]" in pareto
+
+
+def test_gated_vs_baseline_resolved_only_beyond_the_noise(seeded_suite, lm_suite):
+    section = _section(write_report(seeded_suite).read_text(), "Gated vs baseline")
+    lines = {line.split(" | ")[0].strip("| "): line for line in section.splitlines()
+             if line.startswith("| ")}
+    # loss recovered @ 20: 0.945 - 0.85 = 0.095 against sqrt(2 * 0.01^2 + 2 * 0.004^2) = 0.015
+    assert "| 0.945 | 0.85 | 0.095 | resolved" in lines["loss_recovered @ L0=20"]
+    # gamma: the same seed noise in both, difference 0 -> not resolved
+    assert "not resolved at this noise" in lines["relative_reconstruction_bias @ L0=20"]
+    assert "resolved" in lines["L0 needed @ loss_recovered=0.9"]
+    one_seed = _section(write_report(lm_suite).read_text(), "Gated vs baseline")
+    assert "one seed: no spread" in one_seed and "| resolved" not in one_seed
+
+
+def test_provenance_header_flags_mixed_commits(seeded_suite):
+    runs = sorted((seeded_suite / "runs").iterdir())
+    record = {"commit": "a" * 40, "dirty": False, "versions": {"torch": "2.0"},
+              "data": {"source": "tiny_lm", "weights_blake2b": "ff"}, "device": "cpu",
+              "threads": 1}
+    for run in runs[:-1]:
+        (run / "provenance.json").write_text(json.dumps(record))
+    text = write_report(seeded_suite).read_text()
+    header = _section(text, "Provenance")
+    assert f"- commit: `{'a' * 40}`" in header and "Warning" not in header
+    assert "- device: `cpu`" in header and "weights_blake2b" in header
+    assert "1 run(s) have no provenance.json" in header
+    (runs[-1] / "provenance.json").write_text(json.dumps({**record, "commit": "b" * 40}))
+    header = _section(write_report(seeded_suite).read_text(), "Provenance")
+    assert "**Warning: the runs come from 2 different commits**" in header
+    assert f"`{'b' * 40}` (1 runs)" in header
+
+
+def test_plots_with_seed_and_se_error_bars(seeded_suite):
+    write_report(seeded_suite)
+    for stem in ("l0_vs_loss_recovered", "gamma_vs_l0"):
+        assert (seeded_suite / "plots" / f"{stem}.png").read_bytes().startswith(PNG_MAGIC)
