@@ -11,6 +11,11 @@ from torch import Tensor
 from torchmetrics import Metric
 
 
+def _at_least_fp32(t: Tensor) -> Tensor:
+    """bf16 / fp16 as fp32, so no batch sum is rounded to 8 significant bits; others as is."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
 class ReconstructionMetrics(Metric):
     """L0, MSE, FVU and the relative reconstruction bias gamma over everything seen.
 
@@ -32,16 +37,18 @@ class ReconstructionMetrics(Metric):
     def update(self, x: Tensor, x_hat: Tensor, fired: Tensor) -> None:
         """`fired`: per feature, the rows of this batch where it is non-zero (Encoding.fired).
 
-        Batch sums in the inputs' dtype (torch sums pairwise), accumulated in float64.
+        Batch sums in the inputs' dtype (torch sums pairwise), at least fp32, accumulated in
+        float64. Counts are summed in float64: exact, where bf16 (8 significant bits) would
+        round any total past 256.
         """
-        x, x_hat = x.detach(), x_hat.detach()
+        x, x_hat = _at_least_fp32(x.detach()), _at_least_fp32(x_hat.detach())
         self.rows += x.shape[0]
         self.sq_err += (x - x_hat).pow(2).sum()
         self.x_sq += x.pow(2).sum()
         self.x_hat_sq += x_hat.pow(2).sum()
         self.x_hat_dot_x += (x_hat * x).sum()
         self.x_sum += x.sum(0)
-        self.active += fired.sum()
+        self.active += fired.sum(dtype=torch.float64)
 
     def compute(self) -> dict[str, Tensor]:
         total_variance = self.x_sq - self.x_sum.pow(2).sum() / self.rows
@@ -64,7 +71,7 @@ class FeatureDensity(Metric):
         self.add_state("rows", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, fired: Tensor, n_rows: int) -> None:
-        self.fired += fired
+        self.fired += fired.to(torch.float64)  # exact counts, whatever dtype they came in
         self.rows += n_rows
 
     def compute(self) -> Tensor:

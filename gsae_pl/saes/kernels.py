@@ -13,14 +13,23 @@ Why not plain autograd (the reference in `GatedSAE.encode_reference`):
 The baseline gets the same centring shortcut (`ReLUEncodeDense`). Every path is checked
 against the reference, values and gradients, in tests/test_kernels.py.
 
-Under bf16 autocast (GPU, `trainer.precision=bf16-mixed`) the matmuls run in bf16 while the
-parameters, and so the thresholds b_gate / b_mag, stay fp32 masters: pi_gate = bf16 pre +
-fp32 b_gate is computed in fp32. custom_fwd/custom_bwd replay the forward's autocast state
-in the backward.
+Under bf16 autocast (`trainer.precision=bf16-mixed`):
+- the dense paths run their matmuls in bf16 while the parameters, and so the thresholds
+  b_gate / b_mag, stay fp32 masters: pi_gate = bf16 pre + fp32 b_gate is computed in fp32.
+  custom_fwd/custom_bwd replay the forward's autocast state in the backward.
+- `fired` is counted exactly, as int64 (`_column_counts`): bf16 holds integers exactly only
+  up to 256, so counts taken in bf16 come out rounded (4097 rows all firing read 4096), and
+  L0, density, dead / dense fractions and resampling all read them.
+- the sparse path runs wholly in fp32, autocast off (`_fp32`): CPU has no bf16 CSR product
+  (addmm_out_sparse_csr_impl_mkl), and its fused addmm would add b_gate in bf16. Simpler
+  than a bf16 encoder matmul with fp32 CSR products around it, and the same on every
+  device; `auto` picks the sparse path on CPU only, and on GPU (`sae.kernel=sparse`, opt-in)
+  it gives up the bf16 speed of its one dense matmul.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import NamedTuple
 
@@ -83,10 +92,11 @@ class SparseCodes(NamedTuple):
 
 # ---- dense pointwise maths, eager or fused by torch.compile (see `pointwise`) ------------
 def _gated_forward(pre: Tensor, b_gate: Tensor, scale: Tensor, b_mag: Tensor):
-    """f, ReLU(pi_gate) and f's non-zero mask (as floats) from pre = (x - b_dec) @ W_enc."""
+    """f, ReLU(pi_gate) and f's non-zero mask (fp32 0/1, for `_column_counts`) from
+    pre = (x - b_dec) @ W_enc."""
     pi_gate = pre + b_gate
     f = torch.where(pi_gate > 0, torch.relu(pre * scale + b_mag), 0.0)
-    return f, torch.relu(pi_gate), (f > 0).to(pre.dtype)
+    return f, torch.relu(pi_gate), (f > 0).float()
 
 
 def _gated_backward(grad_f, grad_gate_acts, pre, b_gate, scale, b_mag):
@@ -130,7 +140,7 @@ class GatedEncodeDense(Function):
         ctx.compile_mode = compile_mode
         f, gate_acts, active = pointwise(_gated_forward, pre, compile_mode,
                                          pre, b_gate, scale, b_mag)
-        fired = _column_sums(active)
+        fired = _column_counts(active)
         ctx.save_for_backward(x_cent, W_enc, pre, b_gate, scale, b_mag)
         ctx.mark_non_differentiable(fired)
         return f, gate_acts, fired
@@ -151,9 +161,37 @@ def _column_sums(matrix: Tensor) -> Tensor:
     return (matrix.new_ones(1, matrix.shape[0]) @ matrix).squeeze(0)
 
 
+def _column_counts(active: Tensor) -> Tensor:
+    """Per column, the rows where the fp32 0/1 matrix `active` is 1: exact, as int64.
+
+    Still the matrix-vector product (a bool `sum(0, dtype=int32)` took 76 ms against its
+    11 ms at 4096 x 4096 on CPU), but in fp32 with autocast off: fp32 adds integers below
+    2^24 exactly, in any order (TF32 rounds only the inputs, and 0/1 survive that)."""
+    if active.shape[0] >= 1 << 24:
+        return active.sum(0, dtype=torch.int64)
+    with torch.autocast(active.device.type, enabled=False):
+        return _column_sums(active).to(torch.int64)
+
+
+def _fp32(method):
+    """Run an autograd Function's forward or backward in fp32 with autocast off, on the
+    inputs' device (custom_fwd's cast_inputs names one device type; CPU and GPU both need
+    it). bf16/fp16 tensors are cast up; fp32 and fp64 are left as they are. Autograd casts
+    each returned gradient back to its input's dtype."""
+
+    @functools.wraps(method)
+    def wrapped(ctx, *args):
+        device = next(a.device.type for a in args if isinstance(a, Tensor))
+        with torch.autocast(device, enabled=False):
+            return method(ctx, *(a.float() if isinstance(a, Tensor) and a.dtype in
+                                 (torch.bfloat16, torch.float16) else a for a in args))
+
+    return wrapped
+
+
 def _relu_forward(pre: Tensor, b_enc: Tensor):
     f = torch.relu(pre + b_enc)
-    return f, (f > 0).to(pre.dtype)
+    return f, (f > 0).float()
 
 
 def _relu_backward(grad_f: Tensor, f: Tensor):
@@ -170,7 +208,7 @@ class ReLUEncodeDense(Function):
         pre = x_cent @ W_enc
         ctx.compile_mode = compile_mode
         f, active = pointwise(_relu_forward, pre, compile_mode, pre, b_enc)
-        fired = _column_sums(active)
+        fired = _column_counts(active)
         ctx.save_for_backward(x_cent, W_enc, f)
         ctx.mark_non_differentiable(fired)
         return f, fired
@@ -214,7 +252,7 @@ class GatedEncodeSparse(Function):
     """
 
     @staticmethod
-    @custom_fwd(device_type="cuda")
+    @_fp32
     def forward(ctx, x, W_enc, b_dec, b_gate, r_mag, b_mag):
         x_cent = x - b_dec
         pi_gate = torch.addmm(b_gate, x_cent, W_enc)
@@ -233,7 +271,7 @@ class GatedEncodeSparse(Function):
         return f_values, gate_values, fired, pattern
 
     @staticmethod
-    @custom_bwd(device_type="cuda")
+    @_fp32
     def backward(ctx, grad_f_values, grad_gate_values, _fired, _pattern):
         x_cent, W_enc, pre_values, mag_values, scale = ctx.saved_tensors
         pattern = ctx.pattern
@@ -253,14 +291,14 @@ class SparseDecode(Function):
     """codes @ W: the forward product and both backward products touch only the support."""
 
     @staticmethod
-    @custom_fwd(device_type="cuda")
+    @_fp32
     def forward(ctx, values, W, pattern):
         ctx.save_for_backward(values, W)
         ctx.pattern = pattern
         return pattern.csr(values) @ W
 
     @staticmethod
-    @custom_bwd(device_type="cuda")
+    @_fp32
     def backward(ctx, grad_out):
         values, W = ctx.saved_tensors
         pattern = ctx.pattern
