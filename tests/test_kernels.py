@@ -13,7 +13,8 @@ from tests.conftest import make_cfg
 
 SWITCHES = [(), ("loss.aux.decoder=unfrozen",), ("sae.weight_sharing=no_r_mag",),
             ("loss.aux.enabled=false",),
-            ("loss.sparsity.kind=decoder_norm_l1", "sae.unit_norm_decoder=false")]
+            ("loss.sparsity.kind=decoder_norm_l1", "sae.unit_norm_decoder=false",
+             "loss.aux.decoder=unfrozen")]  # config_checks refuses it with a frozen one
 
 
 def _terms_and_grads(kernel, overrides, x, state):
