@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from gsae_pl.config_checks import validate
 from gsae_pl.errors import UserError
+from gsae_pl.run_dir import check_name
 
 
 @dataclass
@@ -201,6 +202,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfi
     validate(cfg)
     if cfg.output.name is None:
         cfg.output.name = default_run_name(cfg)
+    check_name(cfg.output.name, "output.name")  # one folder inside output.dir, nowhere else
     return cfg
 
 

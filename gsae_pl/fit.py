@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ from gsae_pl.errors import UserError
 from gsae_pl.faults import NonFiniteMonitor, check_final_metrics, ends_other_processes_on_error
 from gsae_pl.io import atomic_write_json, atomic_write_text
 from gsae_pl.module import SAEModule
+from gsae_pl.run_dir import check_name, remove_run_outputs
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -46,13 +46,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config and exit")
     parser.add_argument("--force", action="store_true",
-                        help="start afresh: delete what the run directory holds (a "
-                             "finished run, or checkpoints it would resume from)")
+                        help="start afresh: delete what an earlier run wrote in the run "
+                             "directory (a finished run, or checkpoints it would resume "
+                             "from); other files there stay")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sae.d_sae=2048")
     return parser.parse_intermixed_args(argv)
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
+    # load_config checks the name too; a config built another way must not escape output.dir
+    check_name(cfg.output.name, "output.name")
     return Path(cfg.output.dir) / cfg.output.name
 
 
@@ -120,7 +123,7 @@ def fit(cfg: DictConfig, fresh: bool = False, resume_from: Path | None = None) -
     check_launch(trainer)
     datamodule.check_world(trainer.world_size)
     if fresh and run_dir.exists() and trainer.is_global_zero:
-        shutil.rmtree(run_dir)
+        remove_run_outputs(run_dir)  # only what a run wrote: a user's own files stay
     L.seed_everything(cfg.seed, verbose=False)
     module = SAEModule(OmegaConf.to_container(cfg), datamodule.d_in)
     # On resume the checkpoint overwrites norm_scale and b_dec with the run's own values.

@@ -57,11 +57,59 @@ def test_tiny_run_writes_everything_and_refuses_to_redo_it(tmp_path, capsys):
     assert (run / "metrics.json").stat().st_mtime_ns == before
 
 
-def test_force_starts_a_fresh_run(tmp_path, capsys):
+def test_force_starts_a_fresh_run_and_keeps_the_users_files(tmp_path, capsys):
     assert _fit(tmp_path) == 0
+    run = tmp_path / "run"
+    (run / "notes.txt").write_text("mine")  # a user's files beside and inside the run's own
+    (run / "plots").mkdir()
+    (run / "checkpoints" / "README").write_text("mine too")
     assert _fit(tmp_path, "--force", "trainer.max_steps=20") == 0
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 20
-    assert len(list((tmp_path / "run").glob("events.out.tfevents.*"))) <= 3  # old ones gone
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 20
+    assert len(list(run.glob("events.out.tfevents.*"))) <= 3  # old ones gone
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == \
+        ["README", "last.ckpt", "step20.ckpt"]  # the old run's step40.ckpt is gone
+    assert (run / "notes.txt").read_text() == "mine" and (run / "plots").is_dir()
+    assert (run / "checkpoints" / "README").read_text() == "mine too"
+
+
+# Each would have put the run (and --force's deletions) elsewhere than one new folder in
+# output.dir: "." deleted output.dir and every run in it, ".." its parent.
+BAD_NAMES = [".", "..", "a/b/../../../escape", "../escape", "sub/run", "a\\b", "''", "-x",
+             "tab\there", "x" * 256]
+
+
+def _sibling(tmp_path) -> Path:
+    (tmp_path / "out" / "sibling").mkdir(parents=True)
+    (tmp_path / "out" / "sibling" / "metrics.json").write_text("{}")
+    return tmp_path / "out"
+
+
+def _untouched(tmp_path) -> None:
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["sibling"]
+    assert (tmp_path / "out" / "sibling" / "metrics.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_a_run_name_that_is_not_one_folder_is_refused(name, tmp_path, capsys):
+    out = _sibling(tmp_path)
+    assert main(["--config", BASE, f"output.dir={out}", f"output.name={name}", "--force",
+                 *TINY]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: output.name=") and err.count("\n") == 1, err
+    _untouched(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [".", "a/b/../../../escape"])
+def test_a_bad_run_name_from_the_shell_deletes_nothing(name, tmp_path):
+    out = _sibling(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "gsae_pl.fit", "--config", BASE,
+                           f"output.dir={out}", f"output.name={name}", "--force", *TINY],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.startswith("error: output.name=") and proc.stderr.count("\n") == 1
+    _untouched(tmp_path)
 
 
 def test_same_seed_same_metrics(tmp_path):
