@@ -30,6 +30,7 @@ from omegaconf import DictConfig
 
 from gsae_pl.config import load_config
 from gsae_pl.errors import UserError
+from gsae_pl.run_dir import name_problem
 
 SUITE_KEYS = {"name", "output_dir", "seeds", "overrides", "grids", "variants", "figures"}
 VARIANT_KEYS = {"config", "grid", "l1_coefficient", "seeds", "overrides"}
@@ -95,11 +96,38 @@ def load_suite(path: str | Path, cli_overrides: list[str] = ()) -> Suite:
                         "settings, e.g. variants: {gated: {grid: gated}}")
     runs = []
     for variant, entry in variants.items():
+        _check_variant_name(path, str(variant))
         runs += _expand(path, str(variant), entry or {}, spec, grids, shared,
                         list(cli_overrides), output_dir / "runs")
+    _check_distinct_runs(path, runs)
     _check_figures(path, spec.get("figures"), set(variants))
     return Suite(name=str(spec.get("name") or path.stem), path=path, output_dir=output_dir,
                  runs=tuple(runs))
+
+
+def _check_variant_name(path: Path, variant: str) -> None:
+    """A variant's name starts its runs' folder names and names its YAML: one plain name."""
+    problem = name_problem(variant)
+    if problem:
+        raise UserError(f"{path}: variant name {variant!r} {problem}: name each variant with "
+                        "one plain name (no '/', '\\' or control characters; not '.', '..' "
+                        "or a leading '-'), and point `config:` at its YAML if it lives elsewhere")
+
+
+def _check_distinct_runs(path: Path, runs: list[Run]) -> None:
+    """Two runs with one name would train into one folder (names print l1 with :g, six
+    significant digits, so 0.1 and 0.10000001 are both `l1-0.1`)."""
+    seen: dict[str, Run] = {}
+    for run in runs:
+        first = seen.setdefault(run.name, run)
+        if first is not run:
+            raise UserError(f"{path}: {_point(first)} and {_point(run)} would both be run "
+                            f"{run.name} in one folder: make the coefficients differ within "
+                            "six significant digits, or drop one")
+
+
+def _point(run: Run) -> str:
+    return f"(variant {run.variant}, l1_coefficient {run.l1_coefficient!r}, seed {run.seed})"
 
 
 def _check_figures(path: Path, figures, variants: set) -> None:
@@ -122,7 +150,10 @@ def _read(path: Path) -> dict:
         raise UserError(f"suite file {path} not found: pass an existing YAML file to --suite "
                         "(e.g. ablations/quick.yaml)")
     try:
-        spec = yaml.safe_load(path.read_text()) or {}
+        spec = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    except DuplicateKey as err:
+        raise UserError(f"suite file {path}: {err}: each variant, grid and setting may appear "
+                        "once (YAML would silently keep only the last)") from None
     except yaml.YAMLError:
         raise UserError(f"suite file {path} is not valid YAML: fix its syntax") from None
     if not isinstance(spec, dict):
@@ -149,6 +180,9 @@ def _expand(path: Path, variant: str, entry: dict, spec: dict, grids: dict,
     seeds = entry.get("seeds", spec.get("seeds", [0]))
     if not isinstance(seeds, list) or not seeds or not all(_is_int(s) for s in seeds):
         raise UserError(f"{where}: seeds must be a non-empty list of integers, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"{where}: seeds {seeds!r} repeat a seed, which would train one run "
+                        "twice in one folder: list each seed once")
     own = shared + _overrides(entry.get("overrides"), f"{where}: overrides") + cli
     runs = []
     for l1 in coefficients:
@@ -183,6 +217,31 @@ def _grid(where: str, entry: dict, grids: dict) -> list[float]:
     if len(set(values)) != len(values):
         raise UserError(f"{where}: the sparsity grid {values!r} repeats a coefficient")
     return values
+
+
+class DuplicateKey(yaml.YAMLError):
+    """A mapping in the suite file names one key twice."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except a key repeated in one mapping is an error: PyYAML keeps the last
+    one silently, so two `gated:` variants would quietly become one."""
+
+    def construct_mapping(self, node, deep=False):
+        lines: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<:` merges may override on purpose
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in lines:
+                    raise DuplicateKey(f"key {key!r} appears twice (lines {lines[key]} and "
+                                       f"{line})")
+                lines[key] = line
+            except TypeError:
+                pass  # an unhashable key: PyYAML's own construction refuses it
+        return super().construct_mapping(node, deep=deep)
 
 
 def _overrides(mapping, where: str) -> list[str]:

@@ -64,10 +64,29 @@ def test_expansion_names_runs_and_orders_overrides(tmp_path):
     ({"gated": {"config": config("gated"), "grid": "gated", "seeds": []}}, {}, "seeds"),
     ({"gated": {"config": config("gated"), "grid": "gated"}}, {"figures": {"main": ["relu"]}},
      "figure main names relu"),
+    # Runs that would share one folder, or land outside runs/:
+    ({"gated": {"config": config("gated"), "l1_coefficient": [0.1, 0.10000001]}}, {},
+     r"\(variant gated, l1_coefficient 0.1, seed 0\) and \(variant gated, l1_coefficient "
+     r"0.10000001, seed 0\) would both be run gated_l1-0.1_seed0"),
+    ({"gated": {"config": config("gated"), "grid": "gated", "seeds": [0, 1, 0]}}, {},
+     "repeat a seed"),
+    ({"gated": {"config": config("gated"), "grid": "gated"}}, {"seeds": [3, 3]}, "repeat a seed"),
+    ({"../small": {"config": config("gated"), "grid": "gated"}}, {},
+     "variant name '../small' holds a path separator"),
+    ({"..": {"config": config("gated"), "grid": "gated"}}, {}, "variant name '..'"),
 ])
 def test_bad_suites_are_refused_with_one_line(tmp_path, variants, extra, message):
     path = write_suite(tmp_path, variants, **extra)
     with pytest.raises(UserError, match=message):
+        load_suite(path)
+
+
+def test_a_variant_named_twice_is_refused_not_silently_dropped(tmp_path):
+    path = tmp_path / "suite.yaml"
+    path.write_text(f"output_dir: {tmp_path / 'out'}\nvariants:\n"
+                    f"  gated: {{config: {config('gated')}, l1_coefficient: [0.1]}}\n"
+                    f"  gated: {{config: {config('gated')}, l1_coefficient: [0.2]}}\n")
+    with pytest.raises(UserError, match=r"key 'gated' appears twice \(lines 3 and 4\)"):
         load_suite(path)
 
 
@@ -78,6 +97,9 @@ def test_refusals_exit_2_before_anything_is_written(tmp_path):
         ["--suite", write_suite(tmp_path, ok), "--devices", "512"],
         ["--suite", write_suite(tmp_path, ok), "seed=3"],
         ["--suite", write_suite(tmp_path, {"gated": {"grid": "gated"}})],  # no gated.yaml here
+        # it trained in <output_dir>/small_l1-0.01_seed0, outside runs/
+        ["--suite", write_suite(tmp_path, {"../small": {"config": config("gated"),
+                                                        "grid": "gated"}})],
     ]
     for argv in cases:
         done = ablate(*argv, timeout=60)
@@ -85,6 +107,7 @@ def test_refusals_exit_2_before_anything_is_written(tmp_path):
         assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), \
             (argv, done.stderr)
     assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["suite.yaml"]
 
 
 def test_a_finished_run_with_another_config_is_refused_not_skipped(tmp_path):
