@@ -21,8 +21,10 @@ a suite with failed runs exits 3 after its report is written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -33,9 +35,11 @@ from omegaconf import OmegaConf
 
 from gsae_pl.cache import rows_wanted
 from gsae_pl.checkpointing import RUN_DEFINING, changed_keys
+from gsae_pl.children import die_with_parent, stop
 from gsae_pl.cli import ArgumentParser, run_main
 from gsae_pl.errors import RunFailed, UserError
 from gsae_pl.io import atomic_write_json, atomic_write_text
+from gsae_pl.lock import SUITE_LOCK, FolderLock
 from gsae_pl.rendezvous import RunStores, is_first_process, launcher_rank
 from gsae_pl.suite import Run, Suite, load_suite
 
@@ -110,7 +114,8 @@ def prepare_caches(runs: list[Run], log_dir: Path) -> None:
               flush=True)
         log = log_dir / f"cache{k}.log"
         with open(log, "w") as out:
-            done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT)
+            done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT,
+                                  preexec_fn=die_with_parent())
         if done.returncode != 0:
             raise RunFailed(f"writing the activation cache failed (exit {done.returncode}): "
                             f"see {log}")
@@ -145,8 +150,10 @@ class Launcher:
         env = worker_env(self.kind, pinned, self.threads)
         if self.stores is not None:
             env.update(self.stores.env(index))
+        # A child dies with the suite, even one killed by SIGKILL (gsae_pl/children.py).
         process = subprocess.Popen(fit_command(run, extra), stdout=log,
-                                   stderr=subprocess.STDOUT, env=env)
+                                   stderr=subprocess.STDOUT, env=env,
+                                   preexec_fn=die_with_parent())
         log.close()  # the child holds its own copy of the descriptor
         return process
 
@@ -194,9 +201,8 @@ def run_all(launcher: Launcher, todo: list[tuple[int, Run]]) -> None:
                     del busy[slot]
                     free.append(slot)
                     launcher.finish(run, process.returncode, time.perf_counter() - began, index)
-    finally:  # Ctrl-C or an error here: no orphaned training processes
-        for _, _, process, _ in busy.values():
-            process.kill()
+    finally:  # Ctrl-C, SIGTERM or an error here: no orphaned training processes
+        stop([process for _, _, process, _ in busy.values()])
 
 
 def check_finished_match(runs: list[Run]) -> None:
@@ -212,9 +218,35 @@ def check_finished_match(runs: list[Run]) -> None:
                             "give the suite a new output_dir, or delete that run to retrain it")
 
 
+def suite_lock(suite: Suite):
+    """One ablate at a time per suite folder (gsae_pl/lock.py). On several nodes only the
+    first process takes it: the others run the same suite with it."""
+    if not is_first_process():
+        return contextlib.nullcontext()
+    return FolderLock(suite.output_dir, SUITE_LOCK, "output_dir",
+                      "give the suite another output_dir")
+
+
+def _on_sigterm(signum, frame) -> None:
+    # Unwinds through run_all's `finally`, which stops the running fits. A second SIGTERM
+    # ends the suite at once; its children still get theirs from the kernel.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise RunFailed("the suite was stopped (SIGTERM), and its running runs with it: rerun "
+                    "the same command to resume them from their checkpoints")
+
+
 def _main(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite, args.overrides)
     kind = check_devices(suite, args.devices)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        with suite_lock(suite):  # before the first look inside, to exit
+            return _run_suite(suite, kind, args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_suite(suite: Suite, kind: str, args: argparse.Namespace) -> int:
     finished = [run for run in suite.runs if (run.run_dir / "metrics.json").is_file()]
     check_finished_match(finished)
     done = {run.name for run in finished}

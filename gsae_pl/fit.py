@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
@@ -36,6 +37,7 @@ from gsae_pl.data.datamodule import SAEDataModule
 from gsae_pl.errors import UserError
 from gsae_pl.faults import NonFiniteMonitor, check_final_metrics, ends_other_processes_on_error
 from gsae_pl.io import atomic_write_json, atomic_write_text
+from gsae_pl.lock import RUN_LOCK, FolderLock, takes_run_lock
 from gsae_pl.module import SAEModule
 from gsae_pl.run_dir import check_name, remove_run_outputs
 
@@ -201,14 +203,27 @@ def _main(args: argparse.Namespace) -> int:
         print(to_yaml(cfg), end="")
         return 0
     run_dir = run_dir_of(cfg)
-    if (run_dir / "metrics.json").exists() and not args.force:
+    with run_lock(run_dir):  # before the first look inside: what it finds stays true
+        return _train(cfg, run_dir, args.force)
+
+
+def run_lock(run_dir: Path):
+    """One command at a time per run directory, until it exits (gsae_pl/lock.py). Only the
+    process a launcher started first takes it: the other DDP ranks are the same run."""
+    if not takes_run_lock():
+        return nullcontext()
+    return FolderLock(run_dir, RUN_LOCK, "output.dir", "set output.name to start another run")
+
+
+def _train(cfg: DictConfig, run_dir: Path, force: bool) -> int:
+    if (run_dir / "metrics.json").exists() and not force:
         print(f"{run_dir} already holds a finished run (metrics.json); "
               "pass --force to train it again, or set output.name to start another")
         return 0
-    resume_from = None if args.force else latest_checkpoint(run_dir)
+    resume_from = None if force else latest_checkpoint(run_dir)
     if resume_from:
         check_same_run(resume_from, cfg)
-    fit(cfg, fresh=args.force, resume_from=resume_from)
+    fit(cfg, fresh=force, resume_from=resume_from)
     return 0
 
 
