@@ -47,9 +47,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 class StepCheckpoint(ModelCheckpoint):
     """ModelCheckpoint that also saves `last.ckpt` when training ends between intervals
-    (Lightning's own end-of-training save is skipped once any checkpoint was written)."""
+    (Lightning's own end-of-training save is skipped once any checkpoint was written) and
+    when a signal stops it (gsae_pl/preemption.py)."""
 
     def on_train_end(self, trainer, pl_module) -> None:
+        self.save_now(trainer)
+
+    def save_now(self, trainer) -> None:
+        """`last.ckpt` at the current step, unless one was saved at this step already.
+        Every process calls it (the save is collective under DDP); process 0 writes."""
         if self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 

@@ -1,5 +1,6 @@
 """What every entry point shares: bad input is one line on stderr and exit code 2;
-a run that fails part-way (`RunFailed`) is one line and exit code 3; the CPU allocator set
+a run that fails part-way (`RunFailed`) is one line and exit code 3, or 128 + the signal
+for one a signal stopped (`preemption.Preempted`: 143 for SIGTERM); the CPU allocator set
 up for training (gsae_pl/allocator.py)."""
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def run_main(job: Callable[[], int]) -> int:
         local_rank = os.environ.get("LOCAL_RANK", "0")
         prefix = f"local process {local_rank}: " if local_rank != "0" else ""
         print(f"{prefix}error: {err}", file=sys.stderr)
-        return 3
+        return getattr(err, "exit_code", 3)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -4,7 +4,8 @@ Order matters for "nothing half-written": config, data and trainer settings are 
 before the run directory `<output.dir>/<output.name>/` is created; `metrics.json` is written
 last, by process 0, atomically, so its presence means the run finished. Rerunning the same
 command on a directory with checkpoints but no metrics.json resumes from the newest
-checkpoint (gsae_pl/checkpointing.py); a NaN or Inf stops the run (gsae_pl/faults.py).
+checkpoint (gsae_pl/checkpointing.py); a NaN or Inf stops the run (gsae_pl/faults.py); a
+SIGTERM, or SLURM's requeue signal, stops it with a checkpoint (gsae_pl/preemption.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
@@ -39,6 +41,7 @@ from gsae_pl.faults import NonFiniteMonitor, check_final_metrics, ends_other_pro
 from gsae_pl.io import atomic_write_json, atomic_write_text
 from gsae_pl.lock import RUN_LOCK, FolderLock, takes_run_lock
 from gsae_pl.module import SAEModule
+from gsae_pl.preemption import Preemption, sigterm_as_preempted
 from gsae_pl.run_dir import check_name, remove_run_outputs
 
 
@@ -70,12 +73,17 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
                                  save_top_k=cfg.checkpoint.keep, save_last=True,
                                  every_n_train_steps=cfg.checkpoint.every_n_steps)
     monitor = NonFiniteMonitor(cfg.log.every_n_steps, cfg.checkpoint.every_n_steps)
+    preemption = Preemption(checkpoints, monitor, agree_every=cfg.log.every_n_steps)
+    # Lightning's SLURM auto-requeue would save hpc_ckpt_N.ckpt from its signal handler into
+    # default_root_dir, which any later fit/validate under SLURM loads: Preemption requeues.
+    slurm = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
     try:
         return L.Trainer(
             **OmegaConf.to_container(cfg.trainer),
+            default_root_dir=run_dir,  # not the cwd, which a suite's runs share
             logger=logger,
-            callbacks=[checkpoints, monitor, RNGState()],
-            plugins=[AtomicCheckpointIO()],
+            callbacks=[checkpoints, monitor, RNGState(), preemption],
+            plugins=[AtomicCheckpointIO(), *slurm],
             val_check_interval=min(cfg.eval.every_n_steps, cfg.trainer.max_steps),
             check_val_every_n_epoch=None,
             log_every_n_steps=cfg.log.every_n_steps,
@@ -137,11 +145,15 @@ def fit(cfg: DictConfig, fresh: bool = False, resume_from: Path | None = None) -
             print(f"resuming {run_dir} from step {checkpoint_step(resume_from)} "
                   f"({resume_from.relative_to(run_dir)})", flush=True)
     start = time.perf_counter()
-    with ends_other_processes_on_error(trainer):
+    with sigterm_as_preempted(trainer), ends_other_processes_on_error(trainer):
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     seconds = time.perf_counter() - start
     if module.evaluated_at_step != trainer.global_step:  # the final weights, held out
-        trainer.validate(module, datamodule=datamodule, verbose=False)
+        # last.ckpt holds them (StepCheckpoint); with no path, Lightning under SLURM would
+        # load an hpc_ckpt_N.ckpt if one lay in default_root_dir.
+        with sigterm_as_preempted(trainer):
+            trainer.validate(module, datamodule=datamodule, verbose=False,
+                             ckpt_path=latest_checkpoint(run_dir))
     metrics = dict(module.final_metrics)
     metrics.update(steps=trainer.global_step, seconds=round(seconds, 2),
                    tokens=trainer.global_step * cfg.data.batch_size,  # the global batch
