@@ -113,9 +113,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def remove_stale_temporaries(run_dir: Path) -> None:
-    """Delete the half-written `.<name>.tmp<pid>` files of a killed save (never read)."""
-    for tmp in checkpoint_dir(run_dir).glob(".*.tmp*"):
-        tmp.unlink(missing_ok=True)
+    """Delete the half-written `.<name>.tmp<pid>` files of a killed save (never read):
+    checkpoints, and metrics.json or config.yaml (io.atomic_write) in the run directory."""
+    for folder in (Path(run_dir), checkpoint_dir(run_dir)):
+        for tmp in folder.glob(".*.tmp*"):
+            if re.fullmatch(r"\..+\.tmp\d+", tmp.name) and tmp.is_file():
+                tmp.unlink(missing_ok=True)
 
 
 def checkpoint_meta(path: Path) -> tuple[int, dict]:

@@ -139,9 +139,9 @@ def fit(cfg: DictConfig, fresh: bool = False, resume_from: Path | None = None) -
     # On resume the checkpoint overwrites norm_scale and b_dec with the run's own values.
     module.prepare_from_sample(datamodule.sample_rows(cfg.data.normalize_rows))
     if trainer.is_global_zero:
+        remove_stale_temporaries(run_dir)  # what a killed process was writing, if any
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
         if resume_from:
-            remove_stale_temporaries(run_dir)
             print(f"resuming {run_dir} from step {checkpoint_step(resume_from)} "
                   f"({resume_from.relative_to(run_dir)})", flush=True)
     start = time.perf_counter()

@@ -149,6 +149,23 @@ def test_a_requeued_run_never_reaches_another_run_in_the_same_cwd(tmp_path):
     assert_same_metrics(metrics(tmp_path, "b"), metrics(alone, "b"))
 
 
+def test_stale_temporaries_in_the_run_dir_are_swept(tmp_path):
+    run = tmp_path / "run"
+    assert main(args(tmp_path, "run", "trainer.max_steps=20")) == 0
+    (run / "metrics.json").unlink()  # as if killed while writing it
+    stale = [run / ".metrics.json.tmp999999", run / ".config.yaml.tmp999999",
+             run / "checkpoints" / ".last.ckpt.tmp999999"]
+    for path in stale:
+        path.write_text("half a file")
+    assert main(args(tmp_path, "run")) == 0  # resumes
+    assert not [p for p in stale if p.exists()]
+    # A kill while writing config.yaml at the very start leaves no checkpoint to resume.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / ".config.yaml.tmp999999").write_text("half a file")
+    assert main(args(tmp_path, "fresh", "trainer.max_steps=10")) == 0
+    assert not list(fresh.glob(".*.tmp*"))
+
 
 def test_sigterm_under_ddp_saves_once_and_ends_every_process(tmp_path):
     # Lightning's launcher: process 0 gets the signal and forwards it; the processes agree
