@@ -53,15 +53,10 @@ class FolderLock:
         self.release()
 
     def acquire(self) -> None:
-        while self.fd is None:
-            self._make_folders()
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            except FileNotFoundError:
-                continue  # a holder that had made the folder just removed it: make it again
-            except OSError as err:
-                self._remove_folders()
-                raise self._cannot_write(err) from None
+        for _ in range(100):  # a retry each time a holder deleted the file we had opened
+            fd = self._open()
+            if fd is None:
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -72,10 +67,25 @@ class FolderLock:
                                 f"wait for it or {self.advice}") from None
             if _names(self.path, fd):
                 self.fd = fd
-            else:
-                os.close(fd)  # its holder deleted it after we opened it: lock the new one
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, f"{os.getpid()}\n".encode())
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                return
+            os.close(fd)
+        self._remove_folders()
+        raise UserError(f"{self.folder}: its lock file {self.path.name} keeps being replaced; "
+                        "stop the other processes using the folder and retry")
+
+    def _open(self) -> int | None:
+        """The lock file, created if need be; None if its folder vanished meanwhile (a
+        holder that had made it removed it on exit): the caller tries again."""
+        try:
+            self._make_folders()
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            self._remove_folders()
+            raise self._cannot_write(err) from None
 
     def release(self) -> None:
         if self.fd is None:
@@ -100,6 +110,11 @@ class FolderLock:
                 if not folder.is_dir():
                     self._remove_folders()
                     raise self._cannot_write(OSError(errno.ENOTDIR, "")) from None
+            except FileNotFoundError as err:
+                if not folder.parent.is_dir():
+                    raise  # a parent vanished meanwhile (its maker's exit): _open retries
+                self._remove_folders()
+                raise self._cannot_write(err) from None
             except OSError as err:
                 self._remove_folders()
                 raise self._cannot_write(err) from None
