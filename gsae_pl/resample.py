@@ -1,15 +1,22 @@
-"""Dead-feature resampling (Bricken et al. 2023; PAPER.md sec. 4), a switch: `resample:`.
+"""Dead-feature resampling (Bricken et al. 2023; docs/method.md sec. 4), a switch: `resample:`.
 
 After steps every_n_steps * 1 .. max_resamples, every feature that fired on no training
 row over the last window_steps steps is re-initialised from a training row that the SAE
 reconstructs badly (Anthropic's recipe; the paper's appendix D uses it):
-- rows of the current global batch are drawn with probability ~ (their squared error)^2;
-  decision (PAPER.md is silent on the sample): the batch at the resample step, all ranks'
-  rows, drawn without replacement while the batch has enough rows;
+- candidate rows: all ranks' rows of the window's last steps, enough for 2 x d_sae rows
+  (never more than the window), as Anthropic draws from a large sample; each is drawn with
+  probability ~ (its squared error)^2 under the SAE at the resample, without replacement
+  and each distinct row once, so no two features share a direction (they would get equal
+  gradients and stay duplicates). Decision: with fewer distinct rows than dead features,
+  only that many are revived; the rest stay dead until the next resample, since perturbed
+  copies of one row would start as near-duplicates;
 - the dead feature's decoder row := unit(x - b_dec); its encoder column(s) (W_enc, the
   gate for gated SAEs, and W_mag when untied) := that direction times encoder_scale times
   the mean norm of the alive columns of the same matrix; its per-feature biases (b_enc,
   b_gate, b_mag) and r_mag := 0; Adam's moments of every one of those entries := 0.
+The rows are drawn at the end of the resample step and used at the start of the next
+batch, so the validation and the checkpoint Lightning runs in between see the weights
+training produced (the checkpoint carries the drawn rows; a resumed run revives from them).
 Then the lr drops to lr_drop x and returns to 1x on a cosine over lr_return_steps steps
 (`lr_multiplier`, which SAEModule multiplies into its warm-up). Decision: the schedule is a
 pure function of the step, so the drop happens at each scheduled resample even when no
@@ -29,6 +36,7 @@ from torch import Tensor
 FEATURE_AXIS = {"W_dec": 0, "W_enc": 1, "W_mag": 1, "b_enc": 0, "b_gate": 0, "b_mag": 0,
                 "r_mag": 0}
 ENCODER_COLUMNS = ("W_enc", "W_mag")  # set to the new direction, scaled like alive columns
+POOL_ROWS_PER_FEATURE = 2  # the draw's pool holds this many rows per feature (Resampler)
 
 
 def resample_steps(resample_cfg) -> list[int]:
@@ -49,25 +57,58 @@ def lr_multiplier(step: int, resample_cfg) -> float:
 
 
 def choose_rows(x: Tensor, x_hat: Tensor, n: int, generator: torch.Generator) -> Tensor:
-    """`n` row indices of x, drawn with probability ~ squared error squared (Anthropic)."""
+    """Up to `n` indices of DISTINCT rows of x, drawn without replacement with probability
+    ~ squared error squared (Anthropic).
+
+    Two features given one direction get identical gradients from every term and stay
+    duplicates for good, so a row is a candidate once (the copies of a repeated row pool
+    their weight) and fewer than `n` come back when fewer distinct rows exist.
+    """
     weights = (x - x_hat).pow(2).sum(1).double().pow(2).cpu()
     if not weights.sum() > 0:  # a perfect (or non-finite) reconstruction: uniform draw
         weights = torch.ones_like(weights)
-    replace = n > int((weights > 0).sum())
-    return torch.multinomial(weights, n, replacement=replace, generator=generator)
+    first, copy_of = _distinct_rows(x)
+    weights = torch.zeros(len(first), dtype=weights.dtype).index_add_(0, copy_of, weights)
+    n = min(n, int((weights > 0).sum()))
+    if n == 0:  # multinomial refuses to draw nothing
+        return first[:0]
+    return first[torch.multinomial(weights, n, replacement=False, generator=generator)]
+
+
+def _distinct_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(index of the first copy of each distinct row of x, in order of appearance; for each
+    row, the position of its distinct row in that list). Without repeats: (arange, arange),
+    so the draw is the one a plain weighted draw over x makes."""
+    _, inverse = torch.unique(x, dim=0, return_inverse=True)
+    inverse = inverse.cpu()
+    positions = torch.arange(len(x))
+    first = torch.full((int(inverse.max()) + 1,), len(x)).scatter_reduce_(0, inverse, positions,
+                                                                          "amin")
+    order = first.argsort()
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(len(order)))
+    return first[order], rank[inverse]
 
 
 @torch.no_grad()
-def resample_dead(sae, optimizer, dead: Tensor, x: Tensor, generator: torch.Generator,
-                  encoder_scale: float) -> None:
-    """Re-initialise the features where `dead` [d_sae] is True from rows of x [B, d_in]."""
-    idx = torch.nonzero(dead).squeeze(1)
+def draw_rows(sae, n: int, pool: Tensor, generator: torch.Generator,
+              chunk_rows: int | None = None) -> Tensor:
+    """Up to `n` distinct rows of `pool` [N, d_in] for dead features, weighted by how badly
+    the SAE reconstructs them now; the forward runs `chunk_rows` rows at a time."""
+    if n == 0:
+        return pool[:0]
+    x_hat = torch.cat([sae(chunk)[0] for chunk in pool.split(chunk_rows or len(pool))])
+    return pool[choose_rows(pool, x_hat, n, generator).to(pool.device)]
+
+
+@torch.no_grad()
+def revive(sae, optimizer, dead: Tensor, rows: Tensor, encoder_scale: float) -> None:
+    """Re-initialise the first len(rows) features where `dead` [d_sae] is True, one from each
+    row of `rows` [k, d_in]; the other dead features wait for the next resample."""
+    idx = torch.nonzero(dead).squeeze(1)[:len(rows)].to(rows.device)
     if idx.numel() == 0:
         return
-    x_hat, _ = sae(x)
-    rows = choose_rows(x, x_hat, idx.numel(), generator).to(x.device)
-    direction = x[rows] - sae.b_dec
-    direction /= direction.norm(dim=1, keepdim=True).clamp_min(1e-12)  # [n_dead, d_in]
+    direction = rows - sae.b_dec
+    direction /= direction.norm(dim=1, keepdim=True).clamp_min(1e-12)  # [k, d_in]
     for name, param in sae.named_parameters():
         axis = FEATURE_AXIS.get(name)
         if axis is None:
@@ -75,7 +116,8 @@ def resample_dead(sae, optimizer, dead: Tensor, x: Tensor, generator: torch.Gene
         if name == "W_dec":
             param[idx] = direction.to(param.dtype)
         elif name in ENCODER_COLUMNS:
-            alive_norm = param[:, ~dead].norm(dim=0).mean() if (~dead).any() else 1.0
+            alive = ~dead.to(param.device)
+            alive_norm = param[:, alive].norm(dim=0).mean() if alive.any() else 1.0
             param[:, idx] = (direction * encoder_scale * alive_norm).t().to(param.dtype)
         else:
             param[idx] = 0.0
@@ -83,6 +125,15 @@ def resample_dead(sae, optimizer, dead: Tensor, x: Tensor, generator: torch.Gene
         for value in optimizer.state.get(param, {}).values():
             if torch.is_tensor(value) and value.shape == param.shape:
                 value.index_fill_(axis, idx, 0.0)
+
+
+def resample_dead(sae, optimizer, dead: Tensor, x: Tensor, generator: torch.Generator,
+                  encoder_scale: float) -> int:
+    """Draw rows of x for the features where `dead` is True and revive them at once;
+    returns how many were revived (at most the number of distinct rows of x)."""
+    rows = draw_rows(sae, int(dead.sum()), x, generator)
+    revive(sae, optimizer, dead, rows, encoder_scale)
+    return len(rows)
 
 
 def global_batch(gathered: Tensor, batch: Tensor) -> Tensor:
@@ -94,12 +145,32 @@ def global_batch(gathered: Tensor, batch: Tensor) -> Tensor:
 
 
 class Resampler(L.Callback):
-    """Counts firing over the window before each scheduled resample, then resamples."""
+    """Counts firing over the window before each scheduled resample and pools the rows of
+    its last steps; at the resample step it draws the rows, and revives the dead features
+    with them at the start of the next batch (so a held-out evaluation at that step measures
+    the weights training produced, not freshly re-initialised features)."""
 
     def __init__(self, resample_cfg, d_sae: int, seed: int):
-        self.cfg, self.seed = resample_cfg, seed
+        self.cfg, self.d_sae, self.seed = resample_cfg, d_sae, seed
         self.steps = resample_steps(resample_cfg)
         self.fired = torch.zeros(d_sae, dtype=torch.long)  # rows fired on, this window
+        self.pool: list[Tensor] = []  # global batches (raw) of the window's last steps
+        self.pending: dict | None = None  # {"dead", "rows"}: drawn, not yet revived
+
+    def pool_steps(self, rows_per_step: int) -> int:
+        """Steps whose rows the draw chooses from. Decision: enough rows for 2 x d_sae, so
+        even with every feature dead the draw still prefers badly reconstructed rows; the
+        pool then takes the memory of two decoders. Never more than the window."""
+        return min(self.cfg.window_steps, math.ceil(POOL_ROWS_PER_FEATURE * self.d_sae
+                                                    / rows_per_step))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # The resample drawn at the end of the previous batch: Lightning ran that step's
+        # validation and checkpoint in between, so both hold the weights before it.
+        if self.pending is not None:
+            revive(pl_module.sae, trainer.optimizers[0], self.pending["dead"],
+                   self.pending["rows"].to(pl_module.device), self.cfg.encoder_scale)
+            self.pending = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step  # already counts this batch's optimiser step
@@ -108,34 +179,49 @@ class Resampler(L.Callback):
             return
         fired = outputs["fired"]
         self.fired = self.fired.to(fired.device) + fired
+        rows_per_step = batch.shape[0] * trainer.world_size
+        if upcoming - step < self.pool_steps(rows_per_step):
+            # Every rank keeps every rank's rows, so all draw the same (DDP stays in step).
+            self.pool.append(global_batch(trainer.strategy.all_gather(batch), batch))
         if step == upcoming:
-            self.resample(trainer, pl_module, batch, step)
+            self.draw(trainer, pl_module, step, rows_per_step)
 
-    def resample(self, trainer, pl_module, batch: Tensor, step: int) -> None:
-        # Every rank sees the same counts and the same rows and seeds the same generator,
+    def draw(self, trainer, pl_module, step: int, rows_per_step: int) -> None:
+        # Every rank sees the same counts and the same pool and seeds the same generator,
         # so the parameters stay identical across DDP processes (and runs are repeatable).
         fired = trainer.strategy.reduce(self.fired.clone(), reduce_op="sum")
-        x = global_batch(trainer.strategy.all_gather(batch), batch)
-        x = x.to(pl_module.device) * pl_module.norm_scale
+        pool = torch.cat([rows.to(pl_module.device) for rows in self.pool])  # some restored
+        pool = pool * pl_module.norm_scale
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         dead = fired == 0
-        resample_dead(pl_module.sae, trainer.optimizers[0], dead, x, generator,
-                      self.cfg.encoder_scale)
+        rows = draw_rows(pl_module.sae, int(dead.sum()), pool, generator, rows_per_step)
+        self.pending = {"dead": dead, "rows": rows}
         self.fired.zero_()
+        self.pool = []
         if trainer.logger is not None and trainer.is_global_zero:
-            trainer.logger.log_metrics({"resample/dead_fraction": float(dead.float().mean())},
+            trainer.logger.log_metrics({"resample/dead_fraction": float(dead.float().mean()),
+                                        "resample/revived_fraction": len(rows) / len(dead)},
                                        max(0, step - 1))
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         # Each process counted only its own rows, and only process 0's state is written:
         # save the sum over processes, so a resumed run of any process count knows which
         # features fired anywhere. Only `fired == 0` is ever read, so counting the saved
-        # part again at the next resample's reduction changes nothing.
+        # part again at the next resample's reduction changes nothing. The pool and a
+        # pending draw are the same on every process already.
         self.fired = trainer.strategy.reduce(self.fired, reduce_op="sum")
         checkpoint["callbacks"][self.state_key] = self.state_dict()
 
     def state_dict(self) -> dict:
-        return {"fired": self.fired.cpu()}
+        # A checkpoint can fall inside the pool's steps or between a draw and its revival
+        # (checkpoints are written after on_train_batch_end): both travel, so resume is exact.
+        pending = None if self.pending is None else {k: v.cpu() for k, v in
+                                                     self.pending.items()}
+        return {"fired": self.fired.cpu(), "pool": [rows.cpu() for rows in self.pool],
+                "pending": pending}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.fired = state_dict["fired"].clone()
+        self.pool = [rows.clone() for rows in state_dict.get("pool", [])]  # older: no pool
+        pending = state_dict.get("pending")
+        self.pending = None if pending is None else {k: v.clone() for k, v in pending.items()}
