@@ -80,17 +80,20 @@ def test_rerun_after_a_stop_continues_and_matches(tmp_path, capsys, uninterrupte
 
 
 @pytest.mark.slow
-def test_resume_mid_resampling_window_matches(tmp_path, capsys):
-    # Stops at step 25, inside the window counting firing for the resample at step 30, and
-    # inside the lr's cosine return from the resample at step 15.
+def test_resume_mid_resampling_window_matches(tmp_path):
+    # Killed after step 25, resumes from step 20: inside the window counting firing for the
+    # resample at step 30, and inside the lr's cosine return from the resample at step 15.
+    # (A run stopped by trainer.max_steps cannot end there: a resample must leave
+    # lr_return_steps steps before the end.)
     resample = ["resample.enabled=true", "resample.every_n_steps=15",
-                "resample.window_steps=10", "resample.max_resamples=2",
-                "resample.lr_return_steps=20"]
+                "resample.window_steps=15", "resample.max_resamples=2",
+                "resample.lr_return_steps=10"]
     assert main(args(tmp_path, "whole", *resample)) == 0
-    assert main(args(tmp_path, "run", *resample, "trainer.max_steps=25")) == 0
-    (tmp_path / "run" / "metrics.json").unlink()
-    assert main(args(tmp_path, "run", *resample)) == 0
-    assert "from step 25" in capsys.readouterr().out
+    die = wrapper_script(tmp_path / "die.py", KILL_AFTER_STEP_25)
+    assert fit_process(tmp_path, "run", *resample, script=die).returncode == -signal.SIGKILL
+    resumed = fit_process(tmp_path, "run", *resample)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "from step 20" in resumed.stdout
     assert_same_metrics(metrics(tmp_path, "run"), metrics(tmp_path, "whole"))
 
 
