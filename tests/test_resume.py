@@ -151,3 +151,41 @@ def test_rng_state_round_trips():
     RNGState().load_state_dict(saved)
     again = (torch.rand(3), random.random(), __import__("numpy").random.rand())
     assert torch.equal(first[0], again[0]) and first[1:] == again[1:]
+
+
+@pytest.fixture(scope="module")
+def lm_overrides(tmp_path_factory) -> list[str]:
+    """A tiny random LM and text (tests/data/lm_fixtures.py) as the run's data source."""
+    from tests.data.lm_fixtures import write_text, write_tiny_gpt2
+
+    root = tmp_path_factory.mktemp("resume_lm")
+    model, corpus = write_tiny_gpt2(root / "model"), write_text(root / "corpus", n_docs=300)
+    # 4 batches per shuffle-buffer block: the kill at step 25 lands mid-block.
+    return ["data.source=transformer_lens", f"data.model={model}", f"data.dataset={corpus}",
+            "data.context_size=16", "data.buffer_size=512", "data.lm_batch_size=8",
+            "data.normalize_rows=256", "eval.rows=128", "eval.lm_contexts=4"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cached", [False, True], ids=["stream", "cache"])
+def test_sigkilled_lm_fit_resumes_to_the_uninterrupted_run_exactly(tmp_path, lm_overrides,
+                                                                    cached):
+    """The LM source (streamed, or through the activation cache) resumes bit for bit: the
+    same final weights and metrics (loss recovered included) as a run never killed."""
+    def cache(name):
+        return ["data.cache=true", f"data.cache_dir={tmp_path / name}"] if cached else []
+
+    assert main(args(tmp_path, "whole", *lm_overrides, *cache("acts_whole"))) == 0
+    extra = [*lm_overrides, *cache("acts_run")]
+    killed = fit_process(tmp_path, "run", *extra, timeout=600,
+                         script=wrapper_script(tmp_path / "die.py", KILL_AFTER_STEP_25))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = fit_process(tmp_path, "run", *extra, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming {tmp_path / 'run'} from step 20" in resumed.stdout
+    final = [torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=False)
+             ["state_dict"] for name in ("whole", "run")]
+    assert final[0].keys() == final[1].keys()
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0]), "weights differ"
+    whole, run = metrics(tmp_path, "whole"), metrics(tmp_path, "run")
+    assert "loss_recovered" in whole and whole == run

@@ -75,8 +75,7 @@ class TextWindows:
                         "as held-out text alone: use more text, or lower eval.rows / "
                         "eval.lm_contexts / data.context_size")
 
-    def train(self, skip_docs: int, rank: int, world: int, skip_windows: int = 0
-              ) -> Iterator[Tensor]:
+    def train(self, skip_docs: int, rank: int, world: int) -> Iterator[Tensor]:
         """Endless windows of this process's shard of the documents after the held-out
         ones; the shard is read again from its start when it runs out (a new epoch)."""
         from datasets.distributed import split_dataset_by_node
@@ -86,9 +85,6 @@ class TextWindows:
             count = 0
             for _, window in self._pack(self._token_lists(iter(shard))):
                 count += 1
-                if skip_windows:  # a resumed run skips the text earlier steps consumed
-                    skip_windows -= 1
-                    continue
                 yield window
             if count == 0:
                 raise UserError(f"data.dataset={self.name} has no text left to train on after "

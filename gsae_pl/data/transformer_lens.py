@@ -10,8 +10,14 @@ so nothing after the site runs (not even the rest of its block). It runs under n
 eval mode, in bf16 autocast on GPU. BOS positions are left out of the rows by default:
 their norms are outliers that would dominate the SAE's loss (NOTES.md, known traps).
 
+Batch k of a process is a pure function of (seed, rank, world size, k) and the text: a
+run resumed at step k rebuilds the shuffle-buffer block holding step k (data/buffer.py),
+tokenising the text before it to find where the block starts without running the LM on
+it, and continues with exactly the batches of an uninterrupted run.
+
 Under DDP each process reads its own text shard and yields batch_size / W rows of its own,
-so (unlike synthetic and file data) a W-process run does not see a 1-process run's batches.
+so (unlike synthetic and file data) a W-process run does not see a 1-process run's batches;
+it does resume exactly, with the same number of processes.
 """
 
 from __future__ import annotations
@@ -143,25 +149,38 @@ class TransformerLensSource:
                             f"{self.hook}: try data.dtype=float32, or another hook")
         return rows
 
-    def row_chunks(self, windows: Iterator[Tensor]) -> Iterator[Tensor]:
-        """Rows of consecutive LM batches of `data.lm_batch_size` windows."""
+    def row_chunks(self, windows: Iterator[Tensor], skip_rows: int = 0) -> Iterator[Tensor]:
+        """Rows of consecutive LM batches of `data.lm_batch_size` windows, from row
+        `skip_rows` on. The batches are cut from the first window whatever `skip_rows` is,
+        so a row is computed in the same batch, hence to the same bits, either way."""
         while True:
             batch = [w for _, w in zip(range(self.lm_batch_size), windows)]
             if not batch:
                 return
-            yield self.rows(torch.stack(batch))
+            tokens = torch.stack(batch)
+            if skip_rows:  # count the batch's rows from its tokens: no LM forward pass
+                n_rows = int(self.keep_mask(tokens).sum())
+                if n_rows <= skip_rows:
+                    skip_rows -= n_rows
+                    continue
+            yield self.rows(tokens)[skip_rows:]
+            skip_rows = 0
 
     # ---- the ActivationSource protocol -------------------------------------------
     def train_batches(self, batch_size: int, rank: int, world_size: int,
                       start_step: int = 0) -> Iterator[Tensor]:
         check_split(batch_size, rank, world_size)
-        per_process = batch_size // world_size
-        # Resuming skips the windows the earlier steps consumed (fresh text, not a replay).
-        skip = start_step * per_process // (self.settings.context_size - 1)
-        windows = self.text.train(self.heldout_docs, rank, world_size, skip_windows=skip)
-        gen = torch.Generator().manual_seed(stream_seed(self.seed, f"lm-buffer-{rank}",
-                                                        start_step))
-        return shuffled_batches(self.row_chunks(windows), self.buffer_size, per_process, gen)
+
+        def chunks_from(row: int) -> Iterator[Tensor]:
+            windows = self.text.train(self.heldout_docs, rank, world_size)
+            return self.row_chunks(windows, skip_rows=row)
+
+        def generator_of(block: int) -> torch.Generator:
+            return torch.Generator().manual_seed(stream_seed(self.seed, f"lm-buffer-{rank}",
+                                                             block))
+
+        return shuffled_batches(chunks_from, self.buffer_size, batch_size // world_size,
+                                generator_of, start_batch=start_step)
 
     def eval_rows(self, n_rows: int) -> Tensor:
         if self._eval_rows is None or len(self._eval_rows) < n_rows:
