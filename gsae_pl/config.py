@@ -22,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from gsae_pl.config_checks import validate
 from gsae_pl.errors import UserError
 from gsae_pl.run_dir import check_name
+from gsae_pl.yaml_io import DuplicateKeyError, safe_load_unique_keys
 
 
 @dataclass
@@ -199,7 +200,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfi
         if "=" not in item:
             raise UserError(f"override {item!r} is not key=value (e.g. sae.d_sae=2048)")
     cfg = _merge(cfg, OmegaConf.from_dotlist(list(overrides)), source="the command line")
+    _resolve(cfg)
     validate(cfg)
+    _check_seed(cfg.seed)
     if cfg.output.name is None:
         cfg.output.name = default_run_name(cfg)
     check_name(cfg.output.name, "output.name")  # one folder inside output.dir, nowhere else
@@ -217,7 +220,10 @@ def _file_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[dict]:
     if path.resolve() in seen:
         raise UserError(f"config {path} includes itself through `defaults`")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = safe_load_unique_keys(path.read_text()) or {}
+    except DuplicateKeyError as err:  # else the last one would win without a word
+        raise UserError(f"config file {path} sets {err.key!r} twice in one mapping (lines "
+                        f"{err.first_line} and {err.line}): keep one") from None
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         line = f" at line {where.line + 1}" if where else ""
@@ -226,9 +232,44 @@ def _file_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[dict]:
         kind = type(data).__name__
         raise UserError(f"config file {path} must hold a mapping of keys, not a {kind}")
     layers: list[dict] = []
-    for parent in data.pop("defaults", None) or []:
+    for parent in _defaults_list(path, data.pop("defaults", None)):
         layers += _file_layers(path.parent / parent, seen + (path.resolve(),))
     return layers + [data]
+
+
+def _defaults_list(path: Path, defaults: Any) -> list[str]:
+    """`defaults:` as a list of file names; one name alone (`defaults: base.yaml`) is one file,
+    not a list of its characters."""
+    if defaults is None:
+        return []
+    if isinstance(defaults, str):
+        return [defaults]
+    if isinstance(defaults, list) and all(isinstance(name, str) for name in defaults):
+        return defaults
+    raise UserError(f"config file {path}: `defaults` must be a file name or a list of file "
+                    f"names, not {defaults!r}")
+
+
+def _resolve(cfg: DictConfig) -> None:
+    """Resolve every ${...} now, so a missing key or environment variable is bad input here
+    rather than a traceback wherever the value is first read."""
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "a config value"
+        reason = str(err).splitlines()[0]
+        raise UserError(f"cannot resolve the interpolation in {key}: {reason}: set it, or "
+                        "give the key a plain value") from None
+
+
+# Lightning's seed_everything (numpy's generator) takes seeds in [0, 2**32 - 1].
+SEED_RANGE = (0, 2**32 - 1)
+
+
+def _check_seed(seed: int) -> None:
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise UserError(f"seed={seed} must lie in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] "
+                        "(the range Lightning and numpy accept)")
 
 
 def _merge(cfg: DictConfig, layer: Any, source: str) -> DictConfig:

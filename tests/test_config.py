@@ -147,3 +147,32 @@ def test_decoder_norm_l1_with_a_frozen_aux_decoder_is_refused():
     assert "loss.aux.decoder=frozen" in message and "set loss.aux.decoder=unfrozen" in message
     load_config(ROOT / "configs/base.yaml", [*dn, "loss.aux.decoder=unfrozen"])
     load_config(ROOT / "configs/base.yaml", [*dn, "loss.aux.enabled=false"])
+
+
+def test_defaults_may_name_one_file_as_a_string(tmp_path):
+    child = tmp_path / "child.yaml"
+    child.write_text(f"defaults: {ROOT / 'configs/base.yaml'}\nsae:\n  d_sae: 96\n")
+    cfg = load_config(child)
+    assert cfg.sae.d_sae == 96 and cfg.trainer.max_steps == 4000  # the rest from base.yaml
+
+
+def test_a_key_set_twice_is_refused_with_both_lines(tmp_path):
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("sae:\n  d_sae: 64\n  architecture: gated\n  d_sae: 128\n")
+    with pytest.raises(UserError, match=r"sets 'd_sae' twice in one mapping \(lines 2 and 4\)"):
+        load_config(dup)
+    # The same key under two different parents is not a repeat.
+    load_config(ROOT / "configs/base.yaml", [])
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("seed=-1", "seed=-1 must lie in [0, 4294967295]"),
+    (f"seed={2**32}", f"seed={2**32} must lie in [0, 4294967295]"),
+    ("output.name=${oc.env:GSAE_PL_SURELY_UNSET}", "GSAE_PL_SURELY_UNSET' not found"),
+    ("sae.d_sae=${nope.key}", "interpolation in sae.d_sae: Interpolation key 'nope.key'"),
+])
+def test_unusable_seeds_and_interpolations_are_one_line(override, needle):
+    with pytest.raises(UserError) as info:
+        load_config(ROOT / "configs/base.yaml", [override])
+    assert needle in str(info.value) and "\n" not in str(info.value)
+    load_config(ROOT / "configs/base.yaml", [f"seed={2**32 - 1}"])  # the top of the range
