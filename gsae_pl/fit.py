@@ -40,6 +40,7 @@ from gsae_pl.errors import UserError
 from gsae_pl.faults import NonFiniteMonitor, check_final_metrics, ends_other_processes_on_error
 from gsae_pl.io import atomic_write_json, atomic_write_text
 from gsae_pl.lock import RUN_LOCK, FolderLock, takes_run_lock
+from gsae_pl.memory import check_run_fits
 from gsae_pl.module import SAEModule
 from gsae_pl.preemption import Preemption, sigterm_as_preempted
 from gsae_pl.run_dir import check_name, remove_run_outputs
@@ -132,6 +133,7 @@ def fit(cfg: DictConfig, fresh: bool = False, resume_from: Path | None = None) -
     trainer = build_trainer(cfg, run_dir)  # refuses bad trainer settings, writes nothing
     check_launch(trainer)
     datamodule.check_world(trainer.world_size)
+    check_run_fits(cfg, datamodule.d_in, trainer)  # before the SAE is built (gsae_pl/memory.py)
     if fresh and run_dir.exists() and trainer.is_global_zero:
         remove_run_outputs(run_dir)  # only what a run wrote: a user's own files stay
     L.seed_everything(cfg.seed, verbose=False)
