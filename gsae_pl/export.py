@@ -26,10 +26,11 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from torch import Tensor
 
-from gsae_pl.checkpointing import latest_checkpoint
+from gsae_pl.checkpointing import checkpoint_dir, latest_checkpoint
 from gsae_pl.cli import ArgumentParser, run_main
 from gsae_pl.errors import UserError
 from gsae_pl.load import CFG_FILE, WEIGHTS_FILE
+from gsae_pl.writable import check_writable_dir
 
 # gsae_pl architecture -> SAELens architecture name.
 # rescale_shift (PAPER.md sec. 3 item 4) ends as a gated SAE with weight sharing.
@@ -46,16 +47,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--force", action="store_true", help="replace an existing OUT_DIR")
     parser.add_argument("--allow-unfinished", action="store_true",
                         help="export the newest checkpoint of a run without metrics.json")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="export this checkpoint of the run (e.g. RUN_DIR/checkpoints/"
+                             "step3000.ckpt) instead of its newest")
     return parser.parse_args(argv)
 
 
-def read_run(run_dir: Path, allow_unfinished: bool) -> tuple[dict, dict[str, Tensor], int]:
-    """The run's config, its SAE state (with norm_scale) and step, from its newest checkpoint."""
+def read_run(run_dir: Path, allow_unfinished: bool,
+             checkpoint: Path | None = None) -> tuple[dict, dict[str, Tensor], int]:
+    """The run's config, its SAE state (with norm_scale) and step, from `checkpoint` or
+    else the run's newest checkpoint."""
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} not found: pass <output.dir>/<output.name>")
-    ckpt = latest_checkpoint(run_dir)
+    ckpt = checkpoint or _newest_checkpoint(run_dir)
     if ckpt is None:
         raise UserError(f"{run_dir} holds no checkpoint (checkpoints/*.ckpt): train it first")
+    if not ckpt.is_file():
+        raise UserError(f"checkpoint {ckpt} not found: pass one of {run_dir}/checkpoints/*.ckpt")
     if not (run_dir / "metrics.json").is_file() and not allow_unfinished:
         raise UserError(f"{run_dir} has not finished (no metrics.json): export a finished run, "
                         "or pass --allow-unfinished to export its newest checkpoint")
@@ -64,8 +72,27 @@ def read_run(run_dir: Path, allow_unfinished: bool) -> tuple[dict, dict[str, Ten
         cfg, weights = state["hyper_parameters"]["cfg"], state["state_dict"]
     except Exception as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserError(f"cannot read checkpoint {ckpt} ({reason})") from None
+        raise UserError(f"cannot read checkpoint {ckpt} ({reason}): {_DAMAGED}") from None
     return cfg, weights, int(state["global_step"])
+
+
+def _step_of(path: Path) -> int:
+    digits = "".join(c for c in path.stem if c.isdigit())
+    return int(digits) if digits else -1
+
+
+_DAMAGED = "it is damaged; export an older checkpoint with --checkpoint FILE, or rerun fit"
+
+
+def _newest_checkpoint(run_dir: Path) -> Path | None:
+    """latest_checkpoint, whose refusal of a damaged last.ckpt gives fit's advice (--force)."""
+    try:
+        return latest_checkpoint(run_dir)
+    except UserError:
+        last = checkpoint_dir(run_dir) / "last.ckpt"  # the only file it opens
+        older = sorted(checkpoint_dir(run_dir).glob("step*.ckpt"), key=_step_of)
+        example = f" (e.g. --checkpoint {older[-1]})" if older else ""
+        raise UserError(f"cannot read checkpoint {last}: {_DAMAGED}{example}") from None
 
 
 def saelens_params(cfg: dict, weights: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -109,28 +136,39 @@ def saelens_cfg(cfg: dict, d_in: int, step: int, norm_scale: float) -> dict:
 
 
 def export(run_dir: Path, out_dir: Path, force: bool = False,
-           allow_unfinished: bool = False) -> Path:
+           allow_unfinished: bool = False, checkpoint: Path | None = None) -> Path:
     if out_dir.exists() and not force and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UserError(f"{out_dir} already exists: pass --force to replace it")
-    cfg, weights, step = read_run(run_dir, allow_unfinished)
+    # The files go to a temporary folder beside OUT_DIR: its parent must take them.
+    check_writable_dir(out_dir.parent, "OUT_DIR's folder")
+    cfg, weights, step = read_run(run_dir, allow_unfinished, checkpoint)
     params = saelens_params(cfg, weights)  # refuses before anything is written
     sae_cfg = saelens_cfg(cfg, params["b_dec"].numel(), step, float(weights["norm_scale"]))
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(params, str(tmp / WEIGHTS_FILE))
-    (tmp / CFG_FILE).write_text(json.dumps(sae_cfg, indent=2) + "\n")
-    for written in (tmp / WEIGHTS_FILE, tmp / CFG_FILE):  # on disk before the rename
-        with open(written, "rb") as fh:
-            os.fsync(fh.fileno())
+    try:
+        _write_files(tmp, params, sae_cfg)
+    except BaseException:  # e.g. the disk filled: no half export left beside OUT_DIR
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out_dir.exists():
         shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
     tmp.rename(out_dir)
     return out_dir
 
 
+def _write_files(tmp: Path, params: dict[str, Tensor], sae_cfg: dict) -> None:
+    tmp.mkdir(parents=True)
+    save_file(params, str(tmp / WEIGHTS_FILE))
+    (tmp / CFG_FILE).write_text(json.dumps(sae_cfg, indent=2) + "\n")
+    for written in (tmp / WEIGHTS_FILE, tmp / CFG_FILE):  # on disk before the rename
+        with open(written, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
 def _main(args: argparse.Namespace) -> int:
-    out = export(args.run_dir, args.out_dir, args.force, args.allow_unfinished)
+    out = export(args.run_dir, args.out_dir, args.force, args.allow_unfinished,
+                 args.checkpoint)
     print(f"exported {args.run_dir} to {out} (SAELens format: {CFG_FILE}, {WEIGHTS_FILE})")
     return 0
 
