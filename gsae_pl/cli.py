@@ -6,6 +6,7 @@ up for training (gsae_pl/allocator.py)."""
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Callable
@@ -25,10 +26,64 @@ def run_main(job: Callable[[], int]) -> int:
         return 2
     except RunFailed as err:
         # Under DDP every process stops with the same message; the extra ranks say who they are.
-        local_rank = os.environ.get("LOCAL_RANK", "0")
-        prefix = f"local process {local_rank}: " if local_rank != "0" else ""
-        print(f"{prefix}error: {err}", file=sys.stderr)
+        print(f"{_rank_prefix()}error: {err}", file=sys.stderr)
         return getattr(err, "exit_code", 3)
+    except Exception as err:
+        disk = disk_error_in(err)
+        if disk is None:
+            raise
+        print(f"{_rank_prefix()}error: {disk_error_line(disk, err)}", file=sys.stderr)
+        return 3
+
+
+# A disk that fills up or turns read-only under a running command: the user's to fix, not
+# a bug, so one line (what and where) instead of a traceback. Writes are atomic
+# (gsae_pl/io.py), so the checkpoints already on disk are whole.
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+
+
+def _chain(err: BaseException):
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def disk_error_in(err: BaseException) -> OSError | None:
+    """The disk error behind `err`: torch.save, for one, turns ENOSPC into a RuntimeError
+    raised while handling it, and Lightning's teardown may add more."""
+    return next((e for e in _chain(err) if isinstance(e, OSError) and e.errno in DISK_ERRNOS),
+                None)
+
+
+def _path_being_written(err: BaseException) -> str | None:
+    """The innermost `path`/`filepath` argument on the failing call stack (torch.save into
+    an open file reports no file name of its own)."""
+    for exc in _chain(err):
+        tb, frames = exc.__traceback__, []
+        while tb is not None:
+            frames.append(tb.tb_frame)
+            tb = tb.tb_next
+        for frame in reversed(frames):
+            for name in ("path", "filepath"):
+                value = frame.f_locals.get(name)
+                if isinstance(value, (str, os.PathLike)):
+                    return os.fspath(value)
+    return None
+
+
+def disk_error_line(disk: OSError, err: BaseException) -> str:
+    path = disk.filename or _path_being_written(err)
+    where = f": {path}" if path else ""
+    return (f"{disk.strerror or os.strerror(disk.errno)}{where}: the command stopped; free "
+            "space or fix permissions there, then rerun it (fit resumes from its newest "
+            "checkpoint)")
+
+
+def _rank_prefix() -> str:
+    local_rank = os.environ.get("LOCAL_RANK", "0")
+    return f"local process {local_rank}: " if local_rank != "0" else ""
 
 
 class ArgumentParser(argparse.ArgumentParser):
