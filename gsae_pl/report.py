@@ -54,6 +54,11 @@ def read_run(run_dir: Path) -> dict | None:
     if not (run_dir / "metrics.json").exists():
         return None
     metrics = _read(run_dir / "metrics.json", json.loads)
+    problem = _bad_metrics(metrics)
+    if problem:  # skip it and say so: one odd run must not stop the suite's report
+        print(f"warning: skipping {run_dir / 'metrics.json'}: {problem}; the report lists "
+              f"{run_dir.name} as unfinished", file=sys.stderr)
+        return None
     cfg = _read(run_dir / "config.yaml", yaml.safe_load) if (run_dir / "config.yaml").exists() \
         else {}
     cfg = cfg or {}
@@ -64,6 +69,20 @@ def read_run(run_dir: Path) -> dict | None:
     row["seed"] = _get(cfg, "seed")
     row["run"] = run_dir.name
     return row
+
+
+def _bad_metrics(metrics) -> str | None:
+    """Why `metrics` (parsed metrics.json) cannot make a results row; None if it can."""
+    if not isinstance(metrics, dict):
+        return f"it holds a JSON {type(metrics).__name__}, not an object"
+    for column in COLUMNS:
+        if column in ("variant", "l1_coefficient", "seed", "run"):
+            continue  # taken from config.yaml and the folder name, not from metrics.json
+        value = metrics.get(column)
+        if value is not None and (isinstance(value, bool) or
+                                  not isinstance(value, (int, float))):
+            return f"{column} is {value!r}, not a number"
+    return None
 
 
 def _sort_key(row: dict):
