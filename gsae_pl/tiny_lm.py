@@ -37,6 +37,11 @@ from tqdm.auto import tqdm
 from gsae_pl.io import atomic_write_json
 
 BOS = "<|endoftext|>"  # GPT-2's one special token: BOS, EOS and the document separator
+CORPUS = "corpus.jsonl"  # the files the LM trained on: the SAE's training text
+HELDOUT = "heldout.jsonl"  # the files it held out: the SAE's held-out text and loss recovered
+# What a model directory holds, in its key: a directory made before a change is never read
+# as one made after it (2: the held-out files moved out of corpus.jsonl into heldout.jsonl).
+LAYOUT = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +64,8 @@ def cache_root() -> Path:
 
 
 def model_dir(recipe: Recipe = Recipe()) -> Path:
-    key = json.dumps([dataclasses.asdict(recipe), sys.version_info[:2]], sort_keys=True)
+    key = json.dumps([dataclasses.asdict(recipe), sys.version_info[:2], LAYOUT],
+                     sort_keys=True)
     digest = hashlib.blake2b(key.encode(), digest_size=6).hexdigest()
     return cache_root() / "tiny_lm" / f"gpt2-{recipe.n_layer}l{recipe.d_model}d-{digest}"
 
@@ -181,7 +187,7 @@ def _build(out: Path, recipe: Recipe, progress: bool, start: float) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    _write_corpus(out, train_docs, heldout_docs, recipe.seed)
+    write_corpus(out, train_docs, heldout_docs, recipe.seed)
     atomic_write_json(out / "tiny_lm.json", report)  # last: its presence means "complete"
     print(f"tiny LM: held-out CE {report['heldout_ce']:.3f} nats/token vs unigram entropy "
           f"{report['unigram_entropy']:.3f}; built in {report['build_seconds']} s",
@@ -189,14 +195,16 @@ def _build(out: Path, recipe: Recipe, progress: bool, start: float) -> dict:
     return report
 
 
-def _write_corpus(out: Path, train_docs: list[str], heldout_docs: list[str], seed: int):
-    """The SAE's default text: every file, in a fixed shuffled order (so the documents the
-    SAE holds out at the front are not all from one corner of the library)."""
-    docs = train_docs + heldout_docs
-    random.Random(seed).shuffle(docs)
-    with open(out / "corpus.jsonl", "w") as fh:
-        for text in docs:
-            fh.write(json.dumps({"text": text}) + "\n")
+def write_corpus(out: Path, train_docs: list[str], heldout_docs: list[str], seed: int):
+    """The SAE's default text, kept apart as the LM's was: it trains on the LM's training
+    files (CORPUS) and is evaluated on the files the LM held out (HELDOUT), so loss
+    recovered is measured on text the LM never saw. Each in a fixed shuffled order, so the
+    held-out windows, the first of HELDOUT, are not all from one corner of the library."""
+    for name, docs in ((CORPUS, list(train_docs)), (HELDOUT, list(heldout_docs))):
+        random.Random(seed).shuffle(docs)
+        with open(out / name, "w") as fh:
+            for text in docs:
+                fh.write(json.dumps({"text": text}) + "\n")
 
 
 def train_model(model, tokens: torch.Tensor, recipe: Recipe, progress: bool) -> None:

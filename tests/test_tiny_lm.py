@@ -36,4 +36,29 @@ def test_build_is_deterministic_cached_and_loads_through_the_bridge(tmp_path, mo
     assert (dirs[1] / "tiny_lm.json").stat().st_mtime_ns == stamp
     bridge = TransformerBridge.boot_transformers(str(dirs[1]), device="cpu")
     assert "blocks.0.mlp.hook_post" in bridge.hook_dict
-    assert sum(1 for _ in open(dirs[1] / "corpus.jsonl")) > 3
+    texts = [{json.loads(line)["text"] for line in open(dirs[1] / name)}
+             for name in ("corpus.jsonl", "heldout.jsonl")]
+    assert len(texts[0]) > 3 and texts[1] and not texts[0] & texts[1]  # LM train / held out
+
+
+def test_sae_heldout_text_is_text_the_lm_never_trained_on(tmp_path, monkeypatch):
+    """Loss recovered and the eval rows must not be measured on the LM's training text;
+    the SAE's own training windows stay off the held-out documents too."""
+    import itertools
+
+    from gsae_pl.data.transformer_lens import build_lm_source
+    from tests.conftest import make_cfg
+    from tests.data.lm_fixtures import doc_ids, fake_stdlib_docs, write_fake_tiny_lm
+
+    monkeypatch.setenv("GSAE_PL_CACHE", str(tmp_path))
+    _, lm_train, lm_heldout = write_fake_tiny_lm(fake_stdlib_docs())
+    assert lm_heldout and lm_train
+    src = build_lm_source(make_cfg("data.source=tiny_lm", "data.context_size=16",
+                                   "eval.rows=256", "eval.lm_contexts=4",
+                                   "data.buffer_size=256", "data.batch_size=32"))
+    tok = src.bridge.tokenizer
+    heldout = doc_ids(tok, src.heldout)
+    assert heldout and heldout <= lm_heldout
+    assert doc_ids(tok, src.heldout_tokens(4)) <= lm_heldout
+    train = doc_ids(tok, itertools.islice(src.text.train(src.heldout_docs, 0, 1), 400))
+    assert train and not train & heldout

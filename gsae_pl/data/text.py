@@ -6,9 +6,12 @@
 windows of `context_size` tokens that each start with BOS, the TransformerLens
 `tokenize_and_concatenate` convention.
 
-The first documents of the stream are the held-out text (PAPER.md sec. 6): just enough of
-them to fill the held-out windows, the same on every process. Training reads the rest,
-and under DDP each process reads a disjoint shard of it (`split_dataset_by_node`).
+Held-out text (docs/method.md: evaluate on held-out tokens) is either a dataset of its own
+(`data.source=tiny_lm` on its own corpus: the files the tiny LM never trained on, so loss
+recovered is not measured on the LM's training text) or, for any other dataset, the
+first documents of the stream: just enough of them to fill the held-out windows, the same
+on every process, and training reads the rest. Under DDP each process reads a disjoint
+shard of the training documents (`split_dataset_by_node`).
 """
 
 from __future__ import annotations
@@ -52,8 +55,10 @@ def open_dataset(name: str, split: str):
 class TextWindows:
     """Token windows [context_size] with BOS first, from one dataset column."""
 
-    def __init__(self, dataset, column: str, tokenizer, context_size: int, name: str):
+    def __init__(self, dataset, column: str, tokenizer, context_size: int, name: str,
+                 heldout_dataset=None):
         self.dataset, self.column, self.tokenizer = dataset, column, tokenizer
+        self.heldout_dataset = heldout_dataset  # None: held-out text is the stream's front
         self.context_size, self.name = int(context_size), name
         self.bos_id = tokenizer.bos_token_id
         if self.bos_id is None:
@@ -63,17 +68,20 @@ class TextWindows:
         self.separator = self.bos_id if eos is None else eos  # between packed documents
 
     def heldout(self, n_windows: int) -> tuple[Tensor, int]:
-        """The first `n_windows` windows [n, T] and the number of documents they used up."""
+        """The first `n_windows` held-out windows [n, T] and the number of documents of
+        the training dataset they used up (0 when the held-out text is its own dataset)."""
+        separate = self.heldout_dataset is not None
         used, windows = 0, []
-        stream = self._token_lists(iter(self.dataset))
+        stream = self._token_lists(iter(self.heldout_dataset if separate else self.dataset))
         for used, window in self._pack(stream):
             windows.append(window)
             if len(windows) == n_windows:
-                return torch.stack(windows), used
-        raise UserError(f"data.dataset={self.name} is too short: it gives {len(windows)} "
-                        f"windows of {self.context_size} tokens, and {n_windows} are needed "
-                        "as held-out text alone: use more text, or lower eval.rows / "
-                        "eval.lm_contexts / data.context_size")
+                return torch.stack(windows), 0 if separate else used
+        what = "its held-out text" if separate else f"data.dataset={self.name}"
+        raise UserError(f"{what} is too short: it gives {len(windows)} windows of "
+                        f"{self.context_size} tokens, and {n_windows} are needed as held-out "
+                        "text alone: use more text, or lower eval.rows / eval.lm_contexts / "
+                        "data.context_size")
 
     def train(self, skip_docs: int, rank: int, world: int) -> Iterator[Tensor]:
         """Endless windows of this process's shard of the documents after the held-out

@@ -88,17 +88,21 @@ class TransformerLensSource:
 
     true_features = None
 
-    def __init__(self, cfg, model: str, dataset: str, kind: str = "transformer_lens"):
+    def __init__(self, cfg, model: str, dataset: str, kind: str = "transformer_lens",
+                 heldout_dataset: str | None = None):
         data = cfg.data
         self.kind, self.model_name, self.dataset_name = kind, model, dataset
+        self.heldout_dataset_name = heldout_dataset
         self.hook, self.dtype, self.seed = data.hook, data.dtype, int(cfg.seed)
         self.exclude_bos, self.buffer_size = bool(data.exclude_bos), int(data.buffer_size)
         self.lm_batch_size, self.settings = int(data.lm_batch_size), data
         self.device = initial_device(cfg)
         self.bridge = load_lm(model, data.dtype, str(self.device))
         check_hook(self.bridge, self.hook)
+        heldout_text = open_dataset(heldout_dataset, data.split) if heldout_dataset else None
         self.text = TextWindows(open_dataset(dataset, data.split), data.column,
-                                self.bridge.tokenizer, data.context_size, dataset)
+                                self.bridge.tokenizer, data.context_size, dataset,
+                                heldout_dataset=heldout_text)
         self.bos_id = self.text.bos_id
         # Enough held-out windows for eval.rows rows (a margin for BOS tokens inside
         # windows) and for the loss-recovered windows, which are the first of them.
@@ -202,15 +206,21 @@ class TransformerLensSource:
         return {"source": self.kind, "model": model, "hook": self.hook,
                 "dataset": self.dataset_name, "split": data.split, "column": data.column,
                 "context_size": int(data.context_size), "exclude_bos": self.exclude_bos,
-                "dtype": self.dtype, "heldout_windows": len(self.heldout), "d_in": self.d_in}
+                "dtype": self.dtype, "heldout_windows": len(self.heldout), "d_in": self.d_in,
+                # Only when set, so the keys of caches made before it existed still match.
+                **({"heldout_dataset": self.heldout_dataset_name}
+                   if self.heldout_dataset_name else {})}
 
 
 def build_lm_source(cfg) -> TransformerLensSource:
     """`data.source` tiny_lm or transformer_lens, from the run config."""
     if cfg.data.source == "tiny_lm":
-        from gsae_pl.tiny_lm import ensure_tiny_lm
+        from gsae_pl.tiny_lm import CORPUS, HELDOUT, ensure_tiny_lm
 
         model_dir = ensure_tiny_lm()
-        dataset = cfg.data.dataset or str(model_dir / "corpus.jsonl")
-        return TransformerLensSource(cfg, str(model_dir), dataset, kind="tiny_lm")
+        if cfg.data.dataset:  # the user's own text: held out at its front, as for any dataset
+            return TransformerLensSource(cfg, str(model_dir), cfg.data.dataset, kind="tiny_lm")
+        # The LM's own corpus: held-out windows only from files the LM never trained on.
+        return TransformerLensSource(cfg, str(model_dir), str(model_dir / CORPUS),
+                                     kind="tiny_lm", heldout_dataset=str(model_dir / HELDOUT))
     return TransformerLensSource(cfg, cfg.data.model, cfg.data.dataset)

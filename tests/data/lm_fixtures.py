@@ -44,3 +44,34 @@ def lm_cfg(model, dataset, *overrides):
                     f"data.dataset={dataset}", "data.context_size=16", "eval.rows=64",
                     "eval.lm_contexts=4", "data.buffer_size=256", "data.batch_size=32",
                     "data.lm_batch_size=8", *overrides)
+
+
+def fake_stdlib_docs(n_docs: int = 200) -> list[tuple[str, str]]:
+    """(path, text) documents standing in for the stdlib; document i's text repeats the
+    word doc<i>, so any window of it names the document it came from (`doc_ids`)."""
+    rng = random.Random(1)
+    return [(f"pkg/mod{i:03d}.py", " ".join([f"doc{i:03d}"] * rng.randint(8, 30)))
+            for i in range(n_docs)]
+
+
+def doc_ids(tokenizer, windows) -> set[int]:
+    """The documents of `fake_stdlib_docs` that token windows [n, T] hold text of."""
+    import re
+
+    return {int(m) for w in windows for m in re.findall(r"doc(\d{3})", tokenizer.decode(w))}
+
+
+def write_fake_tiny_lm(docs: list[tuple[str, str]]) -> tuple[Path, set[int], set[int]]:
+    """A tiny_lm model directory where `ensure_tiny_lm()` looks (under $GSAE_PL_CACHE),
+    holding a random GPT-2 and the corpus files the real build writes from `docs`; returns
+    it and the indices of the documents the LM trains on and holds out."""
+    from gsae_pl import tiny_lm
+
+    recipe = tiny_lm.Recipe()
+    target = tiny_lm.model_dir(recipe)
+    write_tiny_gpt2(target)
+    train, heldout = tiny_lm._split(docs, recipe.heldout_fraction, recipe.seed)
+    tiny_lm.write_corpus(target, train, heldout, recipe.seed)
+    (target / "tiny_lm.json").write_text("{}")
+    index = {text: i for i, (_, text) in enumerate(docs)}
+    return target, {index[t] for t in train}, {index[t] for t in heldout}
