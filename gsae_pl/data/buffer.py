@@ -11,7 +11,8 @@ refilled by halves, where rows stay a random number of rounds, mixes no better f
 batch (at the default a block spans ~1000 windows, so a batch of 1024 rows holds about
 one row per window), but its content at step k depends on the whole history, so an exact
 resume would replay every step before k: measured, 403 s for the first 2000 steps' rows
-of the default source on 2 CPU cores shared with other jobs.
+of the default source on 2 CPU cores shared with other jobs. With blocks, a resume at step
+2000 of the default gave its first batch in 10.8 s, a fresh start in 8.8 s (same machine).
 
 Memory is bounded: one preallocated block of `capacity` rows plus the chunk being added.
 """
