@@ -159,10 +159,12 @@ def build(out: Path, recipe: Recipe, progress: bool = True) -> dict:
 
     hf_logging.set_verbosity_error()  # a `loss_type` notice per model: noise for a user
     threads = torch.get_num_threads()
-    # On a busy machine OpenMP threads wait on each other at every barrier: measured here,
-    # 2 threads were 4x slower than 1 while another process held a core.
-    if os.getloadavg()[0] >= 0.5 * (os.cpu_count() or 1):
-        torch.set_num_threads(1)
+    # One thread, always: a matmul's float sums depend on how it is split across threads,
+    # so a build whose thread count followed the machine's load gave other weights (held-out
+    # CE 3.5896508 vs 3.5896472 for the same recipe), and every number downstream moved.
+    # One thread is also the fast choice on a busy machine (2 threads measured 4x slower
+    # than 1 while another process held a core).
+    torch.set_num_threads(1)
     try:
         return _build(out, recipe, progress, start)
     finally:
