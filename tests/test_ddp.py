@@ -228,3 +228,71 @@ def test_ddp_gradient_with_orthogonality_is_the_one_process_gradient(tmp_path, i
     assert set(ddp) == set(one)
     for name in one:
         torch.testing.assert_close(ddp[name], one[name], rtol=1e-6, atol=1e-9, msg=name)
+
+
+# ---- whole runs with the switches whose gradients cross processes ------------------------
+# Few rows per process and gates mostly shut from the start (b_gate = -2: ~2% density), so
+# the processes' active sets differ (checked by test_the_cross_process_runs_can_tell).
+SPARSE_RUN = ["sae.d_sae=96", "data.batch_size=32"]
+SHUT_GATES = """
+import torch
+from gsae_pl.saes import gated
+_init = gated.GatedSAE.__init__
+def _shut(self, *args, **kwargs):
+    _init(self, *args, **kwargs)
+    with torch.no_grad():
+        self.b_gate.fill_(-2.0)
+gated.GatedSAE.__init__ = _shut
+"""
+ORTH = ["loss.orthogonality.enabled=true", "loss.orthogonality.coefficient=0.5"]
+DECODER_NORM_L1 = ["sae.unit_norm_decoder=false", "loss.sparsity.kind=decoder_norm_l1",
+                   "loss.aux.decoder=unfrozen"]  # as ablations/decoder_norm_l1.yaml
+# Process 0 always takes the dense path, process 1 the sparse one (sae.kernel=auto), and
+# each records the paths it took, so the test sees that they really differed.
+SPLIT_KERNELS = SHUT_GATES + """
+_rank = os.environ.get("LOCAL_RANK", "0")
+gated.SPARSE_CROSSOVER = 0.0 if _rank == "0" else 2.0
+_path_for, _paths = gated.GatedSAE.path_for, set()
+def _recorded(self, x):
+    path = _path_for(self, x)
+    _paths.add(path)
+    return path
+gated.GatedSAE.path_for = _recorded
+import atexit
+atexit.register(lambda: open(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                          f"paths{_rank}"), "w").write(",".join(sorted(_paths))))
+"""
+# The defect this guards against: each process averaging over its own active features.
+LOCAL_ACTIVE_SET = SHUT_GATES + """
+from gsae_pl.losses import orthogonality
+orthogonality.global_fired = lambda fired: fired
+"""
+
+
+def _one_and_two(tmp_path, run, two_setup=SHUT_GATES):
+    one = fit_process(tmp_path, "one", *DDP[2:], *run,
+                      script=wrapper_script(tmp_path / "one.py", SHUT_GATES))
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = fit_process(tmp_path, "two", *DDP, *run,
+                      script=wrapper_script(tmp_path / "two.py", two_setup))
+    assert two.returncode == 0, two.stderr[-2000:]
+
+
+@pytest.mark.parametrize("switches", [ORTH, DECODER_NORM_L1, ORTH + DECODER_NORM_L1],
+                         ids=["orthogonality", "decoder_norm_l1", "both"])
+def test_two_processes_follow_one_with_cross_process_switches(tmp_path, switches):
+    _one_and_two(tmp_path, [*SPARSE_RUN, *switches])
+    assert_same_run(tmp_path, "one", "two", steps=30, batch=32)
+
+
+def test_the_cross_process_runs_can_tell(tmp_path):
+    """With per-process active sets the same runs part: the comparison above has teeth."""
+    _one_and_two(tmp_path, [*SPARSE_RUN, *ORTH], two_setup=LOCAL_ACTIVE_SET)
+    with pytest.raises(AssertionError):
+        assert_same_run(tmp_path, "one", "two", steps=30, batch=32)
+
+
+def test_two_processes_on_different_kernel_paths_follow_one(tmp_path):
+    _one_and_two(tmp_path, [*SPARSE_RUN, *ORTH], two_setup=SPLIT_KERNELS)
+    assert [(tmp_path / f"paths{r}").read_text() for r in (0, 1)] == ["dense", "sparse"]
+    assert_same_run(tmp_path, "one", "two", steps=30, batch=32)
