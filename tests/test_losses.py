@@ -131,7 +131,7 @@ def test_term_values_by_hand():
 
 def test_decoder_norm_l1_weights_by_row_norm():
     cfg, sae, x = _setup("loss.sparsity.kind=decoder_norm_l1", "sae.unit_norm_decoder=false",
-                         "sae.kernel=reference")
+                         "loss.aux.decoder=unfrozen", "sae.kernel=reference")
     with torch.no_grad():
         sae.W_dec.mul_(torch.arange(1, 17, dtype=torch.float32)[:, None])
     x_hat, enc = sae(x)
