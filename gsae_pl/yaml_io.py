@@ -3,7 +3,7 @@
 PyYAML's `safe_load` keeps the last of two equal keys without a word, so a config that
 sets `sae.d_sae` twice trains with whichever came last. `safe_load_unique_keys` is
 `yaml.safe_load` that raises `DuplicateKeyError` instead (a `yaml.YAMLError`, so callers'
-existing YAML error handling catches it); config files and suite files both read with it.
+existing YAML error handling catches it). gsae_pl/config.py reads config files with it.
 """
 
 from __future__ import annotations
