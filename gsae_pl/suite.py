@@ -31,6 +31,7 @@ from omegaconf import DictConfig
 from gsae_pl.config import load_config
 from gsae_pl.errors import UserError
 from gsae_pl.run_dir import name_problem
+from gsae_pl.yaml_io import DuplicateKeyError, safe_load_unique_keys
 
 SUITE_KEYS = {"name", "output_dir", "seeds", "overrides", "grids", "variants", "figures"}
 VARIANT_KEYS = {"config", "grid", "l1_coefficient", "seeds", "overrides"}
@@ -150,10 +151,11 @@ def _read(path: Path) -> dict:
         raise UserError(f"suite file {path} not found: pass an existing YAML file to --suite "
                         "(e.g. ablations/quick.yaml)")
     try:
-        spec = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
-    except DuplicateKey as err:
-        raise UserError(f"suite file {path}: {err}: each variant, grid and setting may appear "
-                        "once (YAML would silently keep only the last)") from None
+        spec = safe_load_unique_keys(path.read_text()) or {}
+    except DuplicateKeyError as err:
+        raise UserError(f"suite file {path}: key {err.key!r} appears twice (lines "
+                        f"{err.first_line} and {err.line}): each variant, grid and setting may "
+                        "appear once (YAML would silently keep only the last)") from None
     except yaml.YAMLError:
         raise UserError(f"suite file {path} is not valid YAML: fix its syntax") from None
     if not isinstance(spec, dict):
@@ -217,31 +219,6 @@ def _grid(where: str, entry: dict, grids: dict) -> list[float]:
     if len(set(values)) != len(values):
         raise UserError(f"{where}: the sparsity grid {values!r} repeats a coefficient")
     return values
-
-
-class DuplicateKey(yaml.YAMLError):
-    """A mapping in the suite file names one key twice."""
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """safe_load, except a key repeated in one mapping is an error: PyYAML keeps the last
-    one silently, so two `gated:` variants would quietly become one."""
-
-    def construct_mapping(self, node, deep=False):
-        lines: dict = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # `<<:` merges may override on purpose
-            key = self.construct_object(key_node, deep=True)
-            line = key_node.start_mark.line + 1
-            try:
-                if key in lines:
-                    raise DuplicateKey(f"key {key!r} appears twice (lines {lines[key]} and "
-                                       f"{line})")
-                lines[key] = line
-            except TypeError:
-                pass  # an unhashable key: PyYAML's own construction refuses it
-        return super().construct_mapping(node, deep=deep)
 
 
 def _overrides(mapping, where: str) -> list[str]:
