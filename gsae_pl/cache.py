@@ -69,7 +69,7 @@ def write_cache(lm, directory: Path, cfg, progress: bool = True) -> dict:
     mean_sq = sum_sq / written
     meta = {"key": key, "rows": written, "d_in": d_in, "dtype": "float32", "shards": shards,
             "tokens": written, "seconds": round(time.perf_counter() - start, 2),
-            "normalisation": {"mean_squared_norm": mean_sq,  # PAPER.md sec. 4
+            "normalisation": {"mean_squared_norm": mean_sq,  # docs/method.md sec. 4
                               "norm_scale": math.sqrt(d_in / mean_sq)}}
     atomic_write_json(directory / "metadata.json", meta)  # last: marks the cache complete
     return meta

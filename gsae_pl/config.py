@@ -1,7 +1,7 @@
 """The structured config schema: load a YAML file, merge `key=value` overrides, validate.
 
 Every field here is documented in `configs/base.yaml`, which sets each one explicitly.
-Ablation files under `ablations/` hold only their deltas over it (STYLE.md), and name
+Ablation files under `ablations/` hold only their deltas over it, and name
 their base with a top-level `defaults: [path, ...]` list, resolved relative to the file.
 Unknown keys, wrong types and out-of-range values are refused at load time with a
 `UserError` that names the key and, for a typo, the nearest valid one (ranges, choices and
@@ -27,7 +27,7 @@ from gsae_pl.yaml_io import DuplicateKeyError, safe_load_unique_keys
 
 @dataclass
 class SAEConfig:
-    architecture: str = "gated"  # relu | gated (PAPER.md sec. 1) | prolu (sec. 5) | rescale_shift
+    architecture: str = "gated"  # relu | gated (method sec. 1) | prolu (sec. 5) | rescale_shift
     d_sae: int = 512
     weight_sharing: str = "r_mag"  # gated only: r_mag | no_r_mag | untied (sec. 2)
     prolu_backward: str = "relu"  # prolu only: relu | ste backward rule (sec. 5)
@@ -96,7 +96,7 @@ class DataConfig:
     source: str = "tiny_lm"  # tiny_lm | transformer_lens | synthetic | file
     path: Optional[str] = None  # file: .npy | .safetensors | .pt array [N, d_in]
     batch_size: int = 1024
-    normalize: bool = True  # scale x by one scalar so E||x||^2 = d_in (PAPER.md sec. 4)
+    normalize: bool = True  # scale x by one scalar so E||x||^2 = d_in (docs/method.md sec. 4)
     normalize_rows: int = 16384
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     # Language-model sources (tiny_lm, transformer_lens): data/transformer_lens.py.
@@ -125,7 +125,7 @@ class OptimConfig:
 
 @dataclass
 class ResampleConfig:
-    # Dead-feature resampling (Bricken et al.; PAPER.md sec. 4). The defaults scale the
+    # Dead-feature resampling (Bricken et al.; docs/method.md sec. 4). The defaults scale the
     # paper's recipe (25000 / 12500 / 1000 steps) down to the 4000-step default run.
     enabled: bool = True
     every_n_steps: int = 500

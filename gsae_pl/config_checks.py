@@ -95,7 +95,7 @@ def _validate_combinations(cfg: DictConfig) -> None:
 def _validate_model_side(cfg: DictConfig) -> None:
     if not cfg.loss.orthogonality.exponent > 1:
         raise UserError(f"loss.orthogonality.exponent={cfg.loss.orthogonality.exponent} must be "
-                        "> 1: the penalty |cos|^exponent is super-linear (PAPER.md sec. 5)")
+                        "> 1: the penalty |cos|^exponent is super-linear (docs/method.md sec. 5)")
     if cfg.resample.enabled and cfg.resample.window_steps > cfg.resample.every_n_steps:
         raise UserError(f"resample.window_steps={cfg.resample.window_steps} must be <= "
                         f"resample.every_n_steps={cfg.resample.every_n_steps}")

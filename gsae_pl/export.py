@@ -1,7 +1,7 @@
 """Export a trained SAE in SAELens's on-disk format: `python -m gsae_pl.export RUN_DIR OUT_DIR`.
 
 OUT_DIR gets `cfg.json` and `sae_weights.safetensors` (gsae_pl/load.py reads them back,
-SAELens's `SAE.load_from_disk` too). The model was trained on x * norm_scale (PAPER.md
+SAELens's `SAE.load_from_disk` too). The model was trained on x * norm_scale (docs/method.md
 sec. 4); the scalar s is folded into the weights so that raw activations go in and raw
 reconstructions come out (SAELens's own `fold_activation_norm_scaling_factor`):
 
@@ -33,7 +33,7 @@ from gsae_pl.load import CFG_FILE, WEIGHTS_FILE
 from gsae_pl.writable import check_writable_dir
 
 # gsae_pl architecture -> SAELens architecture name.
-# rescale_shift (PAPER.md sec. 3 item 4) ends as a gated SAE with weight sharing.
+# rescale_shift (docs/method.md sec. 3 item 4) ends as a gated SAE with weight sharing.
 SAELENS_NAME = {"gated": "gated", "relu": "standard", "rescale_shift": "gated"}
 # SAELens metadata fields we can fill from the data config (null when not an LM source).
 _METADATA = {"model_name": "data.model", "hook_name": "data.hook",
@@ -126,7 +126,7 @@ def saelens_cfg(cfg: dict, d_in: int, step: int, norm_scale: float) -> dict:
         "architecture": SAELENS_NAME[cfg["sae"]["architecture"]],
         "d_in": d_in, "d_sae": int(cfg["sae"]["d_sae"]),
         "dtype": "float32", "device": "cpu",
-        "apply_b_dec_to_input": True,  # f depends on x - b_dec (PAPER.md sec. 1)
+        "apply_b_dec_to_input": True,  # f depends on x - b_dec (docs/method.md sec. 1)
         "normalize_activations": "none",  # folded into the weights, see the module docstring
         "reshape_activations": "none",
         "metadata": metadata,

@@ -1,4 +1,4 @@
-"""Metrics of PAPER.md sec. 6 as torchmetrics `Metric`s: sum-reduced states, so DDP
+"""Metrics of docs/method.md sec. 6 as torchmetrics `Metric`s: sum-reduced states, so DDP
 processes that each saw a share of the held-out rows agree on one exact value.
 
 States are float64 sums: FVU and gamma are ratios of large sums that float32 would blur.
@@ -19,9 +19,9 @@ def _at_least_fp32(t: Tensor) -> Tensor:
 class ReconstructionMetrics(Metric):
     """L0, MSE, FVU and the relative reconstruction bias gamma over everything seen.
 
-    mse   = E||x - x_hat||^2 / d_in   (the training loss's scale, PAPER.md sec. 4)
+    mse   = E||x - x_hat||^2 / d_in   (the training loss's scale, docs/method.md sec. 4)
     fvu   = E||x - x_hat||^2 / E||x - mean(x)||^2
-    gamma = E||x_hat||^2 / E[x_hat . x]   (corrected form, PAPER.md sec. 5; < 1 = shrinkage)
+    gamma = E||x_hat||^2 / E[x_hat . x]   (corrected form, docs/method.md sec. 5; < 1 = shrinkage)
     l0    = mean number of non-zero features per row
     """
 

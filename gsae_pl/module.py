@@ -25,7 +25,7 @@ class SAEModule(L.LightningModule):
         self.cfg = OmegaConf.create(cfg)
         self.sae = build_sae(self.cfg.sae, d_in)
         self.objective = Objective.from_config(self.cfg.loss)
-        # One scalar so that E||x||^2 = d_in (PAPER.md sec. 4); set by `prepare_from_sample`.
+        # One scalar so that E||x||^2 = d_in (docs/method.md sec. 4); set by `prepare_from_sample`.
         self.register_buffer("norm_scale", torch.tensor(1.0))
         d_sae = self.cfg.sae.d_sae
         self.train_recon, self.val_recon = ReconstructionMetrics(d_in), ReconstructionMetrics(d_in)
@@ -107,7 +107,7 @@ class SAEModule(L.LightningModule):
         return {"optimizer": adam, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def configure_callbacks(self):
-        # Dead-feature resampling (PAPER.md sec. 4) is a switch: a callback only when on.
+        # Dead-feature resampling (docs/method.md sec. 4) is a switch: a callback only when on.
         if not self.cfg.resample.enabled:
             return []
         return [Resampler(self.cfg.resample, self.cfg.sae.d_sae, self.cfg.seed)]

@@ -12,7 +12,7 @@ deterministic on a given machine: fixed seeds, sorted files, fixed batch order.
 
 Sizing (decision): 2 layers, d_model 64, d_mlp 256, context 128, vocabulary 2048. The
 default SAE site is layer 0's MLP neurons (`blocks.0.mlp.hook_post`, d_in 256), the
-paper's GELU-1L site in miniature (PAPER.md sec. 3), and small enough that the next
+paper's GELU-1L site in miniature (docs/method.md sec. 3), and small enough that the next
 issue's ablation suite of short SAE runs fits on 2 CPU cores.
 """
 

@@ -1,4 +1,4 @@
-"""Loss terms: hand-computed values, and the gradient routing of PAPER.md sec. 2 for every
+"""Loss terms: hand-computed values, and the gradient routing of docs/method.md sec. 2 for every
 switch. A gradient "reaches" a parameter when it is non-zero; routing is checked term by
 term with autograd, so a term that leaks into a parameter it must not touch fails here."""
 

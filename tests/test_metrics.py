@@ -1,4 +1,4 @@
-"""Metric definitions (PAPER.md sec. 5-6) against values computed by hand."""
+"""Metric definitions (docs/method.md sec. 5-6) against values computed by hand."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Orthogonality regulariser (PAPER.md sec. 5): values on hand-set decoders, gradient to
+"""Orthogonality regulariser (docs/method.md sec. 5): values on hand-set decoders, gradient to
 inactive neighbours, ties averaged, never a d_sae x d_sae matrix, any architecture."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""ProLU (PAPER.md sec. 5): forward and both backward rules on hand-set values, worked by hand.
+"""ProLU (docs/method.md sec. 5): forward and both backward rules on hand-set values.
 
 Hand-set SAE: d_in = d_sae = 3, W_enc = I, b_dec = 0, so m = x; b_enc = [0, -1, 2].
     x = m = [[0.5, 1.5, -1.0],      m + b_enc = [[0.5,  0.5, 1.0],

@@ -1,6 +1,6 @@
 """Ground truth: a gated SAE trained by `fit` on synthetic data finds the true features.
 
-Thresholds, not pinned floats (STYLE.md point 6). The configuration is base.yaml's,
+Thresholds, not pinned floats. The configuration is base.yaml's,
 shrunk so the test takes well under a minute.
 """
 

@@ -1,4 +1,4 @@
-"""Baseline + rescale & shift (PAPER.md sec. 3 item 4): stage 1 is the baseline, the switch
+"""Baseline + rescale & shift (docs/method.md sec. 3 item 4): stage 1 is the baseline, the switch
 leaves the output unchanged, stage 2 moves only r_mag and b_mag, a resume keeps the stage,
 and the config refuses what would break the two stages."""
 

@@ -1,4 +1,4 @@
-"""Architectures: shapes and names of PAPER.md sec. 1, hand-set forward values, invariants."""
+"""Architectures: shapes and names of docs/method.md sec. 1, hand-set forward values, invariants."""
 
 from __future__ import annotations
 

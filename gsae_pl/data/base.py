@@ -1,7 +1,7 @@
-"""The tiny protocol every activation source meets (STYLE.md point 4).
+"""The tiny protocol every activation source meets.
 
 A source knows its width, yields training batches forever, and hands out a fixed set of
-held-out rows that training never sees (PAPER.md sec. 6: evaluate on held-out tokens).
+held-out rows that training never sees (docs/method.md sec. 6: evaluate on held-out tokens).
 The DataModule owns batching across processes, normalisation and the loaders.
 """
 

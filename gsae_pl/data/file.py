@@ -2,7 +2,7 @@
 
 The array is read lazily (memory-mapped or sliced), so a file bigger than RAM works: only
 the rows of the current batch are touched. The LAST `holdout_rows` rows are the held-out
-set (PAPER.md sec. 6: evaluate on rows training never sees); the rest are shuffled afresh
+set (docs/method.md sec. 6: evaluate on rows training never sees); the rest are shuffled afresh
 each epoch. Everything is checked when the source is built, so a bad file fails at once
 with one line instead of as a NaN loss hours into a run.
 """

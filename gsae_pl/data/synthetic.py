@@ -3,7 +3,7 @@
 Each row is a sparse non-negative combination of `n_features` random unit directions in
 R^d_in (more features than dimensions is allowed: superposition). Feature firing rates
 follow a power law, optionally with groups of features that tend to fire together.
-PAPER.md sec. 6 scores recovery with `mmcs` and `fraction_recovered`, defined below.
+docs/method.md sec. 6 scores recovery with `mmcs` and `fraction_recovered`, defined below.
 
 Every global batch comes from its own generator, seeded from (seed, stream, index), so
 batch k is a pure function of the config: a restarted run sees exactly the batches it

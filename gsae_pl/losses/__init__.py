@@ -1,6 +1,6 @@
 """Loss terms by YAML key, and the objective that sums the enabled ones.
 
-Switches are data (STYLE.md point 1): `loss.<name>.enabled` picks the terms, and the
+Switches are data: `loss.<name>.enabled` picks the terms, and the
 objective treats every term the same way, never testing a term's name.
 """
 

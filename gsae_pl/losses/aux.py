@@ -1,9 +1,9 @@
-"""L_aux = ||x - (ReLU(pi_gate) @ sg(W_dec) + sg(b_dec))||^2 (PAPER.md sec. 2, eq. 8).
+"""L_aux = ||x - (ReLU(pi_gate) @ sg(W_dec) + sg(b_dec))||^2 (docs/method.md sec. 2, eq. 8).
 
 The aux path decodes the gate's own activations through a frozen copy of the decoder, so
 the gate learns to reconstruct without the decoder being bent towards the gate.
 `decoder: unfrozen` is the paper's "unfreeze decoder" ablation (sec. 5.1); by the
-PAPER.md decision it unfreezes b_dec too unless `b_dec` says otherwise.
+docs/method.md decision it unfreezes b_dec too unless `b_dec` says otherwise.
 It reuses ReLU(pi_gate) from the forward pass: no encoder matmul is recomputed.
 """
 

@@ -25,5 +25,5 @@ class Term:
 
 
 def squared_error(x: Tensor, x_hat: Tensor) -> Tensor:
-    """||x - x_hat||^2 divided by n = d_in, batch mean (PAPER.md sec. 4: L2 loss over n)."""
+    """||x - x_hat||^2 divided by n = d_in, batch mean (docs/method.md sec. 4: L2 loss over n)."""
     return (x - x_hat).pow(2).mean()

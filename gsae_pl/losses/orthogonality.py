@@ -1,4 +1,4 @@
-"""Orthogonality regulariser on decoder nearest neighbours (PAPER.md sec. 5, D. Till).
+"""Orthogonality regulariser on decoder nearest neighbours (docs/method.md sec. 5, D. Till).
 
 For each feature i active in the batch (fired on at least one row), with unit decoder
 directions d_j = W_dec[j] / ||W_dec[j]||:
@@ -8,7 +8,7 @@ directions d_j = W_dec[j] / ||W_dec[j]||:
     P_i     = mean_{j in N(i)} c_ij ^ p         (p = loss.orthogonality.exponent, > 1)
     L_orth  = mean over active i of P_i
 
-Penalty shape (PAPER.md sec. 5 decision): |cos|^p, p = 4 by default: ~0 for near-orthogonal
+Penalty shape (docs/method.md sec. 5 decision): |cos|^p, p = 4 by default: ~0 for near-orthogonal
 neighbours (0.3^4 < 0.01), growing steeply towards duplicates (|cos| = 1 costs 1), so it
 mostly separates near-duplicate features and leaves merely nearby ones alone. Its gradient
 moves both rows of a pair: the active feature's and its neighbour's, active or not.

@@ -1,4 +1,4 @@
-"""L_reconstruct = ||x - x_hat(f_tilde)||^2 (PAPER.md sec. 2, eq. 8)."""
+"""L_reconstruct = ||x - x_hat(f_tilde)||^2 (docs/method.md sec. 2, eq. 8)."""
 
 from __future__ import annotations
 

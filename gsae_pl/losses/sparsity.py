@@ -1,4 +1,4 @@
-"""L_sparsity = lambda * ||gate_acts||_1 (PAPER.md sec. 2).
+"""L_sparsity = lambda * ||gate_acts||_1 (docs/method.md sec. 2).
 
 gate_acts is ReLU(pi_gate) for the gated SAE and f for the baseline (see `Encoding`).
 `decoder_norm_l1` weights each feature by its decoder row norm (the later variant that

@@ -1,6 +1,6 @@
 """What every SAE architecture shares: the decoder, its unit-norm constraint, the encoding.
 
-Parameter names and shapes follow PAPER.md sec. 1 (the SAELens convention):
+Parameter names and shapes follow docs/method.md sec. 1 (the SAELens convention):
 W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_dec [d_in], per-feature vectors [d_sae].
 """
 
@@ -46,7 +46,7 @@ class SAE(nn.Module):
         super().__init__()
         self.d_in, self.d_sae = d_in, d_sae
         self.unit_norm_decoder = unit_norm_decoder
-        # Init decision (PAPER.md sec. 1): random unit decoder rows, W_enc = W_dec^T.
+        # Init decision (docs/method.md sec. 1): random unit decoder rows, W_enc = W_dec^T.
         W_dec = torch.randn(d_sae, d_in)
         self.W_dec = nn.Parameter(W_dec / W_dec.norm(dim=1, keepdim=True))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
@@ -71,7 +71,7 @@ class SAE(nn.Module):
         return []
 
     def init_b_dec(self, sample: Tensor, how: str) -> None:
-        """b_dec from a data sample (PAPER.md sec. 1): zeros, mean or geometric median."""
+        """b_dec from a data sample (docs/method.md sec. 1): zeros, mean or geometric median."""
         with torch.no_grad():
             if how == "mean":
                 self.b_dec.copy_(sample.mean(0))

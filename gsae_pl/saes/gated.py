@@ -1,4 +1,4 @@
-"""Gated SAE (PAPER.md sec. 1, paper sec. 3.2) with its three weight-sharing modes (sec. 2).
+"""Gated SAE (docs/method.md sec. 1, paper sec. 3.2) with its three weight-sharing modes (sec. 2).
 
     pi_gate = (x - b_dec) @ W_gate + b_gate
     pi_mag  = (x - b_dec) @ W_mag  + b_mag
@@ -83,5 +83,5 @@ class GatedSAE(SAE):
                         pi_gate=pi_gate, pi_mag=pi_mag)
 
     def jumprelu_threshold(self) -> Tensor:
-        """With weight sharing the encoder is a JumpReLU (PAPER.md sec. 1, appendix E)."""
+        """With weight sharing the encoder is a JumpReLU (docs/method.md sec. 1, appendix E)."""
         return self.b_mag - torch.exp(self.r_mag) * self.b_gate

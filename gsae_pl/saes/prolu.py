@@ -1,11 +1,11 @@
-"""ProLU SAE (PAPER.md sec. 5, G. Taggart): the bias thresholds, it never shifts magnitudes.
+"""ProLU SAE (docs/method.md sec. 5, G. Taggart): the bias thresholds, it never shifts magnitudes.
 
     m     = (x - b_dec) @ W_enc                       (no bias inside the matmul)
     f     = ProLU(m, b_enc) = m if (m > 0 and m + b_enc > 0) else 0
     x_hat = f @ W_dec + b_dec
 
 The forward is a step in b_enc, so plain autograd would give b_enc no gradient at all.
-The two backward rules of PAPER.md sec. 5 are custom autograd functions, picked by
+The two backward rules of docs/method.md sec. 5 are custom autograd functions, picked by
 `sae.prolu_backward`; on the active set gate = 1[m > 0 and m + b_enc > 0], g = dL/df:
     relu  dL/dm = g * gate,            dL/db_enc = g * gate      (like ReLU(m + b_enc))
     ste   dL/dm = g * gate * (1 + m),  dL/db_enc = g * gate * m  (straight-through on the step)
@@ -27,7 +27,7 @@ def prolu_gate(m: Tensor, b_enc: Tensor) -> Tensor:
 
 
 class ProLUReLU(Function):
-    """ProLU with the ReLU-like backward rule (PAPER.md sec. 5)."""
+    """ProLU with the ReLU-like backward rule (docs/method.md sec. 5)."""
 
     @staticmethod
     def forward(ctx, m: Tensor, b_enc: Tensor) -> Tensor:
@@ -43,7 +43,7 @@ class ProLUReLU(Function):
 
 
 class ProLUSTE(Function):
-    """ProLU with the straight-through backward rule (PAPER.md sec. 5)."""
+    """ProLU with the straight-through backward rule (docs/method.md sec. 5)."""
 
     @staticmethod
     def forward(ctx, m: Tensor, b_enc: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""Baseline ReLU SAE (PAPER.md sec. 1, Towards Monosemanticity style)."""
+"""Baseline ReLU SAE (docs/method.md sec. 1, Towards Monosemanticity style)."""
 
 from __future__ import annotations
 

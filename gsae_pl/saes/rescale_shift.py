@@ -1,4 +1,4 @@
-"""Baseline + rescale & shift (PAPER.md sec. 3 item 4, paper sec. 5.2): two stages, one run.
+"""Baseline + rescale & shift (docs/method.md sec. 3 item 4, paper sec. 5.2): two stages, one run.
 
 Stage 1 trains a baseline ReLU SAE. Its encoder is stored as the gate (W_enc, b_gate):
     f = ReLU((x - b_dec) @ W_enc + b_gate)          (the L1 penalty falls on f, as baseline)
