@@ -231,8 +231,10 @@ def _on_sigterm(signum, frame) -> None:
     # Unwinds through run_all's `finally`, which stops the running fits. A second SIGTERM
     # ends the suite at once; its children still get theirs from the kernel.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    raise RunFailed("the suite was stopped (SIGTERM), and its running runs with it: rerun "
-                    "the same command to resume them from their checkpoints")
+    stopped = RunFailed("the suite was stopped (SIGTERM), and its running runs with it: rerun "
+                        "the same command to resume them from their checkpoints")
+    stopped.exit_code = 128 + signum  # 143, as fit exits on SIGTERM (gsae_pl/preemption.py)
+    raise stopped
 
 
 def _main(args: argparse.Namespace) -> int:
