@@ -38,7 +38,7 @@ from gsae_pl.checkpointing import RUN_DEFINING, changed_keys
 from gsae_pl.children import die_with_parent, stop
 from gsae_pl.cli import ArgumentParser, run_main
 from gsae_pl.errors import RunFailed, UserError
-from gsae_pl.io import atomic_write_json, atomic_write_text
+from gsae_pl.io import atomic_write_json, atomic_write_text, sweep_stale_temporaries
 from gsae_pl.lock import SUITE_LOCK, FolderLock
 from gsae_pl.rendezvous import RunStores, is_first_process, launcher_rank
 from gsae_pl.suite import Run, Suite, load_suite
@@ -259,6 +259,9 @@ def _run_suite(suite: Suite, kind: str, args: argparse.Namespace) -> int:
     launcher = Launcher(suite, kind, args.devices, args.strategy)
     for folder in (launcher.logs, launcher.failed_dir):
         folder.mkdir(parents=True, exist_ok=True)
+    for folder in (suite.output_dir, launcher.failed_dir, suite.output_dir / "plots"):
+        if folder.is_dir():  # what a killed suite was writing (report, records), if any
+            sweep_stale_temporaries(folder)
     # The report reads its `figures:` from this copy; it also records what was asked for.
     atomic_write_text(suite.output_dir / "suite.yaml", suite.path.read_text())
     start = time.perf_counter()

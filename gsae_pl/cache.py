@@ -25,7 +25,7 @@ from gsae_pl.cli import ArgumentParser, run_main
 from gsae_pl.config import load_config
 from gsae_pl.data.cached import check_key, default_cache_dir, read_metadata
 from gsae_pl.errors import UserError
-from gsae_pl.io import atomic_save_npy, atomic_write_json
+from gsae_pl.io import atomic_save_npy, atomic_write_json, sweep_stale_temporaries
 
 _SHARD_BYTES = 64 * 2**20  # ~64 MB shards: big sequential reads, many shards to shuffle
 _WRITE_BATCH = 8192  # rows taken from the source per step of the progress bar
@@ -41,6 +41,8 @@ def rows_wanted(cfg) -> int:
 def write_cache(lm, directory: Path, cfg, progress: bool = True) -> dict:
     """Stream `rows_wanted(cfg)` training rows of `lm` into shards; return the metadata."""
     directory, n_rows = Path(directory), rows_wanted(cfg)
+    if directory.is_dir():
+        sweep_stale_temporaries(directory)  # half a shard of a killed write, if any
     key, d_in = lm.describe(), lm.d_in
     # Batches no bigger than half the buffer, so the first arrives after one buffer fill.
     step = max(1, min(_WRITE_BATCH, lm.buffer_size // 2, n_rows))

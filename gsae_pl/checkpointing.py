@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from gsae_pl.errors import UserError
-from gsae_pl.io import atomic_write
+from gsae_pl.io import atomic_write, sweep_stale_temporaries
 
 # Resuming reuses the checkpoint directory on purpose; Lightning would warn about it.
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
@@ -116,9 +116,7 @@ def remove_stale_temporaries(run_dir: Path) -> None:
     """Delete the half-written `.<name>.tmp<pid>` files of a killed save (never read):
     checkpoints, and metrics.json or config.yaml (io.atomic_write) in the run directory."""
     for folder in (Path(run_dir), checkpoint_dir(run_dir)):
-        for tmp in folder.glob(".*.tmp*"):
-            if re.fullmatch(r"\..+\.tmp\d+", tmp.name) and tmp.is_file():
-                tmp.unlink(missing_ok=True)
+        sweep_stale_temporaries(folder)
 
 
 def checkpoint_meta(path: Path) -> tuple[int, dict]:

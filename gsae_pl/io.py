@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
@@ -12,7 +14,7 @@ from typing import IO
 def atomic_write(path: Path, write: Callable[[IO], None], binary: bool = True) -> None:
     """`write(fh)` into a temporary name beside `path`, fsync, then rename over `path`:
     readers never see half a file, and a failed write leaves no temporary behind (a killed
-    process can; checkpointing.remove_stale_temporaries sweeps those)."""
+    process can; `sweep_stale_temporaries` removes those)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -24,6 +26,35 @@ def atomic_write(path: Path, write: Callable[[IO], None], binary: bool = True) -
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+_TEMPORARY = re.compile(r"\..+\.tmp(\d+)")  # `.<name>.tmp<pid>`, as atomic_write names them
+
+
+def sweep_stale_temporaries(folder: Path) -> None:
+    """Remove the `.<name>.tmp<pid>` files (and folders: the tiny LM builds in one) that a
+    killed writer left in `folder`. Only those whose process is gone: another live process
+    may be writing the same cache or building the same model right now."""
+    for tmp in Path(folder).glob(".*.tmp*"):
+        match = _TEMPORARY.fullmatch(tmp.name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True  # this process's own writes are never stale
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # alive, someone else's (or not a pid at all: leave it)
+    return True
 
 
 def atomic_write_text(path: Path, text: str) -> None:

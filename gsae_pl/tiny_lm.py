@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from gsae_pl.io import atomic_write_json
+from gsae_pl.io import atomic_write_json, sweep_stale_temporaries
 
 BOS = "<|endoftext|>"  # GPT-2's one special token: BOS, EOS and the document separator
 CORPUS = "corpus.jsonl"  # the files the LM trained on: the SAE's training text
@@ -75,6 +75,8 @@ def ensure_tiny_lm(recipe: Recipe = Recipe(), progress: bool = True) -> Path:
     target = model_dir(recipe)
     if (target / "tiny_lm.json").is_file():
         return target
+    if target.parent.is_dir():
+        sweep_stale_temporaries(target.parent)  # a killed build's folder, if any
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"building the tiny LM (first use only) into {target}", file=sys.stderr)

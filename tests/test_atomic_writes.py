@@ -15,6 +15,8 @@ import errno
 import fnmatch
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,10 +28,10 @@ from gsae_pl.cache import write_cache
 from gsae_pl.checkpointing import AtomicCheckpointIO
 from gsae_pl.export import export
 from gsae_pl.fit import main
-from gsae_pl.io import atomic_write_json, atomic_write_text
+from gsae_pl.io import atomic_write_json, atomic_write_text, sweep_stale_temporaries
 from gsae_pl.report import write_report, write_results_csv
 from tests.conftest import make_cfg
-from tests.tiny_run import args
+from tests.tiny_run import ROOT, TINY, args, run
 
 OLD = b"the previous, complete file\n"
 
@@ -178,8 +180,17 @@ def test_a_full_disk_mid_export_leaves_the_previous_export_and_no_temporary(
     assert (out / "cfg.json").read_bytes() == OLD
 
 
-STALE_RUN = [".config.yaml.tmp4242", ".provenance.json.tmp4242", ".metrics.json.tmp4242",
-             "checkpoints/.last.ckpt.tmp4242", "checkpoints/.step10.ckpt.tmp777"]
+def _dead_pid() -> int:
+    """The pid of a process that has exited: what a killed writer's temporaries carry."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+DEAD = _dead_pid()
+STALE_RUN = [f".config.yaml.tmp{DEAD}", f".provenance.json.tmp{DEAD}",
+             f".metrics.json.tmp{DEAD}", f"checkpoints/.last.ckpt.tmp{DEAD}",
+             f"checkpoints/.step10.ckpt.tmp{DEAD}"]
 
 
 @pytest.mark.parametrize("state", ["fresh", "resume"])
@@ -209,12 +220,47 @@ def test_export_sweeps_a_killed_exports_temporary_folder(tmp_path, finished):
         "cfg.json", "sae_weights.safetensors"]
 
 
-@pytest.mark.xfail(strict=True, reason="gsae_pl/cache.py write_cache never sweeps the "
-                   "`.shard_*.npy.tmp<pid>` a killed cache write leaves (README promises it)")
 def test_the_cache_writer_sweeps_a_killed_writes_temporaries(tmp_path):
     folder = tmp_path / "acts"  # killed mid-shard: no metadata.json, so not a cache yet
     folder.mkdir()
-    (folder / ".shard_00000.npy.tmp4242").write_bytes(b"half a shard")
+    (folder / f".shard_00000.npy.tmp{DEAD}").write_bytes(b"half a shard")
     _cache(folder)  # what `python -m gsae_pl.cache` and fit (data.cache=true) run next
     assert (folder / "metadata.json").is_file()
     assert not list(folder.glob(".*.tmp*"))
+
+
+def test_a_live_writers_temporary_is_left_alone(tmp_path):
+    """Two processes may write one cache or build one model at once: only the temporaries
+    of processes that are gone are stale."""
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"]) as live:
+        try:
+            (tmp_path / f".shard_00000.npy.tmp{live.pid}").write_bytes(b"being written")
+            (tmp_path / f".shard_00001.npy.tmp{DEAD}").write_bytes(b"killed")
+            (tmp_path / f".gpt2-2l64d-0.tmp{DEAD}").mkdir()  # a killed tiny-LM build
+            sweep_stale_temporaries(tmp_path)
+            assert sorted(p.name for p in tmp_path.iterdir()) == [
+                f".shard_00000.npy.tmp{live.pid}"]
+        finally:
+            live.kill()
+
+
+@pytest.mark.slow
+def test_a_suite_sweeps_a_killed_suites_temporaries(tmp_path):
+    """A suite killed while writing its report or a failure record leaves temporaries in
+    its folder; the rerun removes them before it writes anything."""
+    suite = tmp_path / "s.yaml"
+    suite.write_text(f"output_dir: {tmp_path / 'out'}\n"
+                     f"overrides: {{trainer.max_steps: 4, eval.every_n_steps: 4}}\n"
+                     "grids: {g: [0.05]}\n"
+                     f"variants: {{gated: {{config: {ROOT / 'ablations/gated.yaml'}, grid: g}}}}\n")
+    stale = [f".report.md.tmp{DEAD}", f".results.csv.tmp{DEAD}", f"failed/.x.json.tmp{DEAD}",
+             f"plots/.l0_vs_fvu.png.tmp{DEAD}"]
+    for name in stale:
+        (tmp_path / "out" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "out" / name).write_bytes(b"half a file")
+    extra = [a for a in TINY if not a.startswith(("trainer.max_steps", "eval.every_n_steps"))]
+    done = run([sys.executable, "-m", "gsae_pl.ablate", "--suite", str(suite), *extra],
+               timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not list((tmp_path / "out").rglob(".*.tmp*"))
+    assert (tmp_path / "out" / "report.md").is_file()
