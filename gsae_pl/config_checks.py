@@ -139,9 +139,15 @@ def _validate_resample_end(cfg: DictConfig) -> None:
 
 
 def _validate_lm_data(data: DictConfig) -> None:
-    if data.source == "transformer_lens" and not (data.model and data.dataset):
+    from gsae_pl.data.local_models import MODELS, lookup
+
+    # A named local model brings its own text. Whether its package is installed is checked
+    # when the source is built, so its config still loads (and prints) on any machine.
+    named = data.source == "transformer_lens" and lookup(data.model) is not None
+    if data.source == "transformer_lens" and not named and not (data.model and data.dataset):
         raise UserError("data.source=transformer_lens needs data.model=HUB_NAME_OR_DIR and "
-                        "data.dataset=HUB_NAME_OR_FILE (see configs/data/), or use "
+                        "data.dataset=HUB_NAME_OR_FILE (see configs/data/), or a named local "
+                        f"model ({', '.join(MODELS)}; its text is optional), or use "
                         "data.source=tiny_lm, which works offline")
     if data.source == "tiny_lm" and data.model:
         raise UserError(f"data.model={data.model} is read only by data.source=transformer_lens"

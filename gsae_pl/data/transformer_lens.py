@@ -223,4 +223,8 @@ def build_lm_source(cfg) -> TransformerLensSource:
         # The LM's own corpus: held-out windows only from files the LM never trained on.
         return TransformerLensSource(cfg, str(model_dir), str(model_dir / CORPUS),
                                      kind="tiny_lm", heldout_dataset=str(model_dir / HELDOUT))
-    return TransformerLensSource(cfg, cfg.data.model, cfg.data.dataset)
+    # A named local model (data/local_models.py) becomes its converted directory.
+    from gsae_pl.data.local_models import resolve
+
+    model, dataset, heldout = resolve(cfg.data.model, cfg.data.dataset)
+    return TransformerLensSource(cfg, model, dataset, heldout_dataset=heldout)
