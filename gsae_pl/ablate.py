@@ -30,11 +30,10 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 from omegaconf import OmegaConf
 
 from gsae_pl.cache import rows_wanted
-from gsae_pl.checkpointing import RUN_DEFINING, changed_keys
+from gsae_pl.checkpointing import finished_run_changes, shown_keys
 from gsae_pl.children import die_with_parent, stop
 from gsae_pl.cli import ArgumentParser, run_main
 from gsae_pl.errors import RunFailed, UserError
@@ -44,9 +43,6 @@ from gsae_pl.rendezvous import RunStores, is_first_process, launcher_rank
 from gsae_pl.suite import Run, Suite, load_suite
 
 STRATEGIES = ("parallel", "ddp")
-# Of the trainer settings, those that change what a run learns (devices and strategy do not:
-# the global batch makes DDP follow the 1-process trajectory).
-TRAINING_KEYS = ("trainer.max_steps", "trainer.precision", "trainer.gradient_clip_val")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -209,12 +205,10 @@ def check_finished_match(runs: list[Run]) -> None:
     """A finished run is skipped only if the suite would train it the same way today:
     otherwise its stale results would be reported as this suite's."""
     for run in runs:
-        saved = yaml.safe_load((run.run_dir / "config.yaml").read_text()) or {}
-        changed = changed_keys(saved, run.cfg, RUN_DEFINING + ("trainer",))
-        changed = [k for k in changed if not k.startswith("trainer.") or k in TRAINING_KEYS]
+        changed = finished_run_changes(run.run_dir, run.cfg)
         if changed:
-            shown = ", ".join(changed[:4]) + (" ..." if len(changed) > 4 else "")
-            raise UserError(f"{run.run_dir} finished with a different config ({shown}): "
+            raise UserError(f"{run.run_dir} finished with a different config "
+                            f"({shown_keys(changed)}): "
                             "give the suite a new output_dir, or delete that run to retrain it")
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+import yaml
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
@@ -32,6 +33,8 @@ warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and i
 # Sections that define what a run computes: a rerun that changes one of them is another
 # run, not a resume. Trainer, logging, checkpoint and output settings may change.
 RUN_DEFINING = ("seed", "sae", "loss", "data", "optim", "resample", "eval")
+# Of the trainer settings, those that change what a run learns.
+TRAINING_KEYS = ("trainer.max_steps", "trainer.precision", "trainer.gradient_clip_val")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -141,11 +144,25 @@ def check_same_run(checkpoint: Path, cfg: DictConfig) -> None:
     """Refuse to resume from a checkpoint that a different config trained."""
     changed = changed_keys(checkpoint_meta(checkpoint)[1], cfg)
     if changed:
-        shown = ", ".join(changed[:4]) + (" ..." if len(changed) > 4 else "")
+        shown = shown_keys(changed)
         run_dir = checkpoint.parent.parent
         raise UserError(f"{run_dir} holds an unfinished run with a different config ({shown}): "
                         "rerun with its config to resume, pass --force to start afresh, or "
                         "set output.name to start another run")
+
+
+def finished_run_changes(run_dir: Path, cfg: DictConfig) -> list[str]:
+    """The keys in which `cfg` would train differently from the finished run in `run_dir`
+    (its config.yaml): the run-defining sections and the trainer settings that change what
+    a run learns. Devices and strategy do not: DDP follows the 1-process trajectory."""
+    path = Path(run_dir) / "config.yaml"
+    saved = yaml.safe_load(path.read_text()) or {} if path.is_file() else {}
+    changed = changed_keys(saved, cfg, RUN_DEFINING + ("trainer",))
+    return [k for k in changed if not k.startswith("trainer.") or k in TRAINING_KEYS]
+
+
+def shown_keys(keys: list[str]) -> str:
+    return ", ".join(keys[:4]) + (" ..." if len(keys) > 4 else "")
 
 
 def changed_keys(saved: dict, cfg: DictConfig, sections=RUN_DEFINING) -> list[str]:

@@ -30,8 +30,10 @@ from gsae_pl.checkpointing import (
     StepCheckpoint,
     check_same_run,
     checkpoint_step,
+    finished_run_changes,
     latest_checkpoint,
     remove_stale_temporaries,
+    shown_keys,
 )
 from gsae_pl.cli import ArgumentParser, run_main
 from gsae_pl.config import load_config, to_yaml
@@ -231,6 +233,11 @@ def run_lock(run_dir: Path):
 
 def _train(cfg: DictConfig, run_dir: Path, force: bool) -> int:
     if (run_dir / "metrics.json").exists() and not force:
+        changed = finished_run_changes(run_dir, cfg)
+        if changed:  # not this run: skipping it would pass another run's results off as its
+            raise UserError(f"{run_dir} holds a finished run with a different config "
+                            f"({shown_keys(changed)}): set output.name=NAME to train this one "
+                            "beside it, or pass --force to replace it")
         print(f"{run_dir} already holds a finished run (metrics.json); "
               "pass --force to train it again, or set output.name to start another")
         return 0

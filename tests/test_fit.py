@@ -55,6 +55,14 @@ def test_tiny_run_writes_everything_and_refuses_to_redo_it(tmp_path, capsys):
     assert _fit(tmp_path) == 0
     assert "already holds a finished run" in capsys.readouterr().out
     assert (run / "metrics.json").stat().st_mtime_ns == before
+    # The same name with another recipe is another run: refused, not skipped as finished
+    # (it would pass this run's results off as that one's). Devices and logging may differ.
+    assert _fit(tmp_path, "sae.d_sae=48", "trainer.max_steps=30") == 2
+    err = capsys.readouterr().err
+    assert "holds a finished run with a different config (sae.d_sae, trainer.max_steps)" \
+        in err and "output.name" in err and "--force" in err
+    assert _fit(tmp_path, "log.every_n_steps=5", "trainer.devices=1") == 0
+    assert (run / "metrics.json").stat().st_mtime_ns == before
 
 
 def test_force_starts_a_fresh_run_and_keeps_the_users_files(tmp_path, capsys):
