@@ -231,6 +231,9 @@ def _file_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[dict]:
     if not isinstance(data, dict):
         kind = type(data).__name__
         raise UserError(f"config file {path} must hold a mapping of keys, not a {kind}")
+    if "variants" in data:  # suites and run configs share ablations/ (gsae_pl/suite.py)
+        raise UserError(f"{path} is a suite file (it lists variants), not a run config: run "
+                        f"python -m gsae_pl.ablate --suite {path}")
     layers: list[dict] = []
     for parent in _defaults_list(path, data.pop("defaults", None)):
         layers += _file_layers(path.parent / parent, seen + (path.resolve(),))

@@ -160,6 +160,10 @@ def _read(path: Path) -> dict:
         raise UserError(f"suite file {path} is not valid YAML: fix its syntax") from None
     if not isinstance(spec, dict):
         raise UserError(f"suite file {path} must hold a mapping (name, variants, ...)")
+    if "variants" not in spec and set(spec) & {"defaults", "sae", "loss", "data", "trainer"}:
+        raise UserError(f"{path} is a run config (a variant), not a suite file: train it with "
+                        f"python -m gsae_pl.fit --config {path}, or name it under a suite's "
+                        "`variants:`")
     unknown = sorted(set(spec) - SUITE_KEYS)
     if unknown:
         raise UserError(f"{path}: unknown suite key(s) {', '.join(unknown)} "

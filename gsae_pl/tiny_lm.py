@@ -254,8 +254,15 @@ def unigram_entropy(tokens: torch.Tensor) -> float:
     return float(-(p * p.log()).sum())
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     """`python -m gsae_pl.tiny_lm`: build (if needed) and print the model directory."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m gsae_pl.tiny_lm",
+        description="Build the embedded tiny LM (first use only; a few minutes on 2 cores) "
+                    "into $GSAE_PL_CACHE/tiny_lm and print its folder and build report.")
+    parser.parse_args(argv)
     path = ensure_tiny_lm()
     print(path)
     print((path / "tiny_lm.json").read_text())

@@ -3,12 +3,15 @@ written (the config and data cases live in test_fit.py, export's in test_export.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 
 from gsae_pl.fit import main
-from tests.tiny_run import args
+from tests.tiny_run import ROOT, args
 
 BAD = {
     "global batch not divisible": (["trainer.devices=2", "trainer.strategy=ddp",
@@ -41,3 +44,20 @@ def test_gpu_asked_for_on_a_cpu_machine(tmp_path, capsys):
     assert main(args(tmp_path / "out", "run", "trainer.accelerator=gpu")) == 2
     assert "lightning refused the trainer settings" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_suite_given_to_fit_and_a_variant_given_to_ablate_say_so(capsys):
+    from gsae_pl.ablate import main as ablate_main
+    from gsae_pl.fit import main as fit_main
+
+    assert fit_main(["--config", str(ROOT / "ablations/quick.yaml")]) == 2
+    assert "is a suite file" in capsys.readouterr().err
+    assert ablate_main(["--suite", str(ROOT / "ablations/gated.yaml")]) == 2
+    assert "is a run config (a variant), not a suite file" in capsys.readouterr().err
+
+
+def test_tiny_lm_help_prints_help_and_builds_nothing():
+    done = subprocess.run([sys.executable, "-m", "gsae_pl.tiny_lm", "--help"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 0 and "usage: python -m gsae_pl.tiny_lm" in done.stdout
+    assert "building" not in done.stderr
