@@ -115,13 +115,15 @@ def write_corpus(out: Path) -> dict:
 def ensure_local_model(name: str) -> Path:
     """The converted model directory of the named model, converted first if missing."""
     from gsae_pl.data.gguf_to_hf import convert
-    from gsae_pl.io import atomic_write_json
+    from gsae_pl.io import atomic_write_json, sweep_stale_temporaries
 
     model = MODELS[name]
     gguf = installed_gguf(model)
     target = model_dir(model, gguf)
     if (target / DONE).is_file():
         return target
+    if target.parent.is_dir():
+        sweep_stale_temporaries(target.parent)  # a killed conversion's ~0.5 GB folder, if any
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"converting {model.gguf_file} (first use only) into {target}", file=sys.stderr)

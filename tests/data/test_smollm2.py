@@ -11,6 +11,7 @@ the same logits and the same token ids.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -226,14 +227,19 @@ def test_named_model_converts_once_and_serves_the_stdlib_split(fake_package, tin
 
     docs = fake_stdlib_docs()
     monkeypatch.setattr(tiny_lm, "stdlib_documents", lambda max_chars: docs)
+    target = model_dir(MODELS["smollm2-135m"], fake_package / MODELS["smollm2-135m"].gguf_file)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    killed = target.with_name(f".{target.name}.tmp{dead}")  # a killed conversion's folder
+    (killed / "part").mkdir(parents=True)
     cfg = make_cfg("data.source=transformer_lens", "data.model=smollm2-135m",
                    "data.hook=blocks.0.hook_resid_post", "data.context_size=16",
                    "eval.rows=64", "eval.lm_contexts=4", "data.buffer_size=256",
                    "data.batch_size=32", "data.lm_batch_size=8")
     source = build_lm_source(cfg)
     directory = Path(source.model_name)
-    assert directory == model_dir(MODELS["smollm2-135m"], fake_package / "SmolLM2-135M-"
-                                  "Instruct.Q4_1.gguf")
+    assert directory == target and not killed.exists()
+    assert sorted(p.name for p in directory.parent.iterdir()) == [target.name]
     assert source.describe()["model"] == str(directory.resolve())
     assert source.bos_id == 0  # <|endoftext|> starts the windows, not the chat marker
     # Held-out windows only from the files the tiny LM holds out; training from the rest.
