@@ -205,7 +205,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfi
     _check_seed(cfg.seed)
     if cfg.output.name is None:
         cfg.output.name = default_run_name(cfg)
-    check_name(cfg.output.name, "output.name")  # one folder inside output.dir, nowhere else
+    check_name(cfg.output.name, "output.name=")  # one folder inside output.dir, nowhere else
     return cfg
 
 

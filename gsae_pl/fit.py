@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run_dir_of(cfg: DictConfig) -> Path:
     # load_config checks the name too; a config built another way must not escape output.dir
-    check_name(cfg.output.name, "output.name")
+    check_name(cfg.output.name, "output.name=")
     return Path(cfg.output.dir) / cfg.output.name
 
 

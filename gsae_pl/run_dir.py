@@ -38,12 +38,13 @@ def name_problem(name: str) -> str | None:
     return None
 
 
-def check_name(name: str, what: str) -> None:
+def check_name(name: str, what: str, advice: str = "e.g. gated_l1-0.05_seed0") -> None:
+    """Refuse a name that is not one plain folder name; `what` says whose name it is."""
     problem = name_problem(name)
     if problem:
-        raise UserError(f"{what}={name!r} {problem}: it names one folder, so use one plain "
+        raise UserError(f"{what}{name!r} {problem}: it names one folder, so use one plain "
                         "name (no '/', '\\' or control characters; not '.', '..' or a "
-                        "leading '-'), e.g. gated_l1-0.05_seed0")
+                        f"leading '-'), {advice}")
 
 
 def remove_run_outputs(run_dir: Path) -> None:

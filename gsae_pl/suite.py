@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 
 from gsae_pl.config import load_config
 from gsae_pl.errors import UserError
-from gsae_pl.run_dir import name_problem
+from gsae_pl.run_dir import check_name
 from gsae_pl.yaml_io import DuplicateKeyError, safe_load_unique_keys
 
 SUITE_KEYS = {"name", "output_dir", "seeds", "overrides", "grids", "variants", "figures"}
@@ -97,22 +97,15 @@ def load_suite(path: str | Path, cli_overrides: list[str] = ()) -> Suite:
                         "settings, e.g. variants: {gated: {grid: gated}}")
     runs = []
     for variant, entry in variants.items():
-        _check_variant_name(path, str(variant))
+        # A variant's name starts its runs' folder names and names its YAML.
+        check_name(str(variant), f"{path}: variant name ",
+                   "and point `config:` at its YAML if it lives elsewhere")
         runs += _expand(path, str(variant), entry or {}, spec, grids, shared,
                         list(cli_overrides), output_dir / "runs")
     _check_distinct_runs(path, runs)
     _check_figures(path, spec.get("figures"), set(variants))
     return Suite(name=str(spec.get("name") or path.stem), path=path, output_dir=output_dir,
                  runs=tuple(runs))
-
-
-def _check_variant_name(path: Path, variant: str) -> None:
-    """A variant's name starts its runs' folder names and names its YAML: one plain name."""
-    problem = name_problem(variant)
-    if problem:
-        raise UserError(f"{path}: variant name {variant!r} {problem}: name each variant with "
-                        "one plain name (no '/', '\\' or control characters; not '.', '..' "
-                        "or a leading '-'), and point `config:` at its YAML if it lives elsewhere")
 
 
 def _check_distinct_runs(path: Path, runs: list[Run]) -> None:
