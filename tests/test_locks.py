@@ -95,7 +95,9 @@ def test_a_second_fit_on_a_running_run_is_refused_and_a_killed_run_reruns(tmp_pa
                               *FOREVER)], env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: (run_dir / "checkpoints" / "step10.ckpt").exists(), 240,
+        # last.ckpt, not step10.ckpt: with keep=3 a fast run deletes step10.ckpt at step 40,
+        # between two polls (seen once: the wait then ran out)
+        wait_for(lambda: (run_dir / "checkpoints" / "last.ckpt").exists(), 240,
                  "the first fit to train")
         second = fit_process(tmp_path, "run", *FOREVER)
         err = one_line(second)
@@ -128,7 +130,9 @@ def start_suite(tmp_path: Path, name: str) -> tuple[subprocess.Popen, int]:
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     run_dir = tmp_path / name / "runs" / "gated_l1-0.1_seed0"
     try:
-        wait_for(lambda: (run_dir / "checkpoints" / "step10.ckpt").exists(), 240,
+        # last.ckpt, not step10.ckpt: with keep=3 a fast run deletes step10.ckpt at step 40,
+        # between two polls (seen once: the wait then ran out)
+        wait_for(lambda: (run_dir / "checkpoints" / "last.ckpt").exists(), 240,
                  "the suite's run to train")
     except AssertionError:
         suite.kill()

@@ -67,9 +67,10 @@ def start(out: Path, name: str, *extra: str, script: Path | None = None, env: di
 
 
 def signal_after_first_checkpoint(proc: subprocess.Popen, run: Path, signum: int):
-    """Wait for step10.ckpt (written whole, then renamed), send `signum`, collect."""
+    """Wait for the first checkpoint (last.ckpt, written whole, then renamed, and never
+    deleted as step10.ckpt is once newer ones exist), send `signum`, collect."""
     deadline = time.monotonic() + 120
-    while not (run / "checkpoints" / "step10.ckpt").exists():
+    while not (run / "checkpoints" / "last.ckpt").exists():
         assert proc.poll() is None, proc.communicate()[1][-2000:]
         assert time.monotonic() < deadline, "no checkpoint within 120 s"
         time.sleep(0.05)
