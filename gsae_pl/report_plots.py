@@ -35,15 +35,20 @@ PLOTS = (("l0_vs_loss_recovered", "loss_recovered"), ("l0_vs_fvu", "fvu"),
 MARKERS = "osD^vP*X<>hp"
 
 
-def variant_curve(rows: list[dict], metric: str) -> list[tuple[float, float]]:
-    """One variant's (L0, metric) points, the mean over seeds at each coefficient, by L0.
-    L0 is clipped at L0_FLOOR so the curve can live on a log axis."""
+def _seed_groups(rows: list[dict], metric: str) -> list[list[dict]]:
+    """A variant's rows that have `metric` and L0, grouped by coefficient (one per seed)."""
     groups: dict = {}
     for row in rows:
         if row[metric] is not None and row["l0"] is not None:
             groups.setdefault(row["l1_coefficient"], []).append(row)
+    return list(groups.values())
+
+
+def variant_curve(rows: list[dict], metric: str) -> list[tuple[float, float]]:
+    """One variant's (L0, metric) points, the mean over seeds at each coefficient, by L0.
+    L0 is clipped at L0_FLOOR so the curve can live on a log axis."""
     curve = []
-    for group in groups.values():
+    for group in _seed_groups(rows, metric):
         l0 = sum(max(r["l0"], L0_FLOOR) for r in group) / len(group)
         curve.append((l0, sum(r[metric] for r in group) / len(group)))
     return sorted(curve)
@@ -51,12 +56,8 @@ def variant_curve(rows: list[dict], metric: str) -> list[tuple[float, float]]:
 
 def seed_sd_curve(rows: list[dict], metric: str) -> list[float]:
     """The sample SD over seeds of `metric` at each point of `variant_curve` (0 with one)."""
-    groups: dict = {}
-    for row in rows:
-        if row[metric] is not None and row["l0"] is not None:
-            groups.setdefault(row["l1_coefficient"], []).append(row)
     points = []
-    for group in groups.values():
+    for group in _seed_groups(rows, metric):
         l0 = sum(max(r["l0"], L0_FLOOR) for r in group) / len(group)
         values = [r[metric] for r in group]
         points.append((l0, statistics.stdev(values) if len(values) > 1 else 0.0))
