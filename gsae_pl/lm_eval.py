@@ -9,18 +9,27 @@ Only the positions the SAE trains on are replaced (BOS left alone when data.excl
 the SAE never saw BOS activations, and zeroing them would measure the attention sink, not
 the site. CE is the mean next-token loss over every predicted token of the windows.
 
-Standard errors: the sampling unit is the held-out WINDOW, not the token (tokens of one
-window share a context, so their losses are correlated). For window i let c_i, s_i, z_i be
-its mean CE clean, spliced and zero; C, S, Z their means over the n windows (equal to the
-token means, since every window predicts the same number of tokens), and Sigma the 3 x 3
-sample covariance (n - 1 denominator) of (c, s, z). By the delta method, with b = Z - C
-and LR = (Z - S) / b:
+Standard errors: the sampling unit is the held-out DOCUMENT (a file of the held-out text),
+not the token or the window: tokens of one window share a context and windows of one file
+share a subject, so their losses are correlated, and a file-level error is the one that
+says how far another set of held-out files could move the number. Each window belongs to
+the document its last token comes from (`TextWindows.evaluation_windows`). For window i
+let v_i = (c_i, s_i, z_i) be its mean CE clean, spliced and zero and v their mean over the
+n windows (equal to the token means, since every window predicts the same number of
+tokens). With G documents, n_g windows and sum S_g of v_i in document g, the
+cluster-robust covariance of the mean is
 
-    SE(delta_lm_loss)^2  = (Var s + Var c - 2 Cov(s, c)) / n
-    SE(loss_recovered)^2 = g' Sigma g / n,   g = dLR/d(C, S, Z) = (LR, -1, 1 - LR) / b
+    Sigma = G / (G - 1) * sum_g r_g r_g' / n^2,   r_g = S_g - n_g v
 
-Sigma comes from the sums over windows of c, s, z, their squares and cross-products, which
-(like the token sums) add up across DDP processes.
+(with one window per document it is the sample covariance over n, the plain window-level
+error). By the delta method, with b = Z - C and LR = (Z - S) / b:
+
+    SE(delta_lm_loss)^2  = d' Sigma d,   d = (-1, 1, 0)
+    SE(loss_recovered)^2 = g' Sigma g,   g = dLR/d(C, S, Z) = (LR, -1, 1 - LR) / b
+
+Every entry of `ce_sums` is a sum over windows (token sums, and per-document window counts
+and sums), so the vectors of DDP processes add up, as long as they share the document
+numbering (they do: it is made before the windows are dealt out).
 """
 
 from __future__ import annotations
@@ -31,24 +40,31 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-# ce_sums' layout. Token-level: CE sums and the predicted-token count (the point estimates).
-# Window-level: the window count, then sums of per-window means, squares, cross-products.
+# ce_sums' layout: [0:3] CE clean, spliced, zero summed over predicted tokens; [3] the token
+# count (the point estimates); then, for each document g, [n_g, sums of per-window mean CE
+# clean, spliced, zero] (the standard errors).
 _SUMS = ("clean", "spliced", "zero")
-_PAIRS = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))
-N_SUMS = 4 + 1 + 3 + len(_PAIRS)
+_TOKEN_SUMS = 4
+
+
+def n_sums(n_documents: int) -> int:
+    """The length of `ce_sums`' vector for held-out windows from `n_documents` documents."""
+    return _TOKEN_SUMS + 4 * n_documents
 
 
 @torch.no_grad()
-def ce_sums(lm, tokens: Tensor, reconstruct: Callable[[Tensor], Tensor]) -> Tensor:
-    """[N_SUMS] float64, every entry a sum over `tokens`' windows (so process-summable):
-    [0:3] CE clean, spliced, zero summed over predicted tokens; [3] the token count;
-    [4] the window count; [5:8] sums of per-window mean CE clean, spliced, zero;
-    [8:14] sums of per-window products cc, ss, zz, cs, cz, sz (for the standard errors).
+def ce_sums(lm, tokens: Tensor, reconstruct: Callable[[Tensor], Tensor],
+            documents: Tensor | None = None, n_documents: int | None = None) -> Tensor:
+    """[n_sums(n_documents)] float64, every entry a sum over `tokens`' windows (so
+    process-summable; layout above). `documents` [n] numbers each window's document in
+    0..n_documents-1; by default every window is its own document (window-level errors).
 
     `lm` is a TransformerLensSource; `reconstruct` maps raw [n, d_in] rows to raw rows.
     """
-    sums = torch.zeros(N_SUMS, dtype=torch.float64)
-    for chunk in tokens.split(lm.lm_batch_size):
+    if documents is None:
+        documents, n_documents = torch.arange(len(tokens)), len(tokens)
+    sums = torch.zeros(n_sums(n_documents), dtype=torch.float64)
+    for chunk, docs in zip(tokens.split(lm.lm_batch_size), documents.split(lm.lm_batch_size)):
         chunk = chunk.to(lm.device)
         keep = lm.keep_mask(chunk)
 
@@ -67,18 +83,24 @@ def ce_sums(lm, tokens: Tensor, reconstruct: Callable[[Tensor], Tensor]) -> Tens
                 loss = lm.bridge.run_with_hooks(chunk, fwd_hooks=runs[name], return_type="loss",
                                                 loss_per_token=True)
             per_window.append(loss.double().mean(dim=1).cpu())  # [B]: one value per window
-        sums += window_sums(torch.stack(per_window, dim=1), loss.shape[1])
+        sums += window_sums(torch.stack(per_window, dim=1), loss.shape[1], docs, n_documents)
     return sums
 
 
-def window_sums(per_window: Tensor, tokens_per_window: int) -> Tensor:
-    """ce_sums' [N_SUMS] vector from per-window mean CEs [n, 3] (clean, spliced, zero)."""
+def window_sums(per_window: Tensor, tokens_per_window: int, documents: Tensor | None = None,
+                n_documents: int | None = None) -> Tensor:
+    """ce_sums' vector from per-window mean CEs [n, 3] (clean, spliced, zero) and each
+    window's document (default: one document per window)."""
     per_window = per_window.double()
     n = per_window.shape[0]
-    products = [(per_window[:, i] * per_window[:, j]).sum() for i, j in _PAIRS]
+    if documents is None:
+        documents, n_documents = torch.arange(n), n
+    by_document = torch.zeros(n_documents, 4, dtype=torch.float64)
+    by_document.index_add_(0, documents.long(),
+                           torch.cat([torch.ones(n, 1, dtype=torch.float64), per_window], 1))
     return torch.cat([per_window.sum(0) * tokens_per_window,
-                      torch.tensor([n * tokens_per_window, n], dtype=torch.float64),
-                      per_window.sum(0), torch.stack(products)])
+                      torch.tensor([n * tokens_per_window], dtype=torch.float64),
+                      by_document.flatten()])
 
 
 def loss_recovered(sums: Tensor) -> dict[str, float]:
@@ -94,25 +116,25 @@ def loss_recovered(sums: Tensor) -> dict[str, float]:
 
 
 def standard_errors(sums: Tensor) -> dict[str, float]:
-    """delta_lm_loss_se and loss_recovered_se by the delta method over windows (module
-    docstring); {} with fewer than 2 windows."""
-    n = float(sums[4])
-    if n < 2:
+    """delta_lm_loss_se and loss_recovered_se by the delta method with document-clustered
+    covariance (module docstring); {} when the windows come from fewer than 2 documents."""
+    by_document = sums[_TOKEN_SUMS:].view(-1, 4)
+    by_document = by_document[by_document[:, 0] > 0]  # documents this evaluation saw
+    n_docs, n = len(by_document), float(by_document[:, 0].sum())
+    if n_docs < 2:
         return {}
-    mean = sums[5:8] / n
-    cov = torch.empty(3, 3, dtype=torch.float64)
-    for (i, j), total in zip(_PAIRS, sums[8:14]):
-        cov[i, j] = cov[j, i] = (total - n * mean[i] * mean[j]) / (n - 1)
+    mean = by_document[:, 1:].sum(0) / n
+    residual = by_document[:, 1:] - by_document[:, :1] * mean  # r_g = S_g - n_g v
+    cov = n_docs / (n_docs - 1) * residual.T @ residual / n ** 2
     c, s, z = mean.tolist()
-    diff = torch.tensor([-1.0, 1.0, 0.0], dtype=torch.float64)
-    out = {"delta_lm_loss_se": _se(diff, cov, n)}
+    out = {"delta_lm_loss_se": _se(torch.tensor([-1.0, 1.0, 0.0], dtype=torch.float64), cov)}
     if z != c:
         ratio = (z - s) / (z - c)
         grad = torch.tensor([ratio, -1.0, 1.0 - ratio], dtype=torch.float64) / (z - c)
-        out["loss_recovered_se"] = _se(grad, cov, n)
+        out["loss_recovered_se"] = _se(grad, cov)
     return out
 
 
-def _se(grad: Tensor, cov: Tensor, n: float) -> float:
+def _se(grad: Tensor, cov: Tensor) -> float:
     # Rounding can leave a tiny negative variance for a perfect reconstruction: clip at 0.
-    return math.sqrt(max(float(grad @ cov @ grad), 0.0) / n)
+    return math.sqrt(max(float(grad @ cov @ grad), 0.0))

@@ -141,9 +141,15 @@ class SAEModule(L.LightningModule):
         from gsae_pl import lm_eval
 
         rank, world = self.trainer.global_rank, self.trainer.world_size
-        tokens = lm.heldout_tokens(self.cfg.eval.lm_contexts)[rank::world]  # disjoint shares
+        tokens, documents = lm.heldout_windows(self.cfg.eval.lm_contexts)
+        # One document numbering for every process, made before the windows are dealt out
+        # (disjoint shares), so the processes' sums add up (lm_eval.py).
+        _, documents = documents.unique(return_inverse=True)
+        n_documents = int(documents.max()) + 1
         # The spliced activation is the reconstruction on the raw scale: x_hat / norm_scale.
-        sums = lm_eval.ce_sums(lm, tokens, lambda x: self(x.to(self.device))[0] / self.norm_scale)
+        sums = lm_eval.ce_sums(lm, tokens[rank::world],
+                               lambda x: self(x.to(self.device))[0] / self.norm_scale,
+                               documents[rank::world], n_documents)
         sums = self.trainer.strategy.reduce(sums.to(self.device), reduce_op="sum")
         return lm_eval.loss_recovered(sums.cpu())
 

@@ -208,49 +208,31 @@ def seed_spread_section(rows: list[dict]) -> list[str]:
         _markdown_table(["variant", "l1_coefficient", "seeds"] + list(SPREAD_METRICS), body)
 
 
-def _se_at(x: float):
-    return lambda group: interpolate_at_l0(variant_curve(group, "loss_recovered_se"), x)
-
-
-def _l0_se(target: float):
-    """The loss-recovered SE carried into L0 needed: half the L0 range over which the
-    seed-mean curve, shifted by ± its SE, reaches `target` (None where it cannot)."""
-    def se_of(group):
-        se = dict(variant_curve(group, "loss_recovered_se"))
-        curve = variant_curve(group, "loss_recovered")
-        if not curve or any(x not in se for x, _ in curve):
-            return None
-        ends = [l0_needed([(x, y + sign * se[x]) for x, y in curve], target)
-                for sign in (1, -1)]
-        return None if None in ends else abs(ends[1] - ends[0]) / 2
-    return se_of
-
-
 def comparison_section(rows: list[dict]) -> list[str]:
     """gated vs baseline at the common L0s and loss-recovered targets, each difference
-    marked resolved or not against seed spread and held-out SE (gsae_pl/uncertainty.py)."""
+    marked resolved or not against the seed spread (gsae_pl/uncertainty.py)."""
     groups = by_variant(rows)
     if not all(v in groups for v in uncertainty.PAIR):
         return ["", "no gated-vs-baseline comparison: the suite lacks one of the two variants"]
     checks = []
     for metric in ("loss_recovered", "fvu", "relative_reconstruction_bias"):
         for x in common_l0s({v: variant_curve(g, metric) for v, g in groups.items()}):
-            se = _se_at(x) if metric == "loss_recovered" else None
-            checks.append((f"{metric} @ L0={x}", metric, _at(x), se))
-    checks += [(f"L0 needed @ loss_recovered={t}", "loss_recovered", _needed(t), _l0_se(t))
+            checks.append((f"{metric} @ L0={x}", metric, _at(x)))
+    checks += [(f"L0 needed @ loss_recovered={t}", "loss_recovered", _needed(t))
                for t in LOSS_TARGETS]
     body = []
-    for label, metric, read, se in checks:
-        found = uncertainty.compare(groups, read, metric, variant_curve, se)
+    for label, metric, read in checks:
+        found = uncertainty.compare(groups, read, metric, variant_curve)
         if found:
             gated, baseline, verdict = found
             body.append([label, fmt(gated), fmt(baseline), fmt(gated - baseline), verdict])
     if not body:
         return ["", "no value that both gated and baseline curves give"]
-    return ["", "Noise = sqrt(sd_gated² + sd_baseline² + SE_gated² + SE_baseline²): sd is the "
-                "sample SD of the per-seed values, SE the held-out standard error (loss "
-                f"recovered only); resolved when |difference| > {uncertainty.RESOLVE_Z:g} x "
-                "noise.", ""] + \
+    return ["", "Noise = sqrt(sd_gated² + sd_baseline²), sd the sample SD of the per-seed "
+                f"values; resolved when |difference| > {uncertainty.RESOLVE_Z:g} x noise. The "
+                "held-out SE is left out: both variants are measured on the same held-out "
+                "windows, so held-out sampling moves them together (gsae_pl/uncertainty.py).",
+                ""] + \
         _markdown_table(["value", "gated", "baseline", "difference", "verdict"], body)
 
 

@@ -5,11 +5,16 @@ gated-vs-baseline difference is resolved (gsae_pl/report.py).
   "mean ± sd" wherever a variant has 2 or more seeds at one coefficient.
 - A value read off a curve (a metric at an L0, the L0 needed for a loss recovered) is also
   read off each seed's own curve; the band is the min - max of those per-seed values.
-- SE is the held-out standard error of loss recovered (gsae_pl/lm_eval.py), mean over seeds.
+- SE is the held-out standard error of loss recovered (gsae_pl/lm_eval.py: clustered by
+  held-out document), mean over seeds: how far another held-out set could move that one
+  number. It is shown, but it does not enter a comparison: every run of a suite is
+  measured on the same held-out windows, so held-out sampling moves gated and baseline
+  together and cancels from their difference, while the seed spread, measured on those
+  same windows, is the training noise that does not cancel.
 - A difference d between gated and baseline is "resolved" when |d| > RESOLVE_Z * noise,
-  noise = sqrt(sd_gated^2 + sd_baseline^2 + SE_gated^2 + SE_baseline^2). The per-seed SD
-  (not SD / sqrt(n)) is deliberately conservative: with 2 or 3 seeds the SD is itself
-  uncertain. With one seed there is no spread to compare against: never resolved.
+  noise = sqrt(sd_gated^2 + sd_baseline^2). The per-seed SD (not SD / sqrt(n)) is
+  deliberately conservative: with 2 or 3 seeds the SD is itself uncertain. With one seed
+  there is no spread to compare against: never resolved.
 """
 
 from __future__ import annotations
@@ -82,10 +87,10 @@ def verdict(diff: float, noises: list[float | None]) -> str:
     return f"not resolved at this noise ({noise:.3g})"
 
 
-def compare(groups: dict[str, list[dict]], read: Callable, metric: str, curve: Callable,
-            se_of: Callable | None = None) -> tuple[float, float, str] | None:
+def compare(groups: dict[str, list[dict]], read: Callable, metric: str,
+            curve: Callable) -> tuple[float, float, str] | None:
     """(gated value, baseline value, verdict) for one read-off of one metric's curves;
-    None unless both variants give a value. `se_of(rows)` is a variant's SE there."""
+    None unless both variants give a value."""
     if not all(v in groups for v in PAIR):
         return None
     values, noises = [], []
@@ -94,7 +99,6 @@ def compare(groups: dict[str, list[dict]], read: Callable, metric: str, curve: C
         if value is None:
             return None
         _, sd = mean_sd(per_seed(groups[variant], metric, read, curve) or [value])
-        se = (se_of(groups[variant]) or 0.0) if se_of else 0.0
         values.append(value)
-        noises += [sd, se]
+        noises.append(sd)
     return values[0], values[1], verdict(values[0] - values[1], noises)

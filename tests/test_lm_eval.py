@@ -1,5 +1,5 @@
 """Loss recovered (docs/method.md): 1 for a perfect reconstruction, 0 for zeros; its
-standard error over held-out windows against a hand-computed example."""
+standard error, clustered by held-out document, against hand-computed examples."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from tests.data.lm_fixtures import lm_cfg, write_text, write_tiny_gpt2
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_lm")
-    return build_lm_source(lm_cfg(write_tiny_gpt2(root / "model"), write_text(root / "corpus")))
+    return build_lm_source(lm_cfg(write_tiny_gpt2(root / "model"), write_text(root / "corpus"),
+                                 "eval.lm_contexts=12"))
 
 
 def test_perfect_reconstruction_recovers_everything_and_zeros_nothing(lm):
@@ -43,7 +44,7 @@ def test_raw_scale_reconstruction_through_the_module(lm):
     from gsae_pl.module import SAEModule
     from tests.conftest import make_cfg
 
-    module = SAEModule(dict(make_cfg("eval.lm_contexts=3")), lm.d_in)
+    module = SAEModule(dict(make_cfg("eval.lm_contexts=12")), lm.d_in)  # >1 document
     module.norm_scale.fill_(3.7)
     module.sae.forward = lambda x: (x, None)
     module._trainer = SimpleNamespace(  # just what `_loss_recovered` reads
@@ -90,11 +91,52 @@ def test_standard_errors_match_a_hand_computed_example():
     assert metrics["delta_lm_loss_se"] == pytest.approx(0.2273030282830976 / 2)
 
 
+def _hand_clustered_se(windows, documents):
+    """Cluster-robust errors by hand: per-document sums of the linearised residuals."""
+    import numpy as np
+
+    w, documents = np.array(windows), np.array(documents)
+    n, groups = len(w), np.unique(documents)
+    c, s, z = w.mean(0)
+    lr = (z - s) / (z - c)
+    linear = {"delta": w[:, 1] - w[:, 0],
+              "lr": (lr * w[:, 0] - w[:, 1] + (1 - lr) * w[:, 2]) / (z - c)}
+    out = {}
+    for name, values in linear.items():
+        totals = [(values[documents == g] - values.mean()).sum() for g in groups]
+        out[name] = np.sqrt(len(groups) / (len(groups) - 1) * np.sum(np.square(totals))) / n
+    return out
+
+
+def test_standard_errors_cluster_windows_by_document():
+    """Two windows per document: the error counts 2 documents, not 4 windows; windows of
+    one document that agree give a larger error than the window-level formula."""
+    documents = torch.tensor([0, 0, 1, 1])
+    metrics = lm_eval.loss_recovered(lm_eval.window_sums(_w(WINDOWS), 10, documents, 2))
+    hand = _hand_clustered_se(WINDOWS, [0, 0, 1, 1])
+    assert metrics["loss_recovered"] == pytest.approx(0.8)
+    assert metrics["delta_lm_loss_se"] == pytest.approx(hand["delta"], rel=1e-9)
+    assert metrics["loss_recovered_se"] == pytest.approx(hand["lr"], rel=1e-9)
+    # delta per window 0.5, 0.25 | 0.75, 0.3: document residual sums -0.15, +0.15
+    assert metrics["delta_lm_loss_se"] == pytest.approx((2 * 2 * 0.15 ** 2) ** 0.5 / 4)
+    alike = [[3.0, 3.5, 5.0], [3.0, 3.5, 5.0], [2.0, 2.25, 4.5], [2.0, 2.25, 4.5]]
+    clustered = lm_eval.loss_recovered(lm_eval.window_sums(_w(alike), 10, documents, 2))
+    windowed = lm_eval.loss_recovered(lm_eval.window_sums(_w(alike), 10))
+    assert clustered["loss_recovered_se"] > 1.2 * windowed["loss_recovered_se"]
+
+
+def test_one_document_has_no_standard_error():
+    one = torch.zeros(4, dtype=torch.long)
+    metrics = lm_eval.loss_recovered(lm_eval.window_sums(_w(WINDOWS), 10, one, 1))
+    assert "loss_recovered_se" not in metrics and "delta_lm_loss_se" not in metrics
+
+
 def test_window_sums_add_up_across_processes():
     """DDP sums each process's vector: two shares must give the one-process result."""
-    whole = lm_eval.window_sums(_w(WINDOWS), 10)
-    shares = lm_eval.window_sums(_w(WINDOWS[:1]), 10) + \
-        lm_eval.window_sums(_w(WINDOWS[1:]), 10)
+    documents = torch.tensor([0, 1, 1, 2])
+    whole = lm_eval.window_sums(_w(WINDOWS), 10, documents, 3)
+    shares = lm_eval.window_sums(_w(WINDOWS[::2]), 10, documents[::2], 3) + \
+        lm_eval.window_sums(_w(WINDOWS[1::2]), 10, documents[1::2], 3)
     assert torch.allclose(whole, shares)
     assert lm_eval.loss_recovered(shares) == pytest.approx(lm_eval.loss_recovered(whole))
 
@@ -108,8 +150,10 @@ def test_one_window_has_no_standard_error():
 def test_ce_sums_window_statistics_agree_with_the_token_means(lm):
     tokens = lm.heldout_tokens(4)
     sums = lm_eval.ce_sums(lm, tokens, lambda x: 0.5 * x)
-    assert sums.shape == (lm_eval.N_SUMS,) and sums[4] == 4
+    assert sums.shape == (lm_eval.n_sums(4),)
+    by_window = sums[4:].view(4, 4)
+    assert by_window[:, 0].tolist() == [1, 1, 1, 1]  # one window per document by default
     # equal-length windows: the mean of window means is the token mean
-    assert torch.allclose(sums[5:8] / sums[4], sums[:3] / sums[3])
+    assert torch.allclose(by_window[:, 1:].mean(0), sums[:3] / sums[3])
     metrics = lm_eval.loss_recovered(sums)
     assert metrics["loss_recovered_se"] > 0 and metrics["delta_lm_loss_se"] > 0

@@ -62,3 +62,33 @@ def test_sae_heldout_text_is_text_the_lm_never_trained_on(tmp_path, monkeypatch)
     assert doc_ids(tok, src.heldout_tokens(4)) <= lm_heldout
     train = doc_ids(tok, itertools.islice(src.text.train(src.heldout_docs, 0, 1), 400))
     assert train and not train & heldout
+
+
+def test_loss_recovered_windows_spread_over_every_heldout_file(tmp_path, monkeypatch):
+    """The windows of loss recovered are spread evenly over all the held-out text (not its
+    first files), and each carries the document its last token comes from."""
+    import json
+    import re
+
+    from gsae_pl.data.transformer_lens import build_lm_source
+    from tests.conftest import make_cfg
+    from tests.data.lm_fixtures import doc_ids, fake_stdlib_docs, write_fake_tiny_lm
+
+    monkeypatch.setenv("GSAE_PL_CACHE", str(tmp_path))
+    model_dir, _, _ = write_fake_tiny_lm(fake_stdlib_docs())
+    src = build_lm_source(make_cfg("data.source=tiny_lm", "data.context_size=16",
+                                   "eval.rows=64", "eval.lm_contexts=6",
+                                   "data.buffer_size=256", "data.batch_size=32"))
+    text = src.text
+    every = [w for _, w in text._pack(text._token_lists(iter(text.heldout_dataset)))]
+    tokens, documents = src.heldout_windows(6)
+    assert len(every) > 12
+    for i, window in enumerate(tokens):
+        assert torch.equal(window, every[i * len(every) // 6])
+    names = [re.findall(r"doc(\d{3})", json.loads(line)["text"])[0]
+             for line in (model_dir / "heldout.jsonl").read_text().splitlines()]
+    tok = src.bridge.tokenizer
+    for window, document in zip(tokens, documents.tolist()):
+        assert int(names[document]) in doc_ids(tok, window[None])
+    assert documents.tolist() == sorted(documents.tolist()) and documents[-1] > documents[0]
+    assert torch.equal(src.heldout_tokens(6), tokens)

@@ -110,6 +110,7 @@ class TransformerLensSource:
                         int(cfg.eval.lm_contexts))
         self.heldout, self.heldout_docs = self.text.heldout(n_windows)
         self._eval_rows: Tensor | None = None
+        self._evaluation_windows: dict[int, tuple[Tensor, Tensor]] = {}
         self.d_in = int(self.activations(self.heldout[:1]).shape[-1])
 
     @property
@@ -194,9 +195,20 @@ class TransformerLensSource:
                             f"eval.rows={n_rows}: lower eval.rows")
         return self._eval_rows[:n_rows]
 
+    def heldout_windows(self, n_windows: int) -> tuple[Tensor, Tensor]:
+        """Held-out windows [n, T] for loss recovered (never trained on) and each one's
+        document [n] (TextWindows.evaluation_windows); made once per size."""
+        if self.heldout_dataset_name is None and n_windows > len(self.heldout):
+            # the stream's front: more windows than held out would be training text
+            raise ValueError(f"{n_windows} evaluation windows asked for, {len(self.heldout)} "
+                             "held out (eval.lm_contexts sets how many)")
+        if n_windows not in self._evaluation_windows:
+            self._evaluation_windows[n_windows] = self.text.evaluation_windows(n_windows)
+        return self._evaluation_windows[n_windows]
+
     def heldout_tokens(self, n_windows: int) -> Tensor:
-        """Held-out windows [n, T] for loss recovered (never trained on)."""
-        return self.heldout[:n_windows]
+        """The windows of `heldout_windows` alone."""
+        return self.heldout_windows(n_windows)[0]
 
     def describe(self) -> dict:
         """What made these activations; also the key of a disk cache (gsae_pl/cache.py)."""
