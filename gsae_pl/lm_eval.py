@@ -34,16 +34,20 @@ numbering (they do: it is made before the windows are dealt out).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from gsae_pl.io import atomic_write
+
 # ce_sums' layout: [0:3] CE clean, spliced, zero summed over predicted tokens; [3] the token
 # count (the point estimates); then, for each document g, [n_g, sums of per-window mean CE
 # clean, spliced, zero] (the standard errors).
-_SUMS = ("clean", "spliced", "zero")
 _TOKEN_SUMS = 4
 
 
@@ -66,25 +70,52 @@ def ce_sums(lm, tokens: Tensor, reconstruct: Callable[[Tensor], Tensor],
     sums = torch.zeros(n_sums(n_documents), dtype=torch.float64)
     for chunk, docs in zip(tokens.split(lm.lm_batch_size), documents.split(lm.lm_batch_size)):
         chunk = chunk.to(lm.device)
-        keep = lm.keep_mask(chunk)
-
-        def splice(act: Tensor, hook, fill: Callable[[Tensor], Tensor], keep=keep) -> Tensor:
-            flat = act.flatten(2)  # [B, T, d_in] view of any hook's shape
-            out = flat.clone()
-            out[keep] = fill(flat[keep].float()).to(act.dtype)
-            return out.view_as(act)
-
-        runs = {"clean": [],
-                "spliced": [(lm.hook, lambda a, hook: splice(a, hook, reconstruct))],
-                "zero": [(lm.hook, lambda a, hook: splice(a, hook, torch.zeros_like))]}
-        per_window = []
-        for name in _SUMS:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=lm.device.type == "cuda"):
-                loss = lm.bridge.run_with_hooks(chunk, fwd_hooks=runs[name], return_type="loss",
-                                                loss_per_token=True)
-            per_window.append(loss.double().mean(dim=1).cpu())  # [B]: one value per window
-        sums += window_sums(torch.stack(per_window, dim=1), loss.shape[1], docs, n_documents)
+        spliced, n_tokens = _window_ce(lm, chunk, reconstruct)
+        clean, zero = _reference_ce(lm, chunk).unbind(1)
+        sums += window_sums(torch.stack([clean, spliced, zero], dim=1), n_tokens, docs,
+                            n_documents)
     return sums
+
+
+def _window_ce(lm, chunk: Tensor, fill: Callable[[Tensor], Tensor] | None) -> tuple[Tensor, int]:
+    """Per-window mean CE [B] (float64, CPU) with the kept positions' activations at the
+    hook replaced by `fill(raw rows)` (None: the clean model), and the tokens each predicts."""
+    keep = lm.keep_mask(chunk)
+
+    def splice(act: Tensor, hook) -> Tensor:
+        flat = act.flatten(2)  # [B, T, d_in] view of any hook's shape
+        out = flat.clone()
+        out[keep] = fill(flat[keep].float()).to(act.dtype)
+        return out.view_as(act)
+
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=lm.device.type == "cuda"):
+        loss = lm.bridge.run_with_hooks(chunk, fwd_hooks=[] if fill is None
+                                        else [(lm.hook, splice)], return_type="loss",
+                                        loss_per_token=True)
+    return loss.double().mean(dim=1).cpu(), loss.shape[1]
+
+
+def _reference_ce(lm, chunk: Tensor) -> Tensor:
+    """Per-window mean CE clean and zero-ablated [B, 2]: they do not depend on the SAE, so
+    where the LM has a `reference_dir` (the activation cache's, which one suite's runs
+    share) they are computed by the first run and read by the others; the LM then runs once
+    per window and run instead of three times. Keyed by what made the activations, the
+    device type and the windows' tokens."""
+    def compute() -> Tensor:
+        return torch.stack([_window_ce(lm, chunk, None)[0],
+                            _window_ce(lm, chunk, torch.zeros_like)[0]], dim=1)
+
+    folder = getattr(lm, "reference_dir", None)
+    if folder is None:
+        return compute()
+    digest = hashlib.sha256(json.dumps([lm.describe(), lm.device.type], sort_keys=True)
+                            .encode() + chunk.cpu().numpy().tobytes()).hexdigest()[:32]
+    path = Path(folder) / f"{digest}.pt"
+    if path.is_file():
+        return torch.load(path)
+    values = compute()
+    atomic_write(path, lambda fh: torch.save(values, fh))
+    return values
 
 
 def window_sums(per_window: Tensor, tokens_per_window: int, documents: Tensor | None = None,

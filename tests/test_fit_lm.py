@@ -42,6 +42,8 @@ def test_fit_reports_loss_recovered(lm_args, tmp_path, cached):
     if cached:
         meta = json.loads((tmp_path / "acts" / "metadata.json").read_text())
         assert meta["rows"] == 20 * 32 and meta["key"]["hook"] == "blocks.0.mlp.hook_post"
+        # CE clean / zero-ablated kept for the next run on this cache (lm_eval.py)
+        assert list((tmp_path / "acts" / "reference_ce").glob("*.pt"))
 
 
 @pytest.mark.parametrize("extra,needle", [

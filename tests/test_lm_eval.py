@@ -157,3 +157,29 @@ def test_ce_sums_window_statistics_agree_with_the_token_means(lm):
     assert torch.allclose(by_window[:, 1:].mean(0), sums[:3] / sums[3])
     metrics = lm_eval.loss_recovered(sums)
     assert metrics["loss_recovered_se"] > 0 and metrics["delta_lm_loss_se"] > 0
+
+
+def test_reference_ce_is_computed_once_per_window_set(lm, tmp_path, monkeypatch):
+    """With a reference folder (an activation cache's), CE clean and zero-ablated are kept
+    on disk: a second evaluation runs the LM once per chunk (spliced) instead of three
+    times, and gives the same bits; other windows get their own entry."""
+    calls = []
+    run = lm.bridge.run_with_hooks
+
+    def counted(*args, **kwargs):
+        calls.append(len(kwargs.get("fwd_hooks", [])))
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(lm.bridge, "run_with_hooks", counted)
+    tokens = lm.heldout_tokens(12)[:4]  # one chunk of lm_batch_size 8
+    plain = lm_eval.ce_sums(lm, tokens, lambda x: 0.5 * x)
+    assert len(calls) == 3
+    monkeypatch.setattr(lm, "reference_dir", tmp_path / "reference_ce", raising=False)
+    first = lm_eval.ce_sums(lm, tokens, lambda x: 0.5 * x)
+    calls.clear()
+    second = lm_eval.ce_sums(lm, tokens, lambda x: 0.5 * x)
+    assert calls == [1]  # the spliced pass only
+    assert torch.equal(first, plain) and torch.equal(second, plain)
+    assert len(list((tmp_path / "reference_ce").glob("*.pt"))) == 1
+    lm_eval.ce_sums(lm, lm.heldout_tokens(12)[4:8], lambda x: x)
+    assert len(list((tmp_path / "reference_ce").glob("*.pt"))) == 2

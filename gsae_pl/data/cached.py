@@ -10,7 +10,9 @@ contiguous slices, so throughput approaches memory speed (benchmarks/RESULTS.md)
 were already mixed by the shuffle buffer when the cache was written. Global batch k is a
 pure function of (seed, k), and process r of W takes its rows r::W, exactly like the
 synthetic and file sources (data/base.py). Held-out rows and loss recovered still come
-from the LM on held-out text, which the cache never holds.
+from the LM on held-out text, which the cache never holds; only the SAE-independent part of
+loss recovered (CE clean and zero-ablated per held-out window) is kept in its
+`reference_ce/` subfolder, written by the first run that needs it (gsae_pl/lm_eval.py).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from gsae_pl.data.transformer_lens import TransformerLensSource, build_lm_source
 from gsae_pl.errors import UserError
 
 METADATA = "metadata.json"
+REFERENCE_CE = "reference_ce"  # a subfolder: lm_eval's clean / zero-ablated CE per window
 
 
 def read_metadata(directory: Path) -> dict | None:
@@ -63,6 +66,9 @@ class CachedSource:
             raise UserError(f"{self.directory} holds no complete activation cache "
                             "(no metadata.json): run python -m gsae_pl.cache --config FILE")
         check_key(self.directory, meta, lm.describe())
+        # Held-out CE clean and zero-ablated, computed once for every run that reads this
+        # cache (gsae_pl/lm_eval.py).
+        lm.reference_dir = self.directory / REFERENCE_CE
         self.meta = meta
         self.shards = [np.load(self.directory / s["file"], mmap_mode="r") for s in meta["shards"]]
         self.n_rows, self.d_in = sum(len(s) for s in self.shards), int(meta["d_in"])

@@ -87,6 +87,7 @@ class TransformerLensSource:
     """An ActivationSource (see base.py) over an LM's activations at `data.hook`."""
 
     true_features = None
+    reference_dir: Path | None = None  # where lm_eval keeps CE clean / zero (data/cached.py)
 
     def __init__(self, cfg, model: str, dataset: str, kind: str = "transformer_lens",
                  heldout_dataset: str | None = None):
