@@ -23,9 +23,15 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 _HASHES: dict[tuple[str, int, int], str] = {}
 
 
+# Results, not inputs: a suite rewrites its committed report, results.csv, suite.yaml and
+# plots there while its runs start, which must not mark those runs' code as changed.
+OUTPUTS = "tensorboard_logs"
+
+
 def code_state(where: Path | None = None) -> dict:
-    """{"commit": HEAD or "unknown", "dirty": tracked files changed, or "unknown"} of the
-    git checkout holding gsae_pl (outside a checkout, or without git: "unknown")."""
+    """{"commit": HEAD or "unknown", "dirty": tracked files changed outside OUTPUTS, or
+    "unknown"} of the git checkout holding gsae_pl (outside a checkout, or without git:
+    "unknown")."""
     where = where or Path(__file__).resolve().parent
 
     def git(*args: str) -> str:
@@ -34,7 +40,8 @@ def code_state(where: Path | None = None) -> dict:
 
     try:
         commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ":/",
+                         f":(top,exclude){OUTPUTS}"))
     except (OSError, subprocess.SubprocessError):
         return {"commit": "unknown", "dirty": "unknown"}
     return {"commit": commit, "dirty": dirty}

@@ -16,6 +16,32 @@ from gsae_pl import provenance
 from tests.tiny_run import ROOT, TINY, run
 
 
+def test_dirty_means_code_or_configs_changed_not_committed_results(tmp_path):
+    """A suite rewrites its committed report under tensorboard_logs/ while its runs start:
+    that alone must not mark them dirty; a changed source file must."""
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    (tmp_path / "tensorboard_logs" / "quick").mkdir(parents=True)
+    (tmp_path / "tensorboard_logs" / "quick" / "results.csv").write_text("a\n")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "code.py").write_text("x = 1\n")
+    (tmp_path / "config.yaml").write_text("a: 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    assert provenance.code_state(tmp_path / "src")["dirty"] is False
+    (tmp_path / "tensorboard_logs" / "quick" / "results.csv").write_text("b\n")
+    assert provenance.code_state(tmp_path / "src")["dirty"] is False
+    (tmp_path / "config.yaml").write_text("a: 2\n")  # outside the package's folder too
+    assert provenance.code_state(tmp_path / "src")["dirty"] is True
+    git("checkout", "config.yaml")
+    (tmp_path / "src" / "code.py").write_text("x = 2\n")
+    assert provenance.code_state(tmp_path / "src")["dirty"] is True
+
+
 def test_code_state_in_and_outside_a_checkout(tmp_path):
     state = provenance.code_state(ROOT)
     assert re.fullmatch(r"[0-9a-f]{40}", state["commit"]) and isinstance(state["dirty"], bool)
