@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from gsae_pl.cli import ArgumentParser, run_main
 from gsae_pl.config import load_config
-from gsae_pl.data.cached import check_key, default_cache_dir, read_metadata
+from gsae_pl.data.cached import cache_key, check_key, default_cache_dir, read_metadata
 from gsae_pl.errors import UserError
 from gsae_pl.io import atomic_save_npy, atomic_write_json, sweep_stale_temporaries
 
@@ -43,10 +43,11 @@ def write_cache(lm, directory: Path, cfg, progress: bool = True) -> dict:
     directory, n_rows = Path(directory), rows_wanted(cfg)
     if directory.is_dir():
         sweep_stale_temporaries(directory)  # half a shard of a killed write, if any
-    key, d_in = lm.describe(), lm.d_in
+    key, d_in, dtype = cache_key(lm, cfg), lm.d_in, getattr(torch, cfg.data.cache_dtype)
     # Batches no bigger than half the buffer, so the first arrives after one buffer fill.
     step = max(1, min(_WRITE_BATCH, lm.buffer_size // 2, n_rows))
-    shard_rows = max(step, _SHARD_BYTES // (4 * d_in) // step * step)
+    row_bytes = d_in * torch.finfo(dtype).bits // 8
+    shard_rows = max(step, _SHARD_BYTES // row_bytes // step * step)
     batches = lm.train_batches(step, 0, 1)
     shards, pending, written = [], [], 0
     sum_sq, start = 0.0, time.perf_counter()
@@ -54,8 +55,8 @@ def write_cache(lm, directory: Path, cfg, progress: bool = True) -> dict:
                disable=not progress, file=sys.stderr)
     try:
         while written < n_rows:
-            rows = next(batches)[: n_rows - written].cpu()
-            sum_sq += float(rows.double().pow(2).sum())
+            rows = _stored(next(batches)[: n_rows - written].cpu(), dtype)
+            sum_sq += float(rows.double().pow(2).sum())  # of the rows as stored
             pending.append(rows)
             written += len(rows)
             bar.update(len(rows))
@@ -69,12 +70,25 @@ def write_cache(lm, directory: Path, cfg, progress: bool = True) -> dict:
     finally:
         bar.close()
     mean_sq = sum_sq / written
-    meta = {"key": key, "rows": written, "d_in": d_in, "dtype": "float32", "shards": shards,
+    meta = {"key": key, "rows": written, "d_in": d_in, "dtype": cfg.data.cache_dtype,
+            "shards": shards,
             "tokens": written, "seconds": round(time.perf_counter() - start, 2),
             "normalisation": {"mean_squared_norm": mean_sq,  # docs/method.md sec. 4
                               "norm_scale": math.sqrt(d_in / mean_sq)}}
     atomic_write_json(directory / "metadata.json", meta)  # last: marks the cache complete
     return meta
+
+
+def _stored(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`rows` in the cache's dtype; float16 refuses values it cannot hold rather than
+    storing inf (its largest is 65504; residual streams can carry outliers)."""
+    if dtype == torch.float32:
+        return rows
+    if rows.abs().max() > torch.finfo(dtype).max:
+        raise UserError(f"an activation of {float(rows.abs().max()):.4g} does not fit "
+                        f"data.cache_dtype={str(dtype).split('.')[-1]} (largest "
+                        f"{torch.finfo(dtype).max:g}): use data.cache_dtype=float32")
+    return rows.to(dtype)
 
 
 def _save_shard(directory: Path, index: int, rows: torch.Tensor) -> dict:
@@ -98,15 +112,15 @@ def _main(args: argparse.Namespace) -> int:
     from gsae_pl.data.transformer_lens import build_lm_source
 
     lm = build_lm_source(cfg)
-    directory = Path(cfg.data.cache_dir) if cfg.data.cache_dir else \
-        default_cache_dir(lm.describe())
+    key = cache_key(lm, cfg)
+    directory = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir(key)
     meta = read_metadata(directory)
     if meta is not None:
-        check_key(directory, meta, lm.describe())
+        check_key(directory, meta, key)
         print(f"{directory}: already holds this cache ({meta['rows']} rows); reusing it")
         return 0
     meta = write_cache(lm, directory, cfg)
-    gb = meta["rows"] * meta["d_in"] * 4 / 1e9
+    gb = meta["rows"] * meta["d_in"] * torch.finfo(getattr(torch, meta["dtype"])).bits / 8e9
     print(f"{directory}: {meta['rows']} rows x {meta['d_in']} ({gb:.2f} GB) in "
           f"{meta['seconds']} s; norm_scale {meta['normalisation']['norm_scale']:.4g}")
     return 0

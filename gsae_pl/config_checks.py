@@ -24,6 +24,7 @@ CHOICES = {
     "loss.aux.b_dec": (None, "frozen", "unfrozen"),
     "data.source": ("tiny_lm", "transformer_lens", "synthetic", "file"),
     "data.dtype": ("float32", "bfloat16", "float16"),
+    "data.cache_dtype": ("float32", "float16"),
 }
 POSITIVE = ("sae.d_sae", "data.batch_size", "data.normalize_rows", "eval.rows",
             "data.buffer_size", "data.lm_batch_size",

@@ -41,6 +41,33 @@ def test_round_trip_keeps_every_row_and_records_the_key(written):
     assert not list(directory.glob(".*tmp*"))  # shards were renamed into place
 
 
+def test_a_float16_cache_holds_the_same_rows_rounded_in_half_the_bytes(written, tmp_path):
+    """data.cache_dtype=float16: the same rows, each rounded once to float16, read back as
+    float32; half the bytes; its own key and folder, so a float32 cache is never reused."""
+    lm, directory, meta, cfg = written
+    half_cfg = lm_cfg(*[cfg.data.model, cfg.data.dataset], "data.cache_rows=600",
+                      "data.cache_dtype=float16")
+    half_meta = write_cache(lm, tmp_path / "half", half_cfg, progress=False)
+    assert half_meta["dtype"] == "float16" and half_meta["key"]["cache_dtype"] == "float16"
+    full = np.concatenate([np.load(directory / s["file"]) for s in meta["shards"]])
+    half = np.concatenate([np.load(tmp_path / "half" / s["file"]) for s in half_meta["shards"]])
+    assert half.dtype == np.float16 and np.array_equal(half, full.astype(np.float16))
+    assert sum(f.stat().st_size for f in (tmp_path / "half").glob("shard_*")) < \
+        0.51 * sum(f.stat().st_size for f in directory.glob("shard_*"))
+    source = CachedSource(tmp_path / "half", lm, seed=0, key=half_meta["key"])
+    batch = next(source.train_batches(100, 0, 1))
+    assert batch.dtype == torch.float32 and source.describe()["cache_dtype"] == "float16"
+    with pytest.raises(UserError, match="was made differently"):
+        CachedSource(tmp_path / "half", lm, seed=0)  # the float32 key: refused
+
+
+def test_float16_refuses_activations_it_cannot_hold():
+    from gsae_pl.cache import _stored
+
+    with pytest.raises(UserError, match="data.cache_dtype=float32"):
+        _stored(torch.tensor([[1.0, 7.0e4]]), torch.float16)
+
+
 def test_normalisation_is_recorded(written):
     _, directory, meta, _ = written
     rows = np.concatenate([np.load(directory / s["file"]) for s in meta["shards"]])

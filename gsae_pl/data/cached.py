@@ -59,13 +59,14 @@ class CachedSource:
 
     true_features = None
 
-    def __init__(self, directory: Path, lm: TransformerLensSource, seed: int):
+    def __init__(self, directory: Path, lm: TransformerLensSource, seed: int,
+                 key: dict | None = None):
         self.directory, self.lm, self.seed = Path(directory), lm, int(seed)
         meta = read_metadata(self.directory)
         if meta is None:
             raise UserError(f"{self.directory} holds no complete activation cache "
                             "(no metadata.json): run python -m gsae_pl.cache --config FILE")
-        check_key(self.directory, meta, lm.describe())
+        check_key(self.directory, meta, lm.describe() if key is None else key)
         # Held-out CE clean and zero-ablated, computed once for every run that reads this
         # cache (gsae_pl/lm_eval.py).
         lm.reference_dir = self.directory / REFERENCE_CE
@@ -80,7 +81,9 @@ class CachedSource:
         return self.lm.eval_rows(n_rows)
 
     def describe(self) -> dict:
-        return {**self.lm.describe(), "cache": str(self.directory), "cache_rows": self.n_rows}
+        stored = self.meta.get("dtype", "float32")
+        return {**self.lm.describe(), "cache": str(self.directory), "cache_rows": self.n_rows,
+                **({"cache_dtype": stored} if stored != "float32" else {})}
 
     def train_batches(self, batch_size: int, rank: int, world_size: int,
                       start_step: int = 0) -> Iterator[Tensor]:
@@ -126,8 +129,17 @@ class _RowReader:
             self.pending = block[len(part):] if len(block) > len(part) else None
             parts.append(part)
             got += len(part)
-        # One copy out of the memory map (np.concatenate), already float32 on disk.
+        # One copy out of the memory map (np.concatenate); float16 caches become float32.
         return torch.from_numpy(np.concatenate(parts).astype(np.float32, copy=False))
+
+
+def cache_key(lm, cfg) -> dict:
+    """What a cache holds: the LM's activations (`describe`), and the storage dtype when it
+    is not float32 (only then, so the keys of caches made before it existed still match)."""
+    key = lm.describe()
+    if cfg.data.cache_dtype != "float32":
+        key["cache_dtype"] = cfg.data.cache_dtype
+    return key
 
 
 def default_cache_dir(key: dict) -> Path:
@@ -150,11 +162,11 @@ def build_cached_or_lm_source(cfg):
     lm = build_lm_source(cfg)
     if not cfg.data.cache:
         return lm
-    directory = Path(cfg.data.cache_dir) if cfg.data.cache_dir else \
-        default_cache_dir(lm.describe())
+    key = cache_key(lm, cfg)
+    directory = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir(key)
     meta = read_metadata(directory)
     if meta is not None:
-        check_key(directory, meta, lm.describe())
+        check_key(directory, meta, key)
         from gsae_pl.cache import rows_wanted
 
         if meta["rows"] < rows_wanted(cfg) and _is_launcher_process():
@@ -168,4 +180,4 @@ def build_cached_or_lm_source(cfg):
     else:
         while read_metadata(directory) is None:
             time.sleep(2)
-    return CachedSource(directory, lm, cfg.seed)
+    return CachedSource(directory, lm, cfg.seed, key)
