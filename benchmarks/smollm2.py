@@ -10,7 +10,8 @@ the held-out windows of configs/data/smollm2.yaml (context 128):
      largest difference between their activations;
   2. tokens/s of a full forward with the loss: bridge against plain HF (the bridge's own
      overhead), and of gsae_pl's spliced-CE evaluation (lm_eval.ce_sums: clean, spliced and
-     zero-ablated passes, counted per held-out token);
+     zero-ablated passes, counted per held-out token), and of the same with CE clean and
+     zero-ablated already kept, as in a suite (the spliced pass only);
   3. held-out CE with windows starting with <|endoftext|> (gsae_pl's choice) and with the
      instruct GGUF's BOS, <|im_start|>.
 Best of --repeats after a warm-up call, with gsae_pl's allocator settings. Prints one
@@ -23,6 +24,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -118,6 +120,13 @@ def main() -> int:
                              "ce_sums": lambda: ce_sums(source, tokens, lambda rows: rows)},
                             args.repeats)
         bridge_ce = float(source.bridge(tokens, return_type="loss"))
+        # As inside a suite: CE clean and zero-ablated kept from the warm-up call, so each
+        # timed call runs the spliced pass only (lm_eval._reference_ce).
+        with tempfile.TemporaryDirectory() as folder:
+            source.reference_dir = Path(folder)
+            kept = best_seconds({"ce_sums": lambda: ce_sums(source, tokens, lambda rows: rows)},
+                                args.repeats)
+            source.reference_dir = None
     chat_bos = tokens.clone()
     chat_bos[:, 0] = source.bridge.tokenizer.convert_tokens_to_ids("<|im_start|>")
     result.update(
@@ -125,6 +134,8 @@ def main() -> int:
                            "hf_tok_s": round(n / best["hf"])},
         spliced_ce_eval={"hook": cfg.data.hook, "heldout_tok_s": round(n / best["ce_sums"]),
                          "passes": 3},
+        spliced_ce_eval_reference_kept={"heldout_tok_s": round(n / kept["ce_sums"]),
+                                        "passes": 1},
         heldout_ce={"endoftext_bos_hf": round(hf_ce(hf, tokens), 4),
                     "endoftext_bos_bridge": round(bridge_ce, 4),
                     "im_start_bos_hf": round(hf_ce(hf, chat_bos), 4)},
