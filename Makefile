@@ -19,11 +19,12 @@ $(STAMP): pyproject.toml
 fit: $(STAMP)
 	$(PY) -m gsae_pl.fit --config $(CONFIG) $(ARGS)
 
+# One pytest-xdist worker per core, each test file on one worker (module fixtures built once).
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n auto --dist loadfile -m "not slow"
 
 # Training-step speed against the dense-FLOP bound, and the data path (benchmarks/RESULTS.md).
 bench: $(STAMP)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -16,6 +18,17 @@ def make_cfg(*overrides: str):
     cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.from_dotlist(dotlist))
     validate(cfg)
     return cfg
+
+
+def _share_the_cores() -> None:
+    """Under pytest-xdist (`make test` runs one worker per core), each worker's torch takes
+    its share of the cores instead of all of them: oversubscribed threads run slower."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+_share_the_cores()
 
 
 @pytest.fixture(autouse=True)
