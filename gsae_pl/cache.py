@@ -46,8 +46,9 @@ def write_cache(lm, directory: Path, cfg, progress: bool = True) -> dict:
     key, d_in, dtype = cache_key(lm, cfg), lm.d_in, getattr(torch, cfg.data.cache_dtype)
     # Batches no bigger than half the buffer, so the first arrives after one buffer fill.
     step = max(1, min(_WRITE_BATCH, lm.buffer_size // 2, n_rows))
-    row_bytes = d_in * torch.finfo(dtype).bits // 8
-    shard_rows = max(step, _SHARD_BYTES // row_bytes // step * step)
+    # Shards sized by float32 rows whatever the dtype: the shard count sets each epoch's
+    # order, so a float16 cache gives the same batches as a float32 one, rounded.
+    shard_rows = max(step, _SHARD_BYTES // (4 * d_in) // step * step)
     batches = lm.train_batches(step, 0, 1)
     shards, pending, written = [], [], 0
     sum_sq, start = 0.0, time.perf_counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -41,24 +42,40 @@ def test_round_trip_keeps_every_row_and_records_the_key(written):
     assert not list(directory.glob(".*tmp*"))  # shards were renamed into place
 
 
-def test_a_float16_cache_holds_the_same_rows_rounded_in_half_the_bytes(written, tmp_path):
-    """data.cache_dtype=float16: the same rows, each rounded once to float16, read back as
-    float32; half the bytes; its own key and folder, so a float32 cache is never reused."""
-    lm, directory, meta, cfg = written
-    half_cfg = lm_cfg(*[cfg.data.model, cfg.data.dataset], "data.cache_rows=600",
-                      "data.cache_dtype=float16")
-    half_meta = write_cache(lm, tmp_path / "half", half_cfg, progress=False)
-    assert half_meta["dtype"] == "float16" and half_meta["key"]["cache_dtype"] == "float16"
-    full = np.concatenate([np.load(directory / s["file"]) for s in meta["shards"]])
-    half = np.concatenate([np.load(tmp_path / "half" / s["file"]) for s in half_meta["shards"]])
-    assert half.dtype == np.float16 and np.array_equal(half, full.astype(np.float16))
-    assert sum(f.stat().st_size for f in (tmp_path / "half").glob("shard_*")) < \
-        0.51 * sum(f.stat().st_size for f in directory.glob("shard_*"))
-    source = CachedSource(tmp_path / "half", lm, seed=0, key=half_meta["key"])
-    batch = next(source.train_batches(100, 0, 1))
-    assert batch.dtype == torch.float32 and source.describe()["cache_dtype"] == "float16"
+def test_a_float16_cache_holds_the_same_rows_rounded_in_half_the_bytes(written, tmp_path,
+                                                                       monkeypatch):
+    """data.cache_dtype=float16: the same shards and batches as float32, each row rounded
+    once, read back as float32; half the bytes; its own key, so neither is reused for the
+    other."""
+    import gsae_pl.cache
+
+    lm, _, _, cfg = written
+    monkeypatch.setattr(gsae_pl.cache, "_SHARD_BYTES", 4 * lm.d_in * 256)  # several shards
+    metas = {}
+    for dtype in ("float32", "float16"):
+        run_cfg = lm_cfg(cfg.data.model, cfg.data.dataset, "data.cache_rows=600",
+                         f"data.cache_dtype={dtype}")
+        metas[dtype] = write_cache(lm, tmp_path / dtype, run_cfg, progress=False)
+    full, half = metas["float32"], metas["float16"]
+    assert half["dtype"] == "float16" and half["key"]["cache_dtype"] == "float16"
+    assert "cache_dtype" not in full["key"]
+    assert [s["rows"] for s in half["shards"]] == [s["rows"] for s in full["shards"]]
+    assert len(full["shards"]) > 1
+
+    def stored(dtype, meta):
+        return np.concatenate([np.load(tmp_path / dtype / s["file"]) for s in meta["shards"]])
+    assert stored("float16", half).dtype == np.float16
+    assert np.array_equal(stored("float16", half), stored("float32", full).astype(np.float16))
+    assert sum(f.stat().st_size for f in (tmp_path / "float16").glob("shard_*")) < \
+        0.51 * sum(f.stat().st_size for f in (tmp_path / "float32").glob("shard_*"))
+    source = CachedSource(tmp_path / "float16", lm, seed=0, key=half["key"])
+    assert source.describe()["cache_dtype"] == "float16"
+    full_source = CachedSource(tmp_path / "float32", lm, seed=0)
+    for batch, full_batch in zip(source.train_batches(100, 0, 1),
+                                 itertools.islice(full_source.train_batches(100, 0, 1), 8)):
+        assert batch.dtype == torch.float32 and torch.equal(batch, full_batch.half().float())
     with pytest.raises(UserError, match="was made differently"):
-        CachedSource(tmp_path / "half", lm, seed=0)  # the float32 key: refused
+        CachedSource(tmp_path / "float16", lm, seed=0)  # the float32 key: refused
 
 
 def test_float16_refuses_activations_it_cannot_hold():
