@@ -113,7 +113,7 @@ class DataConfig:
     cache: bool = False  # train from a disk cache of the activations (gsae_pl/cache.py)
     cache_dir: Optional[str] = None  # null: $GSAE_PL_CACHE/activations/<key>
     cache_rows: Optional[int] = None  # null: trainer.max_steps * data.batch_size
-    cache_dtype: str = "float32"  # float16: half the bytes (the check: benchmarks/RESULTS.md)
+    cache_dtype: str = "float32"  # float16: half the bytes, results moved (benchmarks/RESULTS.md)
 
 
 @dataclass
