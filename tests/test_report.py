@@ -247,7 +247,8 @@ def test_gated_vs_baseline_resolved_only_beyond_the_noise(seeded_suite, lm_suite
     lines = {line.split(" | ")[0].strip("| "): line for line in section.splitlines()
              if line.startswith("| ")}
     # loss recovered @ 20: 0.945 - 0.85 = 0.095 against sqrt(2 * 0.01^2) = 0.0141
-    assert "| 0.945 | 0.85 | 0.095 | resolved (6.7 x noise 0.0141)" in lines["loss_recovered @ L0=20"]
+    assert "| 0.945 | 0.85 | 0.095 | resolved (6.7 x noise 0.0141)" in \
+        lines["loss_recovered @ L0=20"]
     # gamma: the same seed noise in both, difference 0 -> not resolved
     assert "not resolved at this noise" in lines["relative_reconstruction_bias @ L0=20"]
     assert "resolved" in lines["L0 needed @ loss_recovered=0.9"]
