@@ -1,0 +1,47 @@
+"""Every shipped YAML resolves to the same runs as at the snapshot
+(tests/data/resolved_configs.json, written by `python -m tests.data.resolved_configs`
+before the open-architecture refactor).
+
+Keys may move or appear; each such difference is stated below with its reason, and a value
+may never change silently.
+"""
+
+from __future__ import annotations
+
+import json
+
+from tests.data.resolved_configs import SNAPSHOT, resolve_all
+
+# old dotted key -> new dotted key: the same setting under its new name.
+RENAMED: dict[str, str] = {}
+# dotted keys that did not exist at the snapshot -> the value every shipped run gets.
+ADDED: dict[str, object] = {}
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def migrated(old: dict) -> dict[str, object]:
+    flat = {RENAMED.get(key, key): value for key, value in flatten(old).items()}
+    return {**flat, **ADDED}
+
+
+def test_every_shipped_yaml_resolves_to_the_snapshot_runs():
+    before = json.loads(SNAPSHOT.read_text())
+    now = resolve_all()
+    assert sorted(now) == sorted(before), "shipped YAML files added or removed"
+    for path, runs in before.items():
+        assert sorted(now[path]) == sorted(runs), f"{path}: run names changed"
+        for name, cfg in runs.items():
+            got, want = flatten(now[path][name]), migrated(cfg)
+            diff = {k: (want.get(k, "<absent>"), got.get(k, "<absent>"))
+                    for k in set(got) | set(want) if got.get(k, "<?>") != want.get(k, "<?>")}
+            assert not diff, f"{path} run {name or '(the file)'}: (snapshot, now) {diff}"
