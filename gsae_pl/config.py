@@ -192,15 +192,43 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
+# Keys that moved: old dotted key -> new one. A file, an override or a saved run config
+# (a checkpoint's, a finished run's config.yaml) that uses the old key still means the same
+# setting; `migrate` renames it wherever a config enters (docs/configs.md lists them).
+ALIASES: dict[str, str] = {}
+
+
+def migrate(tree: dict, source: str = "a config") -> dict:
+    """`tree` (a nested mapping, modified in place) with every aliased key at its new place."""
+    for old, new in ALIASES.items():
+        *old_parents, old_leaf = old.split(".")
+        parent = tree
+        for part in old_parents:
+            parent = parent.get(part) if isinstance(parent, dict) else None
+        if not isinstance(parent, dict) or old_leaf not in parent:
+            continue
+        value = parent.pop(old_leaf)
+        *new_parents, new_leaf = new.split(".")
+        node = tree
+        for part in new_parents:
+            node = node.setdefault(part, {})
+        if new_leaf in node:
+            raise UserError(f"{source} sets both {old} and {new}, which is its new name: "
+                            f"keep {new}")
+        node[new_leaf] = value
+    return tree
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfig:
     """Schema <- YAML file (with its `defaults` chain) <- `key=value` overrides, validated."""
     cfg = OmegaConf.structured(Config)
     for layer in _file_layers(Path(path)) if path else []:
-        cfg = _merge(cfg, layer, source=str(path))
+        cfg = _merge(cfg, migrate(layer, str(path)), source=str(path))
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override {item!r} is not key=value (e.g. sae.d_sae=2048)")
-    cfg = _merge(cfg, OmegaConf.from_dotlist(list(overrides)), source="the command line")
+    cli = OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
+    cfg = _merge(cfg, migrate(cli, "the command line"), source="the command line")
     _resolve(cfg)
     validate(cfg)
     _check_seed(cfg.seed)

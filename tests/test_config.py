@@ -176,3 +176,17 @@ def test_unusable_seeds_and_interpolations_are_one_line(override, needle):
         load_config(ROOT / "configs/base.yaml", [override])
     assert needle in str(info.value) and "\n" not in str(info.value)
     load_config(ROOT / "configs/base.yaml", [f"seed={2**32 - 1}"])  # the top of the range
+
+
+def test_an_aliased_key_means_its_new_key_everywhere_and_both_at_once_is_refused(monkeypatch,
+                                                                                  tmp_path):
+    from gsae_pl import config
+
+    monkeypatch.setattr(config, "ALIASES", {"optim.old_lr": "optim.lr"})
+    path = tmp_path / "old.yaml"
+    path.write_text("optim: {old_lr: 0.5}\n")
+    assert config.load_config(path).optim.lr == 0.5
+    assert config.load_config(None, ["optim.old_lr=0.25"]).optim.lr == 0.25
+    assert config.migrate({"optim": {"old_lr": 1}}) == {"optim": {"lr": 1}}
+    with pytest.raises(UserError, match="sets both optim.old_lr and optim.lr"):
+        config.load_config(None, ["optim.old_lr=0.25", "optim.lr=0.1"])
