@@ -83,7 +83,7 @@ def check_devices(suite: Suite, devices: int) -> str:
 
 
 def fit_command(run: Run, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "gsae_pl.fit", "--config", str(run.config_path),
+    return [sys.executable, "-m", "gsae_pl.fit", "--config", *map(str, run.config_paths),
             *run.overrides, *extra]
 
 
@@ -104,7 +104,8 @@ def prepare_caches(runs: list[Run], log_dir: Path) -> None:
             groups.setdefault(key, []).append(run)
     for k, group in enumerate(groups.values()):
         rows = max(rows_wanted(run.cfg) for run in group)
-        command = [sys.executable, "-m", "gsae_pl.cache", "--config", str(group[0].config_path),
+        command = [sys.executable, "-m", "gsae_pl.cache", "--config",
+                   *map(str, group[0].config_paths),
                    *group[0].overrides, f"data.cache_rows={rows}"]
         print(f"activation cache {k + 1}/{len(groups)} for {len(group)} runs ({rows} rows)",
               flush=True)
@@ -165,7 +166,8 @@ class Launcher:
         log = self.log_of(run)
         error = last_error_line(log)
         atomic_write_json(self.failed_dir / f"{run.name}.json", {
-            "run": run.name, "variant": run.variant, "l1_coefficient": run.l1_coefficient,
+            "run": run.name, "variant": run.variant, "sweep": run.sweep_key,
+            "value": run.sweep_value,
             "seed": run.seed, "returncode": returncode, "log": str(log), "error": error})
         self.failures.append(run.name)
         print(f"{where}: FAILED (exit {returncode}): {error} (log: {log})", flush=True)

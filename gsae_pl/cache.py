@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from gsae_pl.cli import ArgumentParser, run_main
+from gsae_pl.cli import ArgumentParser, add_config_arguments, parse_config_arguments, run_main
 from gsae_pl.config import load_config
 from gsae_pl.data.cached import cache_key, check_key, default_cache_dir, read_metadata
 from gsae_pl.errors import UserError
@@ -100,9 +100,8 @@ def _save_shard(directory: Path, index: int, rows: torch.Tensor) -> dict:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(prog="python -m gsae_pl.cache", description=__doc__)
-    parser.add_argument("--config", required=True, help="YAML config (e.g. configs/base.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides")
-    return parser.parse_intermixed_args(argv)
+    add_config_arguments(parser)
+    return parse_config_arguments(parser, argv)
 
 
 def _main(args: argparse.Namespace) -> int:

@@ -91,3 +91,23 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise UserError(f"{message} (see python -m {self.prog.split()[-1]} --help)")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--config FILE [FILE ...]` (merged in order, gsae_pl/config.py) and `key=value` overrides."""
+    parser.add_argument("--config", required=True, nargs="+", metavar="FILE",
+                        help="YAML config(s), merged in order (e.g. configs/base.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sae.d_sae=2048")
+
+
+def parse_config_arguments(parser: argparse.ArgumentParser,
+                           argv: list[str] | None) -> argparse.Namespace:
+    """Parse; a `key=value` written right after the config files belongs to the overrides
+    (`--config a.yaml sae.d_sae=64`), which nargs="+" alone would take for a file."""
+    args = parser.parse_intermixed_args(argv)
+    files = [item for item in args.config if "=" not in item]
+    args.overrides = [item for item in args.config if "=" in item] + args.overrides
+    if not files:
+        parser.error("--config needs at least one YAML file before any key=value")
+    args.config = files
+    return args

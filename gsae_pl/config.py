@@ -3,6 +3,10 @@
 Every field here is documented in `configs/base.yaml`, which sets each one explicitly.
 Ablation files under `ablations/` hold only their deltas over it, and name
 their base with a top-level `defaults: [path, ...]` list, resolved relative to the file.
+Configs compose: several files merge in order (`--config a.yaml b.yaml`), after every file
+their `defaults` name, and a file reached twice is merged once, at its first place. So
+`--config configs/data/pythia_70m.yaml ablations/no_aux.yaml` is base.yaml, the data preset,
+then the ablation's delta, rather than base.yaml again over the preset.
 Unknown keys, wrong types and out-of-range values are refused at load time with a
 `UserError` that names the key and, for a typo, the nearest valid one (ranges, choices and
 combinations: gsae_pl/config_checks.py).
@@ -175,6 +179,7 @@ class OutputConfig:
     dir: str = "tensorboard_logs"
     name: Optional[str] = None  # null: derived from architecture, l1 coefficient and seed
     variant: Optional[str] = None  # label for reports and TensorBoard's HParams (ablate sets it)
+    sweep: Optional[str] = None  # the dotted key the suite swept for this run (ablate sets it)
 
 
 @dataclass
@@ -219,11 +224,13 @@ def migrate(tree: dict, source: str = "a config") -> dict:
     return tree
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfig:
-    """Schema <- YAML file (with its `defaults` chain) <- `key=value` overrides, validated."""
+def load_config(paths: str | Path | list | tuple | None,
+                overrides: list[str] = ()) -> DictConfig:
+    """Schema <- YAML files in order (each after its `defaults` chain, each file once) <-
+    `key=value` overrides, validated."""
     cfg = OmegaConf.structured(Config)
-    for layer in _file_layers(Path(path)) if path else []:
-        cfg = _merge(cfg, migrate(layer, str(path)), source=str(path))
+    for source, layer in compose_files(paths):
+        cfg = _merge(cfg, migrate(layer, source), source=source)
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override {item!r} is not key=value (e.g. sae.d_sae=2048)")
@@ -242,7 +249,26 @@ def default_run_name(cfg: DictConfig) -> str:
     return f"{cfg.sae.architecture}_l1-{cfg.loss.l1_coefficient:g}_seed{cfg.seed}"
 
 
-def _file_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[dict]:
+def compose_files(paths: str | Path | list | tuple | None) -> list[tuple[str, dict]]:
+    """(file name, mapping) for every file to merge, in order: first the files that the given
+    files' `defaults` name (each chain depth first, in the given order), then the given files
+    in order. A file reached a second time is skipped. So a partial file (a recipe with no
+    `defaults`) given before an ablation still lands on top of the ablation's base.yaml."""
+    if paths is None:
+        return []
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    chains = [_file_layers(Path(path)) for path in paths]
+    ordered = [entry for chain in chains for entry in chain[:-1]]
+    ordered += [chain[-1] for chain in chains]
+    layers, merged = [], set()
+    for file, layer in ordered:
+        if file.resolve() not in merged:
+            merged.add(file.resolve())
+            layers.append((str(file), layer))
+    return layers
+
+
+def _file_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict]]:
     """The YAML file and, before it, the files its `defaults:` list names (depth first)."""
     if not path.is_file():
         raise UserError(f"config file {path} not found: pass an existing YAML file to --config")
@@ -263,10 +289,10 @@ def _file_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[dict]:
     if "variants" in data:  # suites and run configs share ablations/ (gsae_pl/suite.py)
         raise UserError(f"{path} is a suite file (it lists variants), not a run config: run "
                         f"python -m gsae_pl.ablate --suite {path}")
-    layers: list[dict] = []
+    layers: list[tuple[Path, dict]] = []
     for parent in _defaults_list(path, data.pop("defaults", None)):
         layers += _file_layers(path.parent / parent, seen + (path.resolve(),))
-    return layers + [data]
+    return layers + [(path, data)]
 
 
 def _defaults_list(path: Path, defaults: Any) -> list[str]:

@@ -1,4 +1,4 @@
-"""Train one SAE: `python -m gsae_pl.fit --config FILE [key=value ...]`.
+"""Train one SAE: `python -m gsae_pl.fit --config FILE [FILE ...] [key=value ...]`.
 
 Order matters for "nothing half-written": config, data and trainer settings are validated
 before the run directory `<output.dir>/<output.name>/` is created; `metrics.json` is written
@@ -35,7 +35,7 @@ from gsae_pl.checkpointing import (
     remove_stale_temporaries,
     shown_keys,
 )
-from gsae_pl.cli import ArgumentParser, run_main
+from gsae_pl.cli import ArgumentParser, add_config_arguments, parse_config_arguments, run_main
 from gsae_pl.config import load_config, to_yaml
 from gsae_pl.data.datamodule import SAEDataModule
 from gsae_pl.errors import UserError
@@ -50,15 +50,14 @@ from gsae_pl.run_dir import check_name, remove_run_outputs
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(prog="python -m gsae_pl.fit", description=__doc__)
-    parser.add_argument("--config", required=True, help="YAML config (e.g. configs/base.yaml)")
+    add_config_arguments(parser)
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config and exit")
     parser.add_argument("--force", action="store_true",
                         help="start afresh: delete what an earlier run wrote in the run "
                              "directory (a finished run, or checkpoints it would resume "
                              "from); other files there stay")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sae.d_sae=2048")
-    return parser.parse_intermixed_args(argv)
+    return parse_config_arguments(parser, argv)
 
 
 def run_dir_of(cfg: DictConfig) -> Path:

@@ -54,9 +54,44 @@ def test_expansion_names_runs_and_orders_overrides(tmp_path):
     assert str(suite.runs[0].run_dir) == str(tmp_path / "out/runs/gated_l1-0.01_seed0")
 
 
+def test_a_variant_sweeps_any_dotted_key_on_composed_configs_and_presets(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("optim: {lr: 0.002}\nsae: {d_sae: 24}\n")
+    path = write_suite(tmp_path, {
+        "gated": {"config": config("gated"), "sweep": {"optim.beta2": [0.99, 0.9]},
+                  "presets": ["wide", "deep"]},
+        "no_aux": {"config": [config("gated"), config("no_aux")], "grid": "gated",
+                   "presets": ["wide"], "overrides": {"sae.d_sae": 40}}},
+        configs=[recipe.name], presets={"wide": {"sae.d_sae": 64, "optim.lr": 0.001},
+                                        "deep": {"sae.d_sae": 32}})
+    suite = load_suite(path)
+    assert [r.name for r in suite.runs] == ["gated_beta2-0.99_seed0", "gated_beta2-0.9_seed0",
+                                             "no_aux_l1-0.01_seed0", "no_aux_l1-0.1_seed0"]
+    gated, no_aux = suite.runs[1].cfg, suite.runs[2].cfg
+    assert gated.optim.beta2 == 0.9 and gated.output.sweep == "optim.beta2"
+    assert gated.sae.d_sae == 32 and gated.optim.lr == 0.001  # presets in order, last wins
+    assert no_aux.sae.d_sae == 40 and not no_aux.loss.aux.enabled  # both YAMLs, then overrides
+    assert suite.runs[2].config_paths[0] == recipe  # the suite's configs come first
+    bare = load_suite(write_suite(tmp_path, {"gated": {"config": config("gated"), "grid":
+                                                       "gated"}}, configs=[recipe.name]))
+    # the recipe lands over the variant's base.yaml; the suite's overrides over the recipe
+    assert bare.runs[0].cfg.optim.lr == 0.002 and bare.runs[0].cfg.sae.d_sae == 32
+
+
 @pytest.mark.parametrize("variants, extra, message", [
     ({"nonesuch": {"grid": "gated"}}, {}, "unknown variant"),
-    ({"gated": {"config": config("gated"), "l1_coefficient": []}}, {}, "grid is empty"),
+    ({"gated": {"config": config("gated"), "l1_coefficient": []}}, {},
+     "is empty: list at least one value"),
+    ({"gated": {"config": config("gated"), "sweep": {"sae.d_sae": [8], "seed": [1]}}}, {},
+     "a sweep names one dotted key"),
+    ({"gated": {"config": config("gated"), "sweep": {"seed": [1, 2]}}}, {},
+     "seed is set by the suite for each run and cannot be swept"),
+    ({"gated": {"config": config("gated"), "sweep": {"sae.d_sae": [8]}}},
+     {"overrides": {"sae.d_sae": 4}}, "sae.d_sae is the key this variant sweeps"),
+    ({"gated": {"config": config("gated"), "grid": "gated", "presets": ["wide"]}}, {},
+     "preset wide is not among the suite's presets"),
+    ({"gated": {"config": config("gated"), "grid": "gated"}}, {"configs": ["nonesuch.yaml"]},
+     "configs: no file"),
     ({"gated": {"config": config("gated"), "grid": "wide"}}, {}, "not among the suite's grids"),
     ({"gated": {"config": config("gated"), "grid": "gated"}}, {"overrides": {"sae.d_sea": 4}},
      "did you mean sae.d_sae"),

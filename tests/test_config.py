@@ -190,3 +190,33 @@ def test_an_aliased_key_means_its_new_key_everywhere_and_both_at_once_is_refused
     assert config.migrate({"optim": {"old_lr": 1}}) == {"optim": {"lr": 1}}
     with pytest.raises(UserError, match="sets both optim.old_lr and optim.lr"):
         config.load_config(None, ["optim.old_lr=0.25", "optim.lr=0.1"])
+
+
+def test_configs_compose_in_order_and_a_shared_base_is_merged_once(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    data, no_aux = root / "configs/data/pythia_70m.yaml", root / "ablations/no_aux.yaml"
+    both = load_config([data, no_aux])
+    alone = load_config(data)
+    # no_aux.yaml's own `defaults: [../configs/base.yaml]` must not reset the data preset
+    assert both.data.model == alone.data.model == "EleutherAI/pythia-70m-deduped"
+    assert both.sae.d_sae == alone.sae.d_sae and not both.loss.aux.enabled
+    assert alone.loss.aux.enabled
+    later = tmp_path / "later.yaml"
+    later.write_text("sae: {d_sae: 7}\n")
+    assert load_config([data, later]).sae.d_sae == 7  # the later file wins
+    assert load_config([later, data]).sae.d_sae == alone.sae.d_sae
+
+
+def test_fit_takes_several_config_files_and_overrides_after_them():
+    from gsae_pl.fit import parse_args
+
+    args = parse_args(["--config", "a.yaml", "b.yaml", "sae.d_sae=8", "--force", "seed=1"])
+    assert args.config == ["a.yaml", "b.yaml"] and args.overrides == ["sae.d_sae=8", "seed=1"]
+
+
+def test_a_partial_file_given_first_still_lands_over_the_next_files_base(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("optim: {lr: 0.002}\n")  # no defaults: a delta, not a whole config
+    no_aux = Path(__file__).resolve().parents[1] / "ablations/no_aux.yaml"
+    cfg = load_config([recipe, no_aux])
+    assert cfg.optim.lr == 0.002 and not cfg.loss.aux.enabled
