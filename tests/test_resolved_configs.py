@@ -13,9 +13,20 @@ import json
 from tests.data.resolved_configs import SNAPSHOT, resolve_all
 
 # old dotted key -> new dotted key: the same setting under its new name.
-RENAMED: dict[str, str] = {}
+RENAMED: dict[str, str] = {
+    # the sparsity term's coefficient and warm-up moved into its block, like every term's
+    # (config.ALIASES keeps the old keys working)
+    "loss.l1_coefficient": "loss.sparsity.coefficient",
+    "loss.l1_warmup_steps": "loss.sparsity.warmup_steps",
+}
 # dotted keys that did not exist at the snapshot -> the value every shipped run gets.
-ADDED: dict[str, object] = {}
+ADDED: dict[str, object] = {
+    # every loss term's block now has a warm-up (losses/base.py TermConfig); 0 is none,
+    # the coefficient these terms always had
+    "loss.reconstruction.warmup_steps": 0,
+    "loss.aux.warmup_steps": 0,
+    "loss.orthogonality.warmup_steps": 0,
+}
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
