@@ -53,22 +53,19 @@ def sae_schema() -> type:
 
 @functools.cache
 def _sae_schema(architectures: tuple) -> type:
-    found = {f.name: (SAECommon, f, get_type_hints(SAECommon)[f.name])
-             for f in dataclasses.fields(SAECommon)}
+    # name -> (field, its type); a name two architectures declare must mean one setting
+    found = {f.name: (f, get_type_hints(SAECommon)[f.name]) for f in dataclasses.fields(SAECommon)}
     for name, cls in architectures:
         hints = get_type_hints(cls.Config)
         for f in dataclasses.fields(cls.Config):
-            if f.name in found:
-                _, seen, seen_type = found[f.name]
-                if (seen_type, seen.default, seen.default_factory) != \
-                        (hints[f.name], f.default, f.default_factory):
-                    raise RuntimeError(f"sae.architecture={name} declares sae.{f.name} with "
-                                       "another type or default than an earlier one")
-                continue
-            found[f.name] = (cls.Config, f, hints[f.name])
+            seen, seen_type = found.setdefault(f.name, (f, hints[f.name]))
+            if (seen_type, seen.default, seen.default_factory) != \
+                    (hints[f.name], f.default, f.default_factory):
+                raise RuntimeError(f"sae.architecture={name} declares sae.{f.name} with "
+                                   "another type or default than an earlier declaration")
     return dataclasses.make_dataclass("SAEConfig", [
         (name, hint, field(default=f.default, default_factory=f.default_factory,
-                           metadata=f.metadata)) for name, (_, f, hint) in found.items()])
+                           metadata=f.metadata)) for name, (f, hint) in found.items()])
 
 
 def loss_schema() -> type:

@@ -104,6 +104,21 @@ def test_a_new_architecture_file_configures_trains_resamples_and_is_refused_at_e
     assert not (tmp_path / "sae").exists()
 
 
+def test_two_architectures_share_a_field_only_as_one_setting(monkeypatch):
+    from gsae_pl.config import sae_schema
+    from gsae_pl.saes.base import SAE
+
+    @dataclass
+    class Other:
+        weight_sharing: str = "untied"  # gated's field, another default
+
+    ARCHITECTURES.names()
+    monkeypatch.setattr(ARCHITECTURES, "_entries", dict(ARCHITECTURES._entries))
+    ARCHITECTURES.register("other")(type("OtherSAE", (SAE,), {"Config": Other}))
+    with pytest.raises(RuntimeError, match="sae.architecture=other declares sae.weight_sharing"):
+        sae_schema()
+
+
 # ---- a loss term reading pi_gate, which the fast kernels do not return ----------------
 @dataclass
 class GateSigmoidConfig(TermConfig):
