@@ -227,3 +227,12 @@ def test_an_old_keyed_saved_run_resumes_and_exports(tmp_path):
     out = export(run_dir, tmp_path / "sae", allow_unfinished=True)
     saved = yaml.safe_load((out / "cfg.json").read_text())["gsae_pl"]["config"]
     assert saved["loss"]["sparsity"]["coefficient"] == 0.3 and "l1_coefficient" not in saved["loss"]
+
+
+def test_architectures_contribute_their_callbacks_after_the_resampler():
+    staged = SAEModule(OmegaConf.to_container(make_cfg(
+        "sae.architecture=rescale_shift", "loss.aux.enabled=false", "resample.enabled=false",
+        "trainer.max_steps=20", "sae.rescale_shift_steps=10")), d_in=4)
+    assert [type(cb).__name__ for cb in staged.configure_callbacks()] == ["RescaleShiftStage"]
+    gated = SAEModule(OmegaConf.to_container(make_cfg()), d_in=4)
+    assert [type(cb).__name__ for cb in gated.configure_callbacks()] == ["Resampler"]
