@@ -17,9 +17,10 @@ callback (`callbacks`, collected generically by SAEModule.configure_callbacks) t
 Freezing is generic: SAEModule reads `frozen_parameters` of any SAE and drops their
 gradients before Adam (not `requires_grad`, so DDP with find_unused_parameters=False keeps
 one fixed set of parameters). A callback over a plain GatedSAE was not chosen: stage 1's
-forward is the baseline's (not a gated forward with b_mag = b_gate, which differs in the
-kernels' rounding), and the stage buffer, the frozen set and the export refusal of a stage 1
-checkpoint all belong to the SAE that checkpoints and export see.
+forward must be the baseline's (through a gated forward, the reconstruction gradient would
+reach b_mag and r_mag, never b_gate behind the Heaviside gate: not baseline training), and
+the stage buffer, the frozen set and the refusal to export a stage 1 checkpoint belong to
+the SAE that checkpoints and export see.
 """
 
 from __future__ import annotations
