@@ -10,6 +10,7 @@ does not save. Only process 0 writes (Lightning's `strategy.save_checkpoint`).
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 import re
@@ -24,6 +25,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from gsae_pl.config import migrate
 from gsae_pl.errors import UserError
 from gsae_pl.io import atomic_write, sweep_stale_temporaries
 
@@ -122,18 +124,42 @@ def remove_stale_temporaries(run_dir: Path) -> None:
         sweep_stale_temporaries(folder)
 
 
-def checkpoint_meta(path: Path) -> tuple[int, dict]:
-    """The optimiser step a checkpoint was taken at and the config that trained it.
+class DamagedCheckpoint(Exception):
+    """A checkpoint file that cannot be read; `reason` is the first line of why."""
 
-    A damaged file is a UserError (atomic saves make one unlikely, not impossible: disks fail).
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def read_checkpoint(path: Path) -> tuple[int, dict, dict | None]:
+    """(optimiser step, the config that trained it, the module's state dict): the one
+    reader of checkpoints (fit's resume, export). The config is as saved: `changed_keys`
+    and `config.from_saved` bring an older one's keys up to date.
+
+    A damaged file raises DamagedCheckpoint (atomic saves make one unlikely, not impossible:
+    disks fail); each caller words its own advice.
     """
     try:
         state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        return int(state["global_step"]), dict(state["hyper_parameters"]["cfg"])
+        return (int(state["global_step"]), dict(state["hyper_parameters"]["cfg"]),
+                state.get("state_dict"))
     except Exception as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserError(f"cannot resume from {path} ({reason}): delete it to resume from an "
+        raise DamagedCheckpoint((str(err).strip().splitlines() or [type(err).__name__])[0]) \
+            from None
+
+
+def checkpoint_meta(path: Path) -> tuple[int, dict]:
+    """The optimiser step a checkpoint was taken at and the config that trained it.
+
+    A damaged file is a UserError with fit's advice.
+    """
+    try:
+        step, cfg, _ = read_checkpoint(path)
+    except DamagedCheckpoint as err:
+        raise UserError(f"cannot resume from {path} ({err.reason}): delete it to resume from an "
                         "older checkpoint, or pass --force to start afresh") from None
+    return step, cfg
 
 
 def checkpoint_step(path: Path) -> int:
@@ -166,7 +192,9 @@ def shown_keys(keys: list[str]) -> str:
 
 
 def changed_keys(saved: dict, cfg: DictConfig, sections=RUN_DEFINING) -> list[str]:
-    """Dotted keys under `sections` whose value in `cfg` differs from the `saved` config."""
+    """Dotted keys under `sections` whose value in `cfg` differs from the `saved` config
+    (whose renamed keys are read at their new place: config.ALIASES)."""
+    saved = migrate(copy.deepcopy(saved), "the saved run config")
     now = OmegaConf.to_container(cfg, resolve=True)
     return [key for section in sections
             for key in _diff(saved.get(section, _ABSENT), now.get(section), section)]

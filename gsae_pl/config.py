@@ -14,10 +14,12 @@ combinations: gsae_pl/config_checks.py).
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, get_type_hints
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -25,60 +27,60 @@ from omegaconf.errors import OmegaConfBaseException
 
 from gsae_pl.config_checks import validate
 from gsae_pl.errors import UserError
+from gsae_pl.losses import LOSS_TERMS
 from gsae_pl.run_dir import check_name
+from gsae_pl.saes import ARCHITECTURES
 from gsae_pl.yaml_io import DuplicateKeyError, safe_load_unique_keys
 
 
 @dataclass
-class SAEConfig:
-    architecture: str = "gated"  # relu | gated (method sec. 1) | prolu (sec. 5) | rescale_shift
+class SAECommon:
+    """The `sae:` fields every architecture shares; each architecture adds its own
+    (gsae_pl/saes/base.py), and `sae_schema` joins them into one flat block."""
+
+    # relu | gated (method sec. 1) | prolu (sec. 5) | rescale_shift | any registered name
+    architecture: str = field(default="gated", metadata={"choices": ARCHITECTURES.names})
     d_sae: int = 512
-    weight_sharing: str = "r_mag"  # gated only: r_mag | no_r_mag | untied (sec. 2)
-    prolu_backward: str = "relu"  # prolu only: relu | ste backward rule (sec. 5)
-    # rescale_shift only (sec. 3 item 4): the last this-many steps of trainer.max_steps learn
-    # only r_mag and b_mag on the frozen baseline (stage 2)
-    rescale_shift_steps: int = 1000
     unit_norm_decoder: bool = True  # project grads + renormalise W_dec rows each step
-    b_dec_init: str = "mean"  # zeros | mean | geometric_median of a data sample
-    kernel: str = "auto"  # auto | reference | dense | sparse (saes/kernels.py)
-    compile: str = "auto"  # auto | always | never: torch.compile the fused pointwise maths
+    b_dec_init: str = field(default="mean",  # of a data sample
+                            metadata={"choices": ("zeros", "mean", "geometric_median")})
+    kernel: str = field(default="auto",  # saes/kernels.py
+                        metadata={"choices": ("auto", "reference", "dense", "sparse")})
+    # torch.compile the fused pointwise maths
+    compile: str = field(default="auto", metadata={"choices": ("auto", "always", "never")})
 
 
-@dataclass
-class ReconstructionConfig:
-    enabled: bool = True
-    coefficient: float = 1.0
+def sae_schema() -> type:
+    """The `sae:` block: the common fields and the union of the registered architectures'."""
+    return _sae_schema(tuple(ARCHITECTURES.items()))
 
 
-@dataclass
-class SparsityConfig:
-    enabled: bool = True
-    kind: str = "l1"  # l1 | decoder_norm_l1
+@functools.cache
+def _sae_schema(architectures: tuple) -> type:
+    # name -> (field, its type); a name two architectures declare must mean one setting
+    found = {f.name: (f, get_type_hints(SAECommon)[f.name]) for f in dataclasses.fields(SAECommon)}
+    for name, cls in architectures:
+        hints = get_type_hints(cls.Config)
+        for f in dataclasses.fields(cls.Config):
+            seen, seen_type = found.setdefault(f.name, (f, hints[f.name]))
+            if (seen_type, seen.default, seen.default_factory) != \
+                    (hints[f.name], f.default, f.default_factory):
+                raise RuntimeError(f"sae.architecture={name} declares sae.{f.name} with "
+                                   "another type or default than an earlier declaration")
+    return dataclasses.make_dataclass("SAEConfig", [
+        (name, hint, field(default=f.default, default_factory=f.default_factory,
+                           metadata=f.metadata)) for name, (f, hint) in found.items()])
 
 
-@dataclass
-class AuxConfig:
-    enabled: bool = True
-    coefficient: float = 1.0
-    decoder: str = "frozen"  # frozen | unfrozen: stop-gradient on W_dec in L_aux
-    b_dec: Optional[str] = None  # frozen | unfrozen | null (= same as `decoder`)
+def loss_schema() -> type:
+    """The `loss:` block: one sub-block per registered loss term (gsae_pl/losses/base.py)."""
+    return _loss_schema(tuple(LOSS_TERMS.items()))
 
 
-@dataclass
-class OrthogonalityConfig:
-    enabled: bool = False
-    coefficient: float = 1.0
-    exponent: float = 4.0  # penalty |cos|^exponent to each active feature's nearest neighbour
-
-
-@dataclass
-class LossConfig:
-    l1_coefficient: float = 0.05
-    l1_warmup_steps: int = 0
-    reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
-    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
-    aux: AuxConfig = field(default_factory=AuxConfig)
-    orthogonality: OrthogonalityConfig = field(default_factory=OrthogonalityConfig)
+@functools.cache
+def _loss_schema(terms: tuple) -> type:
+    return dataclasses.make_dataclass("LossConfig", [
+        (name, spec.config, field(default_factory=spec.config)) for name, spec in terms])
 
 
 @dataclass
@@ -185,8 +187,10 @@ class OutputConfig:
 @dataclass
 class Config:
     seed: int = 0
-    sae: SAEConfig = field(default_factory=SAEConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    # Built from the registries when a config is made, so a new architecture's or term's
+    # fields are in the schema without an edit here.
+    sae: Any = field(default_factory=lambda: sae_schema()())
+    loss: Any = field(default_factory=lambda: loss_schema()())
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     resample: ResampleConfig = field(default_factory=ResampleConfig)
@@ -200,7 +204,11 @@ class Config:
 # Keys that moved: old dotted key -> new one. A file, an override or a saved run config
 # (a checkpoint's, a finished run's config.yaml) that uses the old key still means the same
 # setting; `migrate` renames it wherever a config enters (docs/configs.md lists them).
-ALIASES: dict[str, str] = {}
+ALIASES: dict[str, str] = {
+    # The sparsity term's coefficient and warm-up live in its own block, like every term's.
+    "loss.l1_coefficient": "loss.sparsity.coefficient",
+    "loss.l1_warmup_steps": "loss.sparsity.warmup_steps",
+}
 
 
 def migrate(tree: dict, source: str = "a config") -> dict:
@@ -222,6 +230,13 @@ def migrate(tree: dict, source: str = "a config") -> dict:
                             f"keep {new}")
         node[new_leaf] = value
     return tree
+
+
+def from_saved(saved: dict, source: str) -> DictConfig:
+    """A saved run config (a checkpoint's, a finished run's config.yaml) in today's schema:
+    renamed keys at their new place, keys added since at their defaults."""
+    tree = OmegaConf.to_container(OmegaConf.create(saved))  # a plain copy (of a DictConfig too)
+    return _merge(OmegaConf.structured(Config), migrate(tree, source), source)
 
 
 def load_config(paths: str | Path | list | tuple | None,
@@ -246,7 +261,7 @@ def load_config(paths: str | Path | list | tuple | None,
 
 
 def default_run_name(cfg: DictConfig) -> str:
-    return f"{cfg.sae.architecture}_l1-{cfg.loss.l1_coefficient:g}_seed{cfg.seed}"
+    return f"{cfg.sae.architecture}_l1-{cfg.loss.sparsity.coefficient:g}_seed{cfg.seed}"
 
 
 def compose_files(paths: str | Path | list | tuple | None) -> list[tuple[str, dict]]:

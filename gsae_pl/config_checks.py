@@ -1,27 +1,23 @@
 """Checks on a merged config that its types cannot express: choices, ranges, and
 combinations of settings that cannot work together (gsae_pl/config.py calls `validate`).
 
-Each refusal is a `UserError` naming the key, its value and what to do instead.
+Each refusal is a `UserError` naming the key, its value and what to do instead. Choices
+and ranges of the `sae:` and `loss:` fields come from the schema's field metadata
+(`choices`: a tuple or a function returning one, e.g. the architecture registry's names;
+`range`), combination checks from the architecture and the loss terms themselves.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import typing
 
 from omegaconf import DictConfig, OmegaConf
 
 from gsae_pl.errors import UserError
 
 CHOICES = {
-    "sae.architecture": ("relu", "gated", "prolu", "rescale_shift"),
-    "sae.prolu_backward": ("relu", "ste"),
-    "sae.weight_sharing": ("r_mag", "no_r_mag", "untied"),
-    "sae.b_dec_init": ("zeros", "mean", "geometric_median"),
-    "sae.kernel": ("auto", "reference", "dense", "sparse"),
-    "sae.compile": ("auto", "always", "never"),
-    "loss.sparsity.kind": ("l1", "decoder_norm_l1"),
-    "loss.aux.decoder": ("frozen", "unfrozen"),
-    "loss.aux.b_dec": (None, "frozen", "unfrozen"),
     "data.source": ("tiny_lm", "transformer_lens", "synthetic", "file"),
     "data.dtype": ("float32", "bfloat16", "float16"),
     "data.cache_dtype": ("float32", "float16"),
@@ -34,11 +30,9 @@ POSITIVE = ("sae.d_sae", "data.batch_size", "data.normalize_rows", "eval.rows",
             "data.synthetic.avg_active", "data.synthetic.group_size", "trainer.num_nodes",
             "resample.every_n_steps", "resample.window_steps", "resample.encoder_scale",
             "resample.lr_return_steps")
-NON_NEGATIVE = ("eval.lm_contexts", "loss.l1_coefficient", "loss.l1_warmup_steps",
-                "loss.reconstruction.coefficient",
-                "loss.aux.coefficient", "optim.warmup_steps", "data.synthetic.magnitude_noise",
+NON_NEGATIVE = ("eval.lm_contexts", "optim.warmup_steps", "data.synthetic.magnitude_noise",
                 "data.synthetic.frequency_exponent", "data.synthetic.correlated_groups",
-                "loss.orthogonality.coefficient", "resample.max_resamples")
+                "resample.max_resamples")
 UNIT_INTERVAL = ("optim.beta1", "optim.beta2", "log.dense_threshold",
                  "data.synthetic.co_fire_prob", "data.synthetic.min_frequency_ratio",
                  "resample.lr_drop")
@@ -47,43 +41,70 @@ UNIT_INTERVAL = ("optim.beta1", "optim.beta2", "log.dense_threshold",
 def validate(cfg: DictConfig) -> None:
     """Ranges and choices the schema's types cannot express."""
     get = lambda key: OmegaConf.select(cfg, key)
-    for key, allowed in CHOICES.items():
+    declared = declared_metadata()
+    choices = {**{key: meta["choices"] for key, meta in declared.items() if "choices" in meta},
+               **CHOICES}
+    for key, allowed in choices.items():
+        allowed = allowed() if callable(allowed) else allowed
         if get(key) not in allowed:
             shown = ", ".join("null" if a is None else a for a in allowed)
             raise UserError(f"{key}={get(key)} is not one of: {shown}")
-    for key in POSITIVE + NON_NEGATIVE + UNIT_INTERVAL:  # nan passes no comparison below
+    ranged = lambda kind: tuple(k for k, meta in declared.items() if meta.get("range") == kind)
+    positive, non_negative = POSITIVE + ranged("positive"), NON_NEGATIVE + ranged("non_negative")
+    unit_interval = UNIT_INTERVAL + ranged("unit_interval")
+    for key in positive + non_negative + unit_interval:  # nan passes no comparison below
         if not math.isfinite(get(key)):
             raise UserError(f"{key}={get(key)} must be a finite number")
-    for key in POSITIVE:
+    for key in positive:
         if not get(key) > 0:
             raise UserError(f"{key}={get(key)} must be > 0")
-    for key in NON_NEGATIVE:
+    for key in non_negative:
         if get(key) < 0:
             raise UserError(f"{key}={get(key)} must be >= 0")
-    for key in UNIT_INTERVAL:
+    for key in unit_interval:
         if not 0 <= get(key) <= 1:
             raise UserError(f"{key}={get(key)} must lie in [0, 1]")
     _validate_combinations(cfg)
 
 
+def declared_metadata() -> dict[str, dict]:
+    """Dotted key -> field metadata, for every schema field that declares some."""
+    from gsae_pl.config import Config  # here: config.py imports this module
+
+    out: dict[str, dict] = {}
+
+    def walk(schema: type, prefix: str) -> None:
+        hints = typing.get_type_hints(schema)
+        for f in dataclasses.fields(schema):
+            kind = hints[f.name]
+            if kind is typing.Any and f.default_factory is not dataclasses.MISSING:
+                kind = type(f.default_factory())  # a block built from a registry
+            if dataclasses.is_dataclass(kind):
+                walk(kind, f"{prefix}{f.name}.")
+            elif f.metadata:
+                out[f"{prefix}{f.name}"] = dict(f.metadata)
+
+    walk(Config, "")
+    return out
+
+
 def _validate_combinations(cfg: DictConfig) -> None:
-    if cfg.loss.aux.enabled and cfg.sae.architecture != "gated":
-        raise UserError(f"loss.aux needs a gate, which sae.architecture={cfg.sae.architecture} "
-                        "has not: set loss.aux.enabled=false")
-    if cfg.loss.sparsity.kind == "decoder_norm_l1" and cfg.sae.unit_norm_decoder:
-        raise UserError("loss.sparsity.kind=decoder_norm_l1 is plain L1 under unit-norm decoder "
-                        "rows: also set sae.unit_norm_decoder=false")
-    if (cfg.loss.sparsity.kind == "decoder_norm_l1" and cfg.loss.aux.enabled
-            and cfg.loss.aux.decoder == "frozen"):
-        # The penalty shrinks the rows and the frozen aux decoder (sg(W_dec)) never pushes
-        # back: rows collapse (review: median norm 0.10, L0 3.4x). docs/method.md sec. 2.
-        raise UserError("loss.sparsity.kind=decoder_norm_l1 with loss.aux.decoder=frozen lets "
-                        "the penalty shrink the decoder rows unopposed: set "
-                        "loss.aux.decoder=unfrozen (or loss.aux.enabled=false)")
-    _validate_model_side(cfg)
-    if cfg.sae.architecture == "rescale_shift":
-        _validate_rescale_shift(cfg)
-    if cfg.resample.enabled:  # after rescale_shift's check, whose message is more specific
+    from gsae_pl.losses import LOSS_TERMS
+    from gsae_pl.saes import ARCHITECTURES
+
+    architecture = ARCHITECTURES[cfg.sae.architecture]
+    for name, term in LOSS_TERMS.items():
+        missing = [f for f in term.reads if f not in architecture.provides]
+        if cfg.loss[name].enabled and missing:
+            raise UserError(f"loss.{name} reads {', '.join(missing)}, which sae.architecture="
+                            f"{cfg.sae.architecture} does not compute: set "
+                            f"loss.{name}.enabled=false")
+        term.check(cfg)
+    if cfg.resample.enabled and cfg.resample.window_steps > cfg.resample.every_n_steps:
+        raise UserError(f"resample.window_steps={cfg.resample.window_steps} must be <= "
+                        f"resample.every_n_steps={cfg.resample.every_n_steps}")
+    architecture.check(cfg)
+    if cfg.resample.enabled:  # after the architecture's checks, whose messages are more specific
         _validate_resample_end(cfg)
     _validate_lm_data(cfg.data)
     if cfg.data.source == "file" and not cfg.data.path:
@@ -91,33 +112,6 @@ def _validate_combinations(cfg: DictConfig) -> None:
     syn = cfg.data.synthetic
     if cfg.data.source == "synthetic" and syn.correlated_groups * syn.group_size > syn.n_features:
         raise UserError("data.synthetic.correlated_groups * group_size exceeds n_features")
-
-
-def _validate_model_side(cfg: DictConfig) -> None:
-    if not cfg.loss.orthogonality.exponent > 1:
-        raise UserError(f"loss.orthogonality.exponent={cfg.loss.orthogonality.exponent} must be "
-                        "> 1: the penalty |cos|^exponent is super-linear (docs/method.md sec. 5)")
-    if cfg.resample.enabled and cfg.resample.window_steps > cfg.resample.every_n_steps:
-        raise UserError(f"resample.window_steps={cfg.resample.window_steps} must be <= "
-                        f"resample.every_n_steps={cfg.resample.every_n_steps}")
-
-
-def _validate_rescale_shift(cfg: DictConfig) -> None:
-    steps, max_steps = cfg.sae.rescale_shift_steps, cfg.trainer.max_steps
-    if not 0 < steps < max_steps:
-        raise UserError(f"sae.rescale_shift_steps={steps} must lie strictly between 0 and "
-                        f"trainer.max_steps={max_steps}: stage 1 trains the baseline first")
-    if cfg.sae.weight_sharing != "r_mag":
-        raise UserError(f"sae.architecture=rescale_shift learns r_mag (sec. 3 item 4): set "
-                        f"sae.weight_sharing=r_mag, not {cfg.sae.weight_sharing}")
-    # A resample at step s runs after the s-th optimiser step, s = max_steps included.
-    from gsae_pl.resample import resample_steps  # here: it brings lightning, only needed now
-
-    done = [step for step in resample_steps(cfg.resample) if step <= max_steps]
-    if done and done[-1] > max_steps - steps:
-        raise UserError(f"resample at step {done[-1]} falls inside stage 2, which starts at "
-                        f"step {max_steps - steps} (trainer.max_steps - sae.rescale_shift_steps)"
-                        ": resample less often, fewer times, or shorten stage 2")
 
 
 def _validate_resample_end(cfg: DictConfig) -> None:

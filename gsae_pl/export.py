@@ -21,20 +21,26 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from torch import Tensor
 
-from gsae_pl.checkpointing import checkpoint_dir, latest_checkpoint
+from gsae_pl.checkpointing import (
+    DamagedCheckpoint,
+    checkpoint_dir,
+    latest_checkpoint,
+    read_checkpoint,
+)
 from gsae_pl.cli import ArgumentParser, run_main
+from gsae_pl.config import migrate
 from gsae_pl.errors import UserError
 from gsae_pl.load import CFG_FILE, WEIGHTS_FILE
+from gsae_pl.saes import ARCHITECTURES
 from gsae_pl.writable import check_writable_dir
 
-# gsae_pl architecture -> SAELens architecture name.
-# rescale_shift (docs/method.md sec. 3 item 4) ends as a gated SAE with weight sharing.
-SAELENS_NAME = {"gated": "gated", "relu": "standard", "rescale_shift": "gated"}
+# Each architecture names its SAELens form and the tensors it exports (`saelens`,
+# `saelens_weights`: gsae_pl/saes/base.py); rescale_shift (docs/method.md sec. 3 item 4)
+# ends as a gated SAE with weight sharing.
 # SAELens metadata fields we can fill from the data config (null when not an LM source).
 _METADATA = {"model_name": "data.model", "hook_name": "data.hook",
              "context_size": "data.context_size", "dataset_path": "data.dataset"}
@@ -68,12 +74,13 @@ def read_run(run_dir: Path, allow_unfinished: bool,
         raise UserError(f"{run_dir} has not finished (no metrics.json): export a finished run, "
                         "or pass --allow-unfinished to export its newest checkpoint")
     try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        cfg, weights = state["hyper_parameters"]["cfg"], state["state_dict"]
-    except Exception as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserError(f"cannot read checkpoint {ckpt} ({reason}): {_DAMAGED}") from None
-    return cfg, weights, int(state["global_step"])
+        step, cfg, weights = read_checkpoint(ckpt)
+    except DamagedCheckpoint as err:
+        raise UserError(f"cannot read checkpoint {ckpt} ({err.reason}): {_DAMAGED}") from None
+    if weights is None:
+        raise UserError(f"cannot read checkpoint {ckpt} (no state_dict): {_DAMAGED}")
+    # A run trained before a key was renamed exports under today's names (config.ALIASES).
+    return migrate(cfg, f"checkpoint {ckpt}"), weights, step
 
 
 def _step_of(path: Path) -> int:
@@ -97,19 +104,9 @@ def _newest_checkpoint(run_dir: Path) -> Path | None:
 
 def saelens_params(cfg: dict, weights: dict[str, Tensor]) -> dict[str, Tensor]:
     """SAELens-named float32 tensors with norm_scale folded in; refuses what it cannot hold."""
-    arch, sharing = cfg["sae"]["architecture"], cfg["sae"].get("weight_sharing")
-    if arch not in SAELENS_NAME:
-        raise UserError(f"sae.architecture={arch} has no SAELens equivalent: nothing written")
-    if arch == "gated" and sharing == "untied":
-        raise UserError("sae.weight_sharing=untied has its own W_mag, which SAELens's gated "
-                        "format (W_mag = W_enc * exp(r_mag)) cannot hold: nothing written")
-    if arch == "rescale_shift" and not bool(weights.get("sae.in_stage2", False)):
-        raise UserError("this rescale_shift checkpoint is still in stage 1 (a baseline with "
-                        "r_mag, b_mag unset): export one taken in stage 2; nothing written")
-    gated = SAELENS_NAME[arch] == "gated"
-    names = ["W_enc", "W_dec", "b_dec"] + (["b_gate", "r_mag", "b_mag"] if gated
-                                            else ["b_enc"])
-    sae = {name: weights[f"sae.{name}"].detach().double() for name in names}
+    architecture = ARCHITECTURES[cfg["sae"]["architecture"]]
+    sae = {name: value.detach().double()
+           for name, value in architecture.saelens_weights(cfg["sae"], weights).items()}
     s = weights["norm_scale"].double()
     sae["W_enc"] = sae["W_enc"] * s
     sae["W_dec"] = sae["W_dec"] / s
@@ -123,7 +120,7 @@ def saelens_cfg(cfg: dict, d_in: int, step: int, norm_scale: float) -> dict:
     metadata = {key: OmegaConf.select(node, dotted, default=None) if from_lm else None
                 for key, dotted in _METADATA.items()}
     return {
-        "architecture": SAELENS_NAME[cfg["sae"]["architecture"]],
+        "architecture": ARCHITECTURES[cfg["sae"]["architecture"]].saelens,
         "d_in": d_in, "d_sae": int(cfg["sae"]["d_sae"]),
         "dtype": "float32", "device": "cpu",
         "apply_b_dec_to_input": True,  # f depends on x - b_dec (docs/method.md sec. 1)

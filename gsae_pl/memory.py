@@ -23,6 +23,7 @@ import os
 import torch
 
 from gsae_pl.errors import UserError
+from gsae_pl.saes import ARCHITECTURES
 
 FLOAT_BYTES = 4
 STATE_COPIES = 4  # weights, gradients, Adam's exp_avg and exp_avg_sq
@@ -31,8 +32,8 @@ STEP_BUFFERS = 10  # [rows, d_sae] float32 tensors alive at the step's peak (mea
 
 def parameter_count(sae_cfg, d_in: int) -> int:
     d_sae = int(sae_cfg.d_sae)
-    matrices = 3 if sae_cfg.weight_sharing == "untied" and sae_cfg.architecture == "gated" \
-        else 2  # W_enc, W_dec (and an untied W_mag)
+    # W_dec and the architecture's encoder matrices (W_enc, and an untied W_mag)
+    matrices = 1 + ARCHITECTURES[sae_cfg.architecture].encoder_matrices(sae_cfg)
     return matrices * d_in * d_sae + 4 * d_sae + d_in  # biases, r_mag: at most 4 per feature
 
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from omegaconf import OmegaConf
 from torch import Tensor
 
+from gsae_pl.config import from_saved
 from gsae_pl.data.synthetic import fraction_recovered, mmcs
 from gsae_pl.losses import Objective
 from gsae_pl.metrics import FeatureDensity, ReconstructionMetrics, density_summary, log10_density
@@ -22,9 +22,10 @@ class SAEModule(L.LightningModule):
     def __init__(self, cfg: dict, d_in: int):
         super().__init__()
         self.save_hyperparameters()  # the resolved config travels inside every checkpoint
-        self.cfg = OmegaConf.create(cfg)
-        self.sae = build_sae(self.cfg.sae, d_in)
+        # A checkpoint's config may predate renamed or added keys: read it in today's schema.
+        self.cfg = from_saved(cfg, "the checkpoint's config")
         self.objective = Objective.from_config(self.cfg.loss)
+        self.sae = build_sae(self.cfg.sae, d_in, reads=self.objective.reads)
         # One scalar so that E||x||^2 = d_in (docs/method.md sec. 4); set by `prepare_from_sample`.
         self.register_buffer("norm_scale", torch.tensor(1.0))
         d_sae = self.cfg.sae.d_sae
@@ -45,10 +46,6 @@ class SAEModule(L.LightningModule):
         return self.sae(x * self.norm_scale)
 
     # ---- training -------------------------------------------------------------------
-    def on_train_batch_start(self, batch, batch_idx) -> None:
-        # Staged architectures switch stage here (saes/rescale_shift.py); a no-op otherwise.
-        self.sae.begin_step(self.global_step, self.cfg.trainer.max_steps)
-
     def training_step(self, batch: Tensor, batch_idx: int) -> dict:
         x = batch * self.norm_scale
         x_hat, enc = self.sae(x)
@@ -108,9 +105,10 @@ class SAEModule(L.LightningModule):
 
     def configure_callbacks(self):
         # Dead-feature resampling (docs/method.md sec. 4) is a switch: a callback only when on.
-        if not self.cfg.resample.enabled:
-            return []
-        return [Resampler(self.cfg.resample, self.cfg.sae.d_sae, self.cfg.seed)]
+        resampler = [Resampler(self.cfg.resample, self.cfg.sae.d_sae, self.cfg.seed)] \
+            if self.cfg.resample.enabled else []
+        # Then the architecture's own (a stage switch), so a revival precedes the switch.
+        return resampler + self.sae.callbacks(self.cfg)
 
     # ---- held-out evaluation --------------------------------------------------------
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:

@@ -21,7 +21,8 @@ Then the lr drops to lr_drop x and returns to 1x on a cosine over lr_return_step
 (`lr_multiplier`, which SAEModule multiplies into its warm-up). Decision: the schedule is a
 pure function of the step, so the drop happens at each scheduled resample even when no
 feature was dead, and a resumed run follows it without saved state.
-Parameters are addressed by their SAELens names, so relu, gated and prolu all work.
+Which parameters hold features, and how each is re-initialised, every architecture declares
+(`resample_roles`, gsae_pl/saes/base.py); parameters it does not name (b_dec) stay.
 """
 
 from __future__ import annotations
@@ -32,11 +33,15 @@ import lightning as L
 import torch
 from torch import Tensor
 
-# Which axis of each parameter indexes features; parameters not named here (b_dec) stay.
-FEATURE_AXIS = {"W_dec": 0, "W_enc": 1, "W_mag": 1, "b_enc": 0, "b_gate": 0, "b_mag": 0,
-                "r_mag": 0}
-ENCODER_COLUMNS = ("W_enc", "W_mag")  # set to the new direction, scaled like alive columns
+# The axis that indexes features, by a parameter's resample role (SAE.resample_roles).
+ROLE_AXIS = {"direction": 0, "encoder": 1, "zero": 0}
 POOL_ROWS_PER_FEATURE = 2  # the draw's pool holds this many rows per feature (Resampler)
+
+
+def feature_axes(sae) -> dict[str, int]:
+    """Parameter name -> the axis that indexes features, for the parameters a resample
+    re-initialises."""
+    return {name: ROLE_AXIS[role] for name, role in sae.resample_roles.items()}
 
 
 def resample_steps(resample_cfg) -> list[int]:
@@ -110,12 +115,13 @@ def revive(sae, optimizer, dead: Tensor, rows: Tensor, encoder_scale: float) -> 
     direction = rows - sae.b_dec
     direction /= direction.norm(dim=1, keepdim=True).clamp_min(1e-12)  # [k, d_in]
     for name, param in sae.named_parameters():
-        axis = FEATURE_AXIS.get(name)
-        if axis is None:
+        role = sae.resample_roles.get(name)
+        if role is None:
             continue
-        if name == "W_dec":
+        axis = ROLE_AXIS[role]
+        if role == "direction":
             param[idx] = direction.to(param.dtype)
-        elif name in ENCODER_COLUMNS:
+        elif role == "encoder":
             alive = ~dead.to(param.device)
             alive_norm = param[:, alive].norm(dim=0).mean() if alive.any() else 1.0
             param[:, idx] = (direction * encoder_scale * alive_norm).t().to(param.dtype)

@@ -49,7 +49,7 @@ SUITE_KEYS = {"name", "output_dir", "seeds", "configs", "overrides", "presets", 
               "variants", "figures"}
 VARIANT_KEYS = {"config", "grid", "l1_coefficient", "sweep", "seeds", "presets", "overrides"}
 # The key a plain list of values sweeps, and its label in run names (`gated_l1-0.05_seed0`).
-SPARSITY_KEY, SPARSITY_LABEL = "loss.l1_coefficient", "l1"
+SPARSITY_KEY, SPARSITY_LABEL = "loss.sparsity.coefficient", "l1"
 # Keys that make one run differ from another: the suite owns them (and each variant's swept key).
 RUN_KEYS = ("seed", "output.dir", "output.name", "output.variant", "output.sweep")
 

@@ -8,14 +8,16 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from gsae_pl.config import Config, validate
+from gsae_pl.config import Config, migrate, validate
 
 
 def make_cfg(*overrides: str):
     """The schema's defaults plus dotted overrides, validated like a loaded config."""
     # Synthetic data unless a test names another source: the default (tiny_lm) builds an LM.
     dotlist = ["data.source=synthetic", *overrides]
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.from_dotlist(dotlist))
+    # Old keys (config.ALIASES) mean what they mean on the command line.
+    layer = migrate(OmegaConf.to_container(OmegaConf.from_dotlist(dotlist)))
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), layer)
     validate(cfg)
     return cfg
 

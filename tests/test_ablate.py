@@ -46,7 +46,7 @@ def test_expansion_names_runs_and_orders_overrides(tmp_path):
         "gated_l1-0.01_seed0", "gated_l1-0.01_seed1", "gated_l1-0.1_seed0",
         "gated_l1-0.1_seed1", "baseline_l1-0.02_seed0"]
     gated, baseline = suite.runs[0].cfg, suite.runs[-1].cfg
-    assert gated.output.variant == "gated" and gated.loss.l1_coefficient == 0.01
+    assert gated.output.variant == "gated" and gated.loss.sparsity.coefficient == 0.01
     assert gated.trainer.max_steps == 30  # the suite's shared overrides
     assert gated.sae.d_sae == 40  # the command line beats the suite
     assert baseline.sae.architecture == "relu"  # the variant's own YAML

@@ -14,7 +14,8 @@ from gsae_pl.suite import is_suite_file
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(ROOT.glob("configs/**/*.yaml")) + [
     p for p in sorted(ROOT.glob("ablations/*.yaml")) if not is_suite_file(p)]
-REQUIRED_KEYS = ["seed", "sae.architecture", "sae.d_sae", "loss.l1_coefficient", "data.source",
+REQUIRED_KEYS = ["seed", "sae.architecture", "sae.d_sae", "loss.sparsity.coefficient",
+                 "data.source",
                  "data.path", "data.batch_size", "trainer.max_steps", "trainer.accelerator",
                  "trainer.devices", "trainer.strategy", "trainer.precision",
                  "checkpoint.every_n_steps", "output.dir", "output.name"]
@@ -67,7 +68,7 @@ def test_ablation_deltas_merge_over_base():
     (["loss.aux.decoderr=x"], "did you mean loss.aux.decoder?"),
     (["trainer.max_step=5"], "did you mean trainer.max_steps?"),
     (["sae.d_sae=abc"], "bad value for config key sae.d_sae"),
-    (["loss.l1_coefficient=-0.1"], "loss.l1_coefficient=-0.1 must be >= 0"),
+    (["loss.l1_coefficient=-0.1"], "loss.sparsity.coefficient=-0.1 must be >= 0"),
     (["sae.d_sae=0"], "sae.d_sae=0 must be > 0"),
     (["sae.architecture=topk"], "sae.architecture=topk is not one of: relu, gated"),
     (["data.source=hub"], "data.source=hub is not one of"),

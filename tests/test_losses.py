@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gsae_pl.losses import TERMS, Objective
+from gsae_pl.losses import LOSS_TERMS, Objective
 from gsae_pl.saes import build_sae
 from tests.conftest import make_cfg
 
@@ -136,7 +136,7 @@ def test_decoder_norm_l1_weights_by_row_norm():
         sae.W_dec.mul_(torch.arange(1, 17, dtype=torch.float32)[:, None])
     x_hat, enc = sae(x)
     value = Objective.from_config(cfg.loss)(x, x_hat, enc, sae, step=10**6)["sparsity"]
-    expected = cfg.loss.l1_coefficient * (enc.gate_acts * sae.W_dec.norm(dim=1)).sum(1).mean()
+    expected = cfg.loss.sparsity.coefficient * (enc.gate_acts * sae.W_dec.norm(dim=1)).sum(1).mean()
     assert torch.allclose(value, expected)
     assert "W_dec" in _reached(sae, value)
 
@@ -152,4 +152,4 @@ def test_l1_warmup_ramps_the_coefficient():
 def test_disabled_terms_are_absent_and_terms_registry_matches_schema():
     cfg = make_cfg("loss.reconstruction.enabled=false", "loss.aux.enabled=false")
     assert set(Objective.from_config(cfg.loss).terms) == {"sparsity"}
-    assert set(TERMS) <= set(cfg.loss.keys())
+    assert set(LOSS_TERMS.names()) == set(cfg.loss.keys())

@@ -101,7 +101,7 @@ def test_dead_feature_is_revived_and_alive_ones_untouched(arch, extra):
         if name in params:
             assert torch.equal(params[name].detach()[dead], torch.zeros(2)), name
     for name, p in params.items():
-        axis = resample.FEATURE_AXIS.get(name)
+        axis = resample.feature_axes(sae).get(name)
         if axis is None:  # b_dec: not a feature's parameter
             assert torch.equal(p.detach(), before[name])
             continue

@@ -13,12 +13,22 @@ import json
 from tests.data.resolved_configs import SNAPSHOT, resolve_all
 
 # old dotted key -> new dotted key: the same setting under its new name.
-RENAMED: dict[str, str] = {}
+RENAMED: dict[str, str] = {
+    # the sparsity term's coefficient and warm-up moved into its block, like every term's
+    # (config.ALIASES keeps the old keys working)
+    "loss.l1_coefficient": "loss.sparsity.coefficient",
+    "loss.l1_warmup_steps": "loss.sparsity.warmup_steps",
+}
 # dotted keys that did not exist at the snapshot -> the value every shipped run gets, or a
 # function of the run's name ('' for a run config file) giving it.
 ADDED: dict[str, object] = {
+    # every loss term's block now has a warm-up (losses/base.py TermConfig); 0 is none,
+    # the coefficient these terms always had
+    "loss.reconstruction.warmup_steps": 0,
+    "loss.aux.warmup_steps": 0,
+    "loss.orthogonality.warmup_steps": 0,
     # the key a suite swept (suite runs: the sparsity coefficient, all of them); plain: null
-    "output.sweep": lambda name: "loss.l1_coefficient" if name else None,
+    "output.sweep": lambda name: "loss.sparsity.coefficient" if name else None,
 }
 
 

@@ -69,8 +69,9 @@ def formula_terms(P, x, loss, step):
     if loss.sparsity.enabled:
         weight = (P["W_dec"].norm(dim=1) if loss.sparsity.kind == "decoder_norm_l1"
                   else torch.ones_like(P["b_gate"]))
-        ramp = min(1.0, (step + 1) / loss.l1_warmup_steps) if loss.l1_warmup_steps > 0 else 1.0
-        terms["sparsity"] = loss.l1_coefficient * ramp * (gate * weight).sum(1).mean()
+        warmup = loss.sparsity.warmup_steps
+        ramp = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+        terms["sparsity"] = loss.sparsity.coefficient * ramp * (gate * weight).sum(1).mean()
     if loss.aux.enabled:  # sg() on whichever decoder half the switches freeze
         W = P["W_dec"] if loss.aux.decoder == "unfrozen" else P["W_dec"].detach()
         b_mode = loss.aux.b_dec or loss.aux.decoder

@@ -159,7 +159,7 @@ def test_server_serves_scalars_and_hparams(server, run_dir):
     metric_tags = {info["name"]["tag"] for info in experiment["metricInfos"]}
     assert {f"final/{name}" for name in FINAL_METRICS} <= metric_tags
     hparam_names = {info["name"] for info in experiment["hparamInfos"]}
-    assert {"sae.d_sae", "sae.architecture", "loss.l1_coefficient"} <= hparam_names
+    assert {"sae.d_sae", "sae.architecture", "loss.sparsity.coefficient"} <= hparam_names
 
     groups = server.post("/data/plugin/hparams/session_groups", {
         "experimentName": "", "startIndex": 0, "sliceSize": 10,

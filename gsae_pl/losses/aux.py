@@ -9,12 +9,26 @@ It reuses ReLU(pi_gate) from the forward pass: no encoder matmul is recomputed.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from functools import partial
+from typing import Optional
 
 from torch import Tensor
 
-from gsae_pl.losses.base import Term, squared_error
+from gsae_pl.errors import UserError
+from gsae_pl.losses import LOSS_TERMS
+from gsae_pl.losses.base import TermConfig, TermSpec, squared_error
+from gsae_pl.saes import ARCHITECTURES
 from gsae_pl.saes.kernels import decode_codes
+
+
+@dataclass
+class AuxConfig(TermConfig):
+    # frozen | unfrozen: stop-gradient on W_dec in L_aux
+    decoder: str = field(default="frozen", metadata={"choices": ("frozen", "unfrozen")})
+    # frozen | unfrozen | null (= same as `decoder`)
+    b_dec: Optional[str] = field(default=None,
+                                 metadata={"choices": (None, "frozen", "unfrozen")})
 
 
 def aux_loss(x, x_hat, enc, sae, freeze_W_dec: bool, freeze_b_dec: bool) -> Tensor:
@@ -23,9 +37,18 @@ def aux_loss(x, x_hat, enc, sae, freeze_W_dec: bool, freeze_b_dec: bool) -> Tens
     return squared_error(x, decode_codes(enc.gate_acts, W_dec, b_dec))
 
 
-def aux_term(loss_cfg) -> Term:
-    aux = loss_cfg.aux
+def aux_fn(aux):
     b_dec_mode = aux.b_dec or aux.decoder
-    fn = partial(aux_loss, freeze_W_dec=aux.decoder == "frozen",
-                 freeze_b_dec=b_dec_mode == "frozen")
-    return Term(fn=fn, coefficient=aux.coefficient)
+    return partial(aux_loss, freeze_W_dec=aux.decoder == "frozen",
+                   freeze_b_dec=b_dec_mode == "frozen")
+
+
+def check(cfg) -> None:
+    arch = cfg.sae.architecture
+    if cfg.loss.aux.enabled and not ARCHITECTURES[arch].has_gate:
+        raise UserError(f"loss.aux needs a gate, which sae.architecture={arch} has not: set "
+                        "loss.aux.enabled=false")
+
+
+LOSS_TERMS.register("aux")(TermSpec(config=AuxConfig, build=aux_fn, reads=("gate_acts",),
+                                    check=check))

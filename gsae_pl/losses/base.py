@@ -1,15 +1,46 @@
-"""A loss term: a function of one batch's tensors, a coefficient and an optional warm-up."""
+"""A loss term: a function of one batch's tensors, a coefficient and an optional warm-up.
+
+A term is one file in gsae_pl/losses/ that registers a `TermSpec` in `LOSS_TERMS`
+(losses/__init__.py) under its YAML key `loss.<name>`. The spec declares:
+  config  its `loss.<name>:` block, a `TermConfig` subclass (enabled, coefficient,
+          warmup_steps, and its own fields; choices in field metadata)
+  build   block -> the term's function (x, x_hat, enc, sae) -> scalar
+  reads   the Encoding fields the function reads; the SAE fills them on every kernel path
+  check   cfg -> None, refusing (UserError) setting combinations the term cannot train with
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor
 
 from gsae_pl.saes.base import SAE, Encoding
 
 TermFn = Callable[[Tensor, Tensor, Encoding, SAE], Tensor]
+NON_NEGATIVE = {"range": "non_negative"}  # field metadata read by gsae_pl/config_checks.py
+
+
+@dataclass
+class TermConfig:
+    enabled: bool = True
+    coefficient: float = field(default=1.0, metadata=NON_NEGATIVE)
+    # linear ramp of the coefficient from ~0 to full over these steps
+    warmup_steps: int = field(default=0, metadata=NON_NEGATIVE)
+
+
+def no_check(cfg: Any) -> None:
+    """A term that combines with every setting."""
+
+
+@dataclass(frozen=True)
+class TermSpec:
+    config: type  # a TermConfig subclass: the term's `loss.<name>:` block
+    build: Callable[[Any], TermFn]  # its block -> its function, before the coefficient
+    reads: tuple[str, ...] = ()  # Encoding fields the function reads
+    check: Callable[[Any], None] = no_check  # the whole config -> refusals
 
 
 @dataclass

@@ -27,13 +27,16 @@ Cost: one [k, d_sae] product of the k active rows with all rows, O(k * d_sae * d
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from gsae_pl.losses.base import Term
+from gsae_pl.errors import UserError
+from gsae_pl.losses import LOSS_TERMS
+from gsae_pl.losses.base import TermConfig, TermSpec
 
 TIE_TOLERANCE = 1e-6  # |cos| values this close to the maximum count as tied neighbours
 
@@ -72,7 +75,20 @@ def orthogonality_loss(x, x_hat, enc, sae, exponent: float) -> Tensor:
     return nearest_neighbour_penalty(sae.W_dec, active, exponent)
 
 
-def orthogonality_term(loss_cfg) -> Term:
-    orth = loss_cfg.orthogonality
-    return Term(fn=partial(orthogonality_loss, exponent=orth.exponent),
-                coefficient=orth.coefficient)
+@dataclass
+class OrthogonalityConfig(TermConfig):
+    enabled: bool = False
+    exponent: float = 4.0  # penalty |cos|^exponent to each active feature's nearest neighbour
+
+
+def check(cfg) -> None:
+    exponent = cfg.loss.orthogonality.exponent
+    if not exponent > 1:
+        raise UserError(f"loss.orthogonality.exponent={exponent} must be > 1: the penalty "
+                        "|cos|^exponent is super-linear (docs/method.md sec. 5)")
+
+
+LOSS_TERMS.register("orthogonality")(TermSpec(
+    config=OrthogonalityConfig, build=lambda block: partial(orthogonality_loss,
+                                                            exponent=block.exponent),
+    reads=("fired",), check=check))

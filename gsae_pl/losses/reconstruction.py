@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
-from gsae_pl.losses.base import Term, squared_error
+from dataclasses import dataclass
+
+from gsae_pl.losses import LOSS_TERMS
+from gsae_pl.losses.base import TermConfig, TermSpec, squared_error
 
 
-def reconstruction_term(loss_cfg) -> Term:
-    return Term(fn=lambda x, x_hat, enc, sae: squared_error(x, x_hat),
-                coefficient=loss_cfg.reconstruction.coefficient)
+@dataclass
+class ReconstructionConfig(TermConfig):
+    pass
+
+
+def reconstruction_fn(block):
+    return lambda x, x_hat, enc, sae: squared_error(x, x_hat)
+
+
+LOSS_TERMS.register("reconstruction")(TermSpec(config=ReconstructionConfig,
+                                               build=reconstruction_fn))

@@ -1,19 +1,44 @@
-"""What every SAE architecture shares: the decoder, its unit-norm constraint, the encoding.
+"""What every SAE architecture shares: the decoder, its unit-norm constraint, the encoding,
+and what an architecture declares about itself (its plug-in interface).
 
 Parameter names and shapes follow docs/method.md sec. 1 (the SAELens convention):
 W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_dec [d_in], per-feature vectors [d_sae].
+
+An architecture is one file in gsae_pl/saes/ with an `SAE` subclass registered in
+`ARCHITECTURES` (saes/__init__.py) under the name `sae.architecture` takes. Besides `encode`
+it declares, as class attributes and class methods (defaults below):
+  Config          a dataclass of its own `sae.` fields (flat YAML keys; choices in field
+                  metadata); the `sae:` schema is the common fields plus the union of these
+  check(cfg)      refusals of setting combinations it cannot train
+  provides        the Encoding fields its reference path fills (what loss terms may read)
+  has_gate        whether the aux term applies (it decodes ReLU(pi_gate), docs/method.md sec. 2)
+  resample_roles  its per-feature parameters and how a resample re-initialises each
+  saelens         its SAELens architecture name, or None: export refuses it
+  saelens_weights the checkpoint tensors SAELens's format holds, or a refusal
+  callbacks(cfg)  Lightning callbacks it needs during training (e.g. a stage switch)
+  encoder_matrices(sae_cfg)  how many [d_in, d_sae] encoder matrices it holds (memory.py)
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
+from gsae_pl.errors import UserError
 from gsae_pl.saes.kernels import SparseCodes, decode_codes
 
 Codes = Union[Tensor, SparseCodes]
+# The Encoding fields the fast kernels of saes/kernels.py return (pi_gate, pi_mag stay inside
+# their backward): a loss term reading any other field makes `encode` take the reference path.
+FAST_FIELDS = ("f", "gate_acts", "fired")
+
+
+@dataclass
+class NoFields:
+    """An architecture without `sae.` fields of its own."""
 
 
 class Encoding(NamedTuple):
@@ -40,12 +65,20 @@ class Encoding(NamedTuple):
 class SAE(nn.Module):
     """Decoder half and constraints; subclasses define the encoder and `encode`."""
 
-    has_gate = False  # whether the aux term (which reads ReLU(pi_gate)) applies
+    Config: ClassVar[type] = NoFields
+    provides: ClassVar[tuple[str, ...]] = FAST_FIELDS
+    has_gate: ClassVar[bool] = False
+    # Per-feature parameter -> how a resample re-initialises it (gsae_pl/resample.py):
+    # "direction" its row (axis 0) := the new unit direction; "encoder" its column (axis 1)
+    # := the direction, scaled like the alive columns; "zero" its entry := 0.
+    resample_roles: ClassVar[dict[str, str]] = {"W_dec": "direction"}
+    saelens: ClassVar[Optional[str]] = None
 
     def __init__(self, d_in: int, d_sae: int, unit_norm_decoder: bool = True):
         super().__init__()
         self.d_in, self.d_sae = d_in, d_sae
         self.unit_norm_decoder = unit_norm_decoder
+        self.reference_only = False  # set by `serve`: a term reads what the kernels lack
         # Init decision (docs/method.md sec. 1): random unit decoder rows, W_enc = W_dec^T.
         W_dec = torch.randn(d_sae, d_in)
         self.W_dec = nn.Parameter(W_dec / W_dec.norm(dim=1, keepdim=True))
@@ -61,14 +94,40 @@ class SAE(nn.Module):
         enc = self.encode(x)
         return self.decode(enc.f), enc
 
-    # Staged training (saes/rescale_shift.py); a no-op for single-stage architectures.
-    def begin_step(self, step: int, max_steps: int) -> None:
-        """Called before each training step (`step` optimiser steps done of `max_steps`)."""
+    def serve(self, reads) -> None:
+        """Fill the Encoding fields `reads` (the objective's terms' union) on every path:
+        a field the fast kernels do not return sends `encode` to the reference path.
+        Reading nothing more costs nothing: the kernels stay in use."""
+        self.reference_only = bool(set(reads) - set(FAST_FIELDS))
 
     def frozen_parameters(self) -> list[nn.Parameter]:
         """Parameters the optimiser must leave untouched at this step (SAEModule drops
-        their gradients before it runs)."""
+        their gradients before it runs, whatever the architecture)."""
         return []
+
+    # ---- the plug-in interface (module docstring) --------------------------------------
+    @classmethod
+    def check(cls, cfg: Any) -> None:
+        """Refuse (UserError) setting combinations this architecture cannot train."""
+
+    @classmethod
+    def encoder_matrices(cls, sae_cfg: Any) -> int:
+        return 1
+
+    def callbacks(self, cfg: Any) -> list:
+        return []
+
+    @classmethod
+    def saelens_weights(cls, sae_cfg: dict, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The checkpoint's `sae.*` tensors under their SAELens names (not yet folded with
+        norm_scale); UserError when SAELens's format cannot hold this SAE."""
+        if cls.saelens is None:
+            raise UserError(f"sae.architecture={sae_cfg['architecture']} has no SAELens "
+                            "equivalent: nothing written")
+        from gsae_pl.load import ENCODER_PARAMS  # SAELens's parameter names per format
+
+        names = ["W_enc", "W_dec", "b_dec", *ENCODER_PARAMS[cls.saelens]]
+        return {name: weights[f"sae.{name}"] for name in names}
 
     def init_b_dec(self, sample: Tensor, how: str) -> None:
         """b_dec from a data sample (docs/method.md sec. 1): zeros, mean or geometric median."""

@@ -9,14 +9,19 @@ W_gate is stored as W_enc (SAELens convention). Sharing modes:
   no_r_mag  W_mag = W_gate (r_mag a zero buffer, exported as such): the "no r_mag" ablation
   untied    an independent W_mag: the "untied encoders" ablation (a second matmul)
 `encode_reference` is the plain-autograd definition; `encode` runs the same maths through
-the fast kernels of saes/kernels.py where they apply (tied weights).
+the fast kernels of saes/kernels.py where they apply (tied weights). Exported as SAELens's
+`gated` SAE (W_mag = W_enc * exp(r_mag)), which cannot hold an untied W_mag.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import Tensor, nn
 
+from gsae_pl.errors import UserError
+from gsae_pl.saes import ARCHITECTURES
 from gsae_pl.saes.base import SAE, Encoding
 from gsae_pl.saes.kernels import GatedEncodeDense, encode_gated_sparse
 
@@ -27,12 +32,24 @@ from gsae_pl.saes.kernels import GatedEncodeDense, encode_gated_sparse
 SPARSE_CROSSOVER = 0.07
 
 
+@dataclass
+class GatedConfig:
+    weight_sharing: str = field(default="r_mag",
+                                metadata={"choices": ("r_mag", "no_r_mag", "untied")})
+
+
+@ARCHITECTURES.register("gated")
 class GatedSAE(SAE):
+    Config = GatedConfig
+    provides = ("f", "gate_acts", "fired", "pi_gate", "pi_mag")
     has_gate = True
+    resample_roles = {**SAE.resample_roles, "W_enc": "encoder", "W_mag": "encoder",
+                      "b_gate": "zero", "b_mag": "zero", "r_mag": "zero"}
+    saelens = "gated"
 
     def __init__(self, d_in: int, d_sae: int, unit_norm_decoder: bool = True,
                  weight_sharing: str = "r_mag", kernel: str = "auto",
-                 compile_mode: str = "never", **_):
+                 compile_mode: str = "never"):
         super().__init__(d_in, d_sae, unit_norm_decoder)
         self.weight_sharing, self.kernel, self.compile_mode = weight_sharing, kernel, compile_mode
         self.W_enc = nn.Parameter(self.W_dec.detach().t().clone())
@@ -62,6 +79,8 @@ class GatedSAE(SAE):
     def path_for(self, x: Tensor) -> str:
         if self.weight_sharing == "untied":
             return "reference"  # the kernels assume one shared encoder matmul
+        if self.reference_only:
+            return "reference"  # a loss term reads pi_gate or pi_mag (SAE.serve)
         if self.kernel != "auto":
             return self.kernel
         if x.device.type != "cpu":
@@ -85,3 +104,14 @@ class GatedSAE(SAE):
     def jumprelu_threshold(self) -> Tensor:
         """With weight sharing the encoder is a JumpReLU (docs/method.md sec. 1, appendix E)."""
         return self.b_mag - torch.exp(self.r_mag) * self.b_gate
+
+    @classmethod
+    def encoder_matrices(cls, sae_cfg) -> int:
+        return 2 if sae_cfg.weight_sharing == "untied" else 1  # W_enc (and W_mag)
+
+    @classmethod
+    def saelens_weights(cls, sae_cfg: dict, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+        if sae_cfg.get("weight_sharing") == "untied":
+            raise UserError("sae.weight_sharing=untied has its own W_mag, which SAELens's gated "
+                            "format (W_mag = W_enc * exp(r_mag)) cannot hold: nothing written")
+        return super().saelens_weights(sae_cfg, weights)

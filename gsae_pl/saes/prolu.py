@@ -14,10 +14,13 @@ Trained like the baseline: an L1 penalty on f itself, no gate for the aux term.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import Tensor, nn
 from torch.autograd import Function
 
+from gsae_pl.saes import ARCHITECTURES
 from gsae_pl.saes.base import SAE, Encoding
 
 
@@ -61,11 +64,23 @@ class ProLUSTE(Function):
 BACKWARD_RULES = {"relu": ProLUReLU, "ste": ProLUSTE}
 
 
+@dataclass
+class ProLUConfig:
+    prolu_backward: str = field(default="relu", metadata={"choices": tuple(BACKWARD_RULES)})
+
+
+@ARCHITECTURES.register("prolu")
 class ProLUSAE(SAE):
-    """Parameters as the baseline's (W_enc, b_enc, W_dec, b_dec): b_enc is the threshold."""
+    """Parameters as the baseline's (W_enc, b_enc, W_dec, b_dec): b_enc is the threshold.
+    One path (plain autograd through the rules above) that fills every Encoding field; no
+    SAELens format computes ProLU, so export refuses it."""
+
+    Config = ProLUConfig
+    provides = ("f", "gate_acts", "fired", "pi_gate", "pi_mag")
+    resample_roles = {**SAE.resample_roles, "W_enc": "encoder", "b_enc": "zero"}
 
     def __init__(self, d_in: int, d_sae: int, unit_norm_decoder: bool = True,
-                 prolu_backward: str = "relu", **_):
+                 prolu_backward: str = "relu"):
         super().__init__(d_in, d_sae, unit_norm_decoder)
         self.prolu_backward = prolu_backward
         self.prolu = BACKWARD_RULES[prolu_backward]

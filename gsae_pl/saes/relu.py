@@ -5,28 +5,35 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from gsae_pl.saes.base import SAE, Encoding
+from gsae_pl.saes import ARCHITECTURES
+from gsae_pl.saes.base import FAST_FIELDS, SAE, Encoding
 from gsae_pl.saes.kernels import ReLUEncodeDense
 
 
+@ARCHITECTURES.register("relu")
 class ReLUSAE(SAE):
     """f = ReLU((x - b_dec) @ W_enc + b_enc); the L1 penalty falls on f itself.
 
     `kernel: reference` runs plain autograd; any other value the hand-written backward
     (saes/kernels.py), which saves the centring matmul. The baseline has no sparse path:
     its decoder reads f, whose support is what the L1 penalty shrinks only slowly.
+    Exported as SAELens's `standard` SAE.
     """
 
+    provides = (*FAST_FIELDS, "pi_gate")
+    resample_roles = {**SAE.resample_roles, "W_enc": "encoder", "b_enc": "zero"}
+    saelens = "standard"
+
     def __init__(self, d_in: int, d_sae: int, unit_norm_decoder: bool = True,
-                 kernel: str = "auto", compile_mode: str = "never", **_):
+                 kernel: str = "auto", compile_mode: str = "never"):
         super().__init__(d_in, d_sae, unit_norm_decoder)
         self.kernel, self.compile_mode = kernel, compile_mode
         self.W_enc = nn.Parameter(self.W_dec.detach().t().clone())
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
 
     def encode(self, x: Tensor) -> Encoding:
-        return encode_relu(x, self.W_enc, self.b_dec, self.b_enc, self.kernel,
-                           self.compile_mode)
+        kernel = "reference" if self.reference_only else self.kernel
+        return encode_relu(x, self.W_enc, self.b_dec, self.b_enc, kernel, self.compile_mode)
 
     def encode_reference(self, x: Tensor) -> Encoding:
         return encode_relu(x, self.W_enc, self.b_dec, self.b_enc, "reference")
