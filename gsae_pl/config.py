@@ -139,9 +139,17 @@ class ResampleConfig:
 
 @dataclass
 class EvalConfig:
+    """What every evaluation shares. Each registered evaluation adds its block `eval.<name>`
+    (gsae_pl/eval/), so the schema is assembled when a config is made, not here."""
+
     rows: int = 16384
     every_n_steps: int = 1000
-    lm_contexts: int = 64  # held-out windows for loss recovered (LM sources; 0: off)
+
+
+def _eval_config() -> EvalConfig:
+    from gsae_pl.eval import eval_schema  # here: the evaluations import this module
+
+    return eval_schema(EvalConfig)()
 
 
 @dataclass
@@ -185,7 +193,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     resample: ResampleConfig = field(default_factory=ResampleConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: EvalConfig = field(default_factory=_eval_config)
     log: LogConfig = field(default_factory=LogConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -195,7 +203,9 @@ class Config:
 # Keys that moved: old dotted key -> new one. A file, an override or a saved run config
 # (a checkpoint's, a finished run's config.yaml) that uses the old key still means the same
 # setting; `migrate` renames it wherever a config enters (docs/configs.md lists them).
-ALIASES: dict[str, str] = {}
+ALIASES: dict[str, str] = {
+    "eval.lm_contexts": "eval.loss_recovered.contexts",  # evaluations are plug-ins (eval/)
+}
 
 
 def migrate(tree: dict, source: str = "a config") -> dict:
