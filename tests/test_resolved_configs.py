@@ -13,9 +13,17 @@ import json
 from tests.data.resolved_configs import SNAPSHOT, resolve_all
 
 # old dotted key -> new dotted key: the same setting under its new name.
-RENAMED: dict[str, str] = {}
+RENAMED: dict[str, str] = {
+    # Evaluations became plug-ins with their own blocks (gsae_pl/eval/); config.ALIASES.
+    "eval.lm_contexts": "eval.loss_recovered.contexts",
+}
 # dotted keys that did not exist at the snapshot -> the value every shipped run gets.
-ADDED: dict[str, object] = {}
+ADDED: dict[str, object] = {
+    # Each evaluation's switch: on, as every evaluation that applied was before.
+    "eval.ground_truth.enabled": True,
+    "eval.loss_recovered.enabled": True,
+    "eval.reconstruction.enabled": True,
+}
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
