@@ -24,14 +24,18 @@ from gsae_pl.cli import ArgumentParser, run_main
 from gsae_pl.curves import common_l0s, interpolate_at_l0, l0_needed
 from gsae_pl.errors import UserError
 from gsae_pl.io import atomic_write_text
-from gsae_pl.report_plots import L0_FLOOR, by_variant, variant_curve, write_plots
+from gsae_pl.report_plots import DEFAULT_METRICS, L0_FLOOR, by_variant, variant_curve, write_plots
+from gsae_pl.suite import check_metrics
 
-# results.csv columns: the ones a reader compares first, then those only some data has.
-MAIN_COLUMNS = ("variant", "l1_coefficient", "seed", "l0", "fvu", "loss_recovered",
-                "loss_recovered_se", "delta_lm_loss", "delta_lm_loss_se",
-                "relative_reconstruction_bias", "dead_fraction", "steps", "seconds")
-EXTRA_COLUMNS = ("mmcs", "fraction_recovered", "tokens", "run")
-COLUMNS = MAIN_COLUMNS + EXTRA_COLUMNS
+# Table and results.csv columns: HEAD (the ones a reader compares first, then those only some
+# data has), every other numeric metric a run wrote (by name), then TAIL. HEAD keeps the
+# columns of reports made before any evaluation could add metrics, in their order.
+HEAD = ("variant", "l1_coefficient", "seed", "l0", "fvu", "loss_recovered",
+        "loss_recovered_se", "delta_lm_loss", "delta_lm_loss_se",
+        "relative_reconstruction_bias", "dead_fraction", "steps", "seconds", "mmcs",
+        "fraction_recovered", "tokens")
+TAIL = ("run",)
+IDENTITY = ("variant", "l1_coefficient", "seed", "run")  # from config.yaml and the folder
 
 
 # ---------------------------------------------------------------- reading the suite
@@ -62,7 +66,9 @@ def read_run(run_dir: Path) -> dict | None:
     cfg = _read(run_dir / "config.yaml", yaml.safe_load) if (run_dir / "config.yaml").exists() \
         else {}
     cfg = cfg or {}
-    row = {column: metrics.get(column) for column in COLUMNS}
+    row = {column: metrics.get(column) for column in HEAD}
+    row.update({key: value for key, value in metrics.items()
+                if key not in row and key not in IDENTITY and _is_number(value)})
     # output.variant is set by ablate; a hand-made run falls back to its architecture.
     row["variant"] = _get(cfg, "output.variant") or _get(cfg, "sae.architecture") or "unknown"
     row["l1_coefficient"] = _get(cfg, "loss.l1_coefficient")
@@ -75,14 +81,23 @@ def _bad_metrics(metrics) -> str | None:
     """Why `metrics` (parsed metrics.json) cannot make a results row; None if it can."""
     if not isinstance(metrics, dict):
         return f"it holds a JSON {type(metrics).__name__}, not an object"
-    for column in COLUMNS:
-        if column in ("variant", "l1_coefficient", "seed", "run"):
+    for column in HEAD:
+        if column in IDENTITY:
             continue  # taken from config.yaml and the folder name, not from metrics.json
         value = metrics.get(column)
-        if value is not None and (isinstance(value, bool) or
-                                  not isinstance(value, (int, float))):
+        if value is not None and not _is_number(value):
             return f"{column} is {value!r}, not a number"
     return None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def columns(rows: list[dict]) -> list[str]:
+    """HEAD, the other metrics some row has (sorted by name: stable across reruns), TAIL."""
+    rest = sorted({key for row in rows for key in row} - set(HEAD) - set(TAIL))
+    return [*HEAD, *rest, *TAIL]
 
 
 def _sort_key(row: dict):
@@ -102,6 +117,9 @@ def load_rows(suite_dir: Path) -> tuple[list[dict], list[str]]:
             unfinished.append(run_dir.name)
         else:
             rows.append(row)
+    # Every row gets every column (None: the run did not write it), so readers index freely.
+    shown = columns(rows)
+    rows = [{column: row.get(column) for column in shown} for row in rows]
     return sorted(rows, key=_sort_key), unfinished
 
 
@@ -131,10 +149,11 @@ def fmt(value) -> str:
 
 def write_results_csv(suite_dir: Path, rows: list[dict]) -> Path:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    shown = columns(rows)
+    writer = csv.DictWriter(buffer, fieldnames=shown, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: "" if row[k] is None else row[k] for k in COLUMNS})
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in shown})
     path = suite_dir / "results.csv"
     atomic_write_text(path, buffer.getvalue())
     return path
@@ -287,12 +306,13 @@ def write_report(suite_dir: Path, wall_seconds: float | None = None) -> Path:
     write_results_csv(suite_dir, rows)
     title = f"{suite_dir.resolve().name}: {_tokens_text(rows)}"
     figures = suite_figures(suite_dir)
-    plots = write_plots(suite_dir, rows, title, figures)
+    plots = write_plots(suite_dir, rows, title, figures, suite_metrics(suite_dir))
     lines = [f"# Ablation suite `{suite_dir.resolve().name}`", "",
              _intro(rows, failures, unfinished, wall_seconds), "", "## Provenance", ""]
     lines += provenance.suite_header(provenance.read_records(suite_dir, [r["run"] for r in rows]))
     lines += ["", "## Results", ""]
-    lines += _markdown_table(list(COLUMNS), [[fmt(r[c]) for c in COLUMNS] for r in rows])
+    shown = columns(rows)
+    lines += _markdown_table(shown, [[fmt(r.get(c)) for c in shown] for r in rows])
     lines += ["", "## Seed spread"] + seed_spread_section(rows)
     lines += ["", "## Pareto summary"] + (pareto_summary(rows) or ["", "no curve to read"])
     lines += ["", "## Gated vs baseline"] + comparison_section(rows)
@@ -307,12 +327,23 @@ def write_report(suite_dir: Path, wall_seconds: float | None = None) -> Path:
     return path
 
 
-def suite_figures(suite_dir: Path) -> dict[str, list[str]]:
-    """The focused figures the suite file names (`figures:`), from the copy of it that
-    ablate keeps in the suite directory; none without one."""
+def _suite_spec(suite_dir: Path) -> dict:
+    """The suite file, from the copy of it that ablate keeps in the suite directory; {}
+    without one."""
     path = suite_dir / "suite.yaml"
     spec = _read(path, yaml.safe_load) if path.is_file() else None
-    return dict((spec or {}).get("figures") or {})
+    return spec if isinstance(spec, dict) else {}
+
+
+def suite_figures(suite_dir: Path) -> dict[str, list[str]]:
+    """The focused figures the suite file names (`figures:`); none without one."""
+    return dict(_suite_spec(suite_dir).get("figures") or {})
+
+
+def suite_metrics(suite_dir: Path) -> tuple[str, ...]:
+    """The metrics the suite file plots against L0 (`metrics:`), else DEFAULT_METRICS."""
+    path = suite_dir / "suite.yaml"
+    return check_metrics(path, _suite_spec(suite_dir).get("metrics")) or DEFAULT_METRICS
 
 
 def _main(args: argparse.Namespace) -> int:

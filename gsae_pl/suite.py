@@ -12,6 +12,7 @@
       baseline: {l1_coefficient: [0.005, 0.01], overrides: {sae.d_sae: 1024}, seeds: [0, 1]}
     figures:                            # optional: focused report plots, name -> variants
       main: [gated, baseline]
+    metrics: [loss_recovered, fvu]      # optional: the metrics the report plots against L0
 
 Override precedence, last wins: the variant's YAML, the suite's `overrides`, the variant's
 `overrides`, the command line's `key=value`, then the keys that define a run (its
@@ -33,7 +34,8 @@ from gsae_pl.errors import UserError
 from gsae_pl.run_dir import check_name
 from gsae_pl.yaml_io import DuplicateKeyError, safe_load_unique_keys
 
-SUITE_KEYS = {"name", "output_dir", "seeds", "overrides", "grids", "variants", "figures"}
+SUITE_KEYS = {"name", "output_dir", "seeds", "overrides", "grids", "variants", "figures",
+              "metrics"}
 VARIANT_KEYS = {"config", "grid", "l1_coefficient", "seeds", "overrides"}
 # Keys that make one run differ from another: the suite owns them.
 RUN_KEYS = ("loss.l1_coefficient", "seed", "output.dir", "output.name", "output.variant")
@@ -63,6 +65,7 @@ class Suite:
     path: Path
     output_dir: Path
     runs: tuple[Run, ...]
+    metrics: tuple[str, ...] | None = None  # plotted against L0; None: the report's default
 
     @property
     def variants(self) -> list[str]:
@@ -105,7 +108,7 @@ def load_suite(path: str | Path, cli_overrides: list[str] = ()) -> Suite:
     _check_distinct_runs(path, runs)
     _check_figures(path, spec.get("figures"), set(variants))
     return Suite(name=str(spec.get("name") or path.stem), path=path, output_dir=output_dir,
-                 runs=tuple(runs))
+                 runs=tuple(runs), metrics=check_metrics(path, spec.get("metrics")))
 
 
 def _check_distinct_runs(path: Path, runs: list[Run]) -> None:
@@ -137,6 +140,19 @@ def _check_figures(path: Path, figures, variants: set) -> None:
         if unknown:
             raise UserError(f"{path}: figure {name} names {', '.join(unknown)}, not among the "
                             f"suite's variants ({', '.join(sorted(variants))})")
+
+
+def check_metrics(path: Path, metrics) -> tuple[str, ...] | None:
+    """`metrics:` names metrics.json keys (letters, digits, _), each once; None if absent."""
+    if metrics is None:
+        return None
+    if not isinstance(metrics, list) or not metrics or not all(
+            isinstance(m, str) and m.isidentifier() for m in metrics):
+        raise UserError(f"{path}: metrics must be a non-empty list of metric names (letters, "
+                        "digits, _), e.g. metrics: [loss_recovered, fvu]")
+    if len(set(metrics)) != len(metrics):
+        raise UserError(f"{path}: metrics {metrics!r} names a metric twice: list each once")
+    return tuple(metrics)
 
 
 def _read(path: Path) -> dict:

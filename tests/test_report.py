@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from gsae_pl.errors import UserError
 from gsae_pl.report import (
-    COLUMNS,
+    HEAD,
+    columns,
     common_l0s,
     interpolate_at_l0,
     l0_needed,
@@ -79,7 +81,9 @@ def test_results_csv_header_rows_and_order(lm_suite):
     assert header == ("variant,l1_coefficient,seed,l0,fvu,loss_recovered,loss_recovered_se,"
                       "delta_lm_loss,delta_lm_loss_se,"
                       "relative_reconstruction_bias,dead_fraction,steps,seconds,"
-                      "mmcs,fraction_recovered,tokens,run")
+                      "mmcs,fraction_recovered,tokens,"
+                      # every other metric the runs wrote, by name, then the run
+                      "ce_clean,ce_spliced,ce_zero,dense_fraction,mse,norm_scale,run")
     rows = _csv(lm_suite)
     assert [(r["variant"], float(r["l1_coefficient"])) for r in rows] == sorted(LM_POINTS)
     first = rows[0]  # baseline, 0.01
@@ -107,9 +111,10 @@ def test_report_md_has_table_plots_pareto_and_failure(lm_suite):
     assert text.startswith("# Ablation suite `suite_lm`")
     assert "6 finished, 1 failed" in text and "25,600 tokens per run" in text
     assert "wall time 123 s" in text and "unfinished" not in text
-    assert "| " + " | ".join(COLUMNS) + " |" in text
+    assert "| " + " | ".join(HEAD) + " | ce_clean | ce_spliced | ce_zero | dense_fraction | " \
+        "mse | norm_scale | run |" in text
     assert "| baseline | 0.01 | 0 | 80 | 0.2625 | 0.95 | 0.004 | 0.05 | 0.01 | 0.995 | 0 | 100 |" \
-        " 1.5 |  |  | 25600 | baseline_l1-0.01_seed0 |" in text
+        " 1.5 |  |  | 25600 | 3 | 3.05 | 4 | 0 | 0.1 | 1 | baseline_l1-0.01_seed0 |" in text
     assert "(1 run(s) affected)" in text  # gated at 0.1 has L0 = 0
     for stem in ("l0_vs_loss_recovered", "l0_vs_fvu", "gamma_vs_l0"):
         assert f"(plots/{stem}.png)" in text
@@ -278,3 +283,38 @@ def test_plots_with_seed_and_se_error_bars(seeded_suite):
     write_report(seeded_suite)
     for stem in ("l0_vs_loss_recovered", "gamma_vs_l0"):
         assert (seeded_suite / "plots" / f"{stem}.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_a_metric_some_runs_wrote_gets_a_column_after_the_head(lm_suite):
+    """Any numeric metric a run wrote is shown (by name, after the fixed head); blank for
+    the runs without it; non-numbers are left out, not fatal."""
+    run = lm_suite / "runs" / "gated_l1-0.01_seed0"
+    metrics = {**json.loads((run / "metrics.json").read_text()), "aardvark": 0.25,
+               "note": "a string"}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    text = write_report(lm_suite).read_text()
+    rows = _csv(lm_suite)
+    shown = list(rows[0])
+    assert shown[:len(HEAD)] == list(HEAD) and shown[len(HEAD)] == "aardvark"
+    assert shown[-1] == "run" and "note" not in shown
+    assert {r["run"]: r["aardvark"] for r in rows}["gated_l1-0.01_seed0"] == "0.25"
+    assert sum(r["aardvark"] == "" for r in rows) == 5
+    assert "| aardvark |" in text
+    assert columns([{"zz": 1.0}, {"aa": 2.0}]) == [*HEAD, "aa", "zz", "run"]
+
+
+def test_suite_metrics_choose_the_plots(lm_suite):
+    (lm_suite / "suite.yaml").write_text(yaml.safe_dump({"variants": {"gated": {}},
+                                                         "metrics": ["mse", "fvu"]}))
+    text = write_report(lm_suite).read_text()
+    plots = sorted(p.name for p in (lm_suite / "plots").glob("*.png"))
+    assert plots == ["l0_vs_fvu.png", "l0_vs_mse.png"]  # the default ones removed
+    assert "(plots/l0_vs_mse.png)" in text and "l0_vs_loss_recovered" not in text
+
+
+@pytest.mark.parametrize("metrics", [[], "fvu", ["fvu", "fvu"], ["val/fvu"], [3]])
+def test_bad_suite_metrics_are_refused(lm_suite, metrics):
+    (lm_suite / "suite.yaml").write_text(yaml.safe_dump({"variants": {"gated": {}},
+                                                         "metrics": metrics}))
+    with pytest.raises(UserError, match="metric"):
+        write_report(lm_suite)
