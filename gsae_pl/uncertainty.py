@@ -5,7 +5,7 @@ gated-vs-baseline difference is resolved (gsae_pl/report.py).
   "mean ± sd" wherever a variant has 2 or more seeds at one coefficient.
 - A value read off a curve (a metric at an L0, the L0 needed for a loss recovered) is also
   read off each seed's own curve; the band is the min - max of those per-seed values.
-- SE is the held-out standard error of loss recovered (gsae_pl/lm_eval.py: clustered by
+- SE is the held-out standard error of loss recovered (gsae_pl/eval/lm_eval.py: clustered by
   held-out document), mean over seeds: how far another held-out set could move that one
   number. It is shown, but it does not enter a comparison: every run of a suite is
   measured on the same held-out windows, so held-out sampling moves gated and baseline
