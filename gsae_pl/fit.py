@@ -73,6 +73,12 @@ class EvaluatedStep(L.Callback):
 
     step = -1
 
+    def on_validation_start(self, trainer, pl_module) -> None:
+        # Lightning keeps every key ever logged in callback_metrics: drop the previous
+        # evaluation's, so a metric this one does not yield cannot pass for its own.
+        for key in [k for k in trainer.callback_metrics if k.startswith("val/")]:
+            del trainer.callback_metrics[key]
+
     def on_validation_end(self, trainer, pl_module) -> None:
         self.step = trainer.global_step
 

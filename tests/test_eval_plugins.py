@@ -44,6 +44,18 @@ class MeanInputNorm(Evaluator):
         return {"mean_input_norm": self.settings.scale * self.mean.compute()}
 
 
+class FirstTimeOnly(Evaluator):
+    """Yields its metric at the first evaluation of a process only."""
+
+    def __init__(self, settings, cfg, d_in, source):
+        super().__init__(settings, cfg, d_in, source)
+        self.calls = 0
+
+    def compute(self, module) -> dict:
+        self.calls += 1
+        return {"first_time_only": 1.0} if self.calls == 1 else {}
+
+
 @pytest.fixture
 def toy():
     """Registered for this test only (the registry is shared by the whole process)."""
@@ -53,7 +65,8 @@ def toy():
         yield
 
 
-def test_a_new_evaluation_reaches_fit_metrics_json_and_the_report(toy, tmp_path):
+def test_a_new_evaluation_reaches_fit_metrics_json_and_the_report(toy, tmp_path, monkeypatch):
+    monkeypatch.setitem(EVALUATORS._entries, "first_time_only", FirstTimeOnly)
     suite = tmp_path / "suite"
     cfg = load_config(BASE, [*TINY, f"output.dir={suite / 'runs'}", "output.name=toy",
                              "eval.mean_input_norm.scale=2.0"])
@@ -67,6 +80,8 @@ def test_a_new_evaluation_reaches_fit_metrics_json_and_the_report(toy, tmp_path)
     # The shipped evaluations still run; loss recovered does not apply to synthetic data.
     assert {"fvu", "l0", "mmcs", "fraction_recovered"} <= set(written)
     assert "loss_recovered" not in written and math.isfinite(written["fvu"])
+    # Evaluated at steps 20 and 40: only the last evaluation's metrics are the run's.
+    assert "first_time_only" not in written
 
     (suite / "suite.yaml").write_text(yaml.safe_dump({"variants": {"gated": {}},
                                                       "metrics": ["mean_input_norm"]}))
