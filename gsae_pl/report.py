@@ -303,10 +303,10 @@ def write_report(suite_dir: Path, wall_seconds: float | None = None) -> Path:
     unfinished = sorted(set(unfinished) - {f["run"] for f in failures})
     if not rows and not failures and not unfinished:
         raise UserError(f"{suite_dir} holds no runs (nothing under runs/ or failed/)")
+    figures, plotted = suite_figures(suite_dir), suite_metrics(suite_dir)  # before writing
     write_results_csv(suite_dir, rows)
     title = f"{suite_dir.resolve().name}: {_tokens_text(rows)}"
-    figures = suite_figures(suite_dir)
-    plots = write_plots(suite_dir, rows, title, figures, suite_metrics(suite_dir))
+    plots = write_plots(suite_dir, rows, title, figures, plotted)
     lines = [f"# Ablation suite `{suite_dir.resolve().name}`", "",
              _intro(rows, failures, unfinished, wall_seconds), "", "## Provenance", ""]
     lines += provenance.suite_header(provenance.read_records(suite_dir, [r["run"] for r in rows]))

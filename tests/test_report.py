@@ -318,3 +318,4 @@ def test_bad_suite_metrics_are_refused(lm_suite, metrics):
                                                          "metrics": metrics}))
     with pytest.raises(UserError, match="metric"):
         write_report(lm_suite)
+    assert not (lm_suite / "results.csv").exists()  # refused before anything is written
