@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from gsae_pl import allocator  # noqa: E402
 from gsae_pl.config import load_config  # noqa: E402
 from gsae_pl.data.transformer_lens import build_lm_source  # noqa: E402
-from gsae_pl.lm_eval import ce_sums  # noqa: E402
+from gsae_pl.eval.lm_eval import ce_sums  # noqa: E402
 
 
 class _Stop(Exception):
@@ -93,9 +93,9 @@ def main() -> int:
 
     allocator.configure()  # as every gsae_pl command does (gsae_pl/allocator.py)
     start = time.perf_counter()
-    cfg = load_config(ROOT / "configs/data/smollm2.yaml", ["trainer.accelerator=cpu",
-                                                           f"eval.lm_contexts={args.windows}",
-                                                           "eval.rows=256"])
+    cfg = load_config(ROOT / "configs/data/smollm2.yaml",
+                      ["trainer.accelerator=cpu", f"eval.loss_recovered.contexts={args.windows}",
+                       "eval.rows=256"])
     source = build_lm_source(cfg)
     result = {"load_avg_start": os.getloadavg(), "torch_threads": torch.get_num_threads(),
               "source_build_s": round(time.perf_counter() - start, 1),

@@ -145,9 +145,17 @@ class ResampleConfig:
 
 @dataclass
 class EvalConfig:
+    """What every evaluation shares. Each registered evaluation adds its block `eval.<name>`
+    (gsae_pl/eval/), so the schema is assembled when a config is made, not here."""
+
     rows: int = 16384
     every_n_steps: int = 1000
-    lm_contexts: int = 64  # held-out windows for loss recovered (LM sources; 0: off)
+
+
+def _eval_config() -> EvalConfig:
+    from gsae_pl.eval import eval_schema  # here: the evaluations import this module
+
+    return eval_schema(EvalConfig)()
 
 
 @dataclass
@@ -194,7 +202,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     resample: ResampleConfig = field(default_factory=ResampleConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: EvalConfig = field(default_factory=_eval_config)
     log: LogConfig = field(default_factory=LogConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -208,6 +216,7 @@ ALIASES: dict[str, str] = {
     # The sparsity term's coefficient and warm-up live in its own block, like every term's.
     "loss.l1_coefficient": "loss.sparsity.coefficient",
     "loss.l1_warmup_steps": "loss.sparsity.warmup_steps",
+    "eval.lm_contexts": "eval.loss_recovered.contexts",  # evaluations are plug-ins (eval/)
 }
 
 

@@ -30,7 +30,8 @@ POSITIVE = ("sae.d_sae", "data.batch_size", "data.normalize_rows", "eval.rows",
             "data.synthetic.avg_active", "data.synthetic.group_size", "trainer.num_nodes",
             "resample.every_n_steps", "resample.window_steps", "resample.encoder_scale",
             "resample.lr_return_steps")
-NON_NEGATIVE = ("eval.lm_contexts", "optim.warmup_steps", "data.synthetic.magnitude_noise",
+NON_NEGATIVE = ("eval.loss_recovered.contexts", "optim.warmup_steps",
+                "data.synthetic.magnitude_noise",
                 "data.synthetic.frequency_exponent", "data.synthetic.correlated_groups",
                 "resample.max_resamples")
 UNIT_INTERVAL = ("optim.beta1", "optim.beta2", "log.dense_threshold",

@@ -66,6 +66,28 @@ def run_dir_of(cfg: DictConfig) -> Path:
     return Path(cfg.output.dir) / cfg.output.name
 
 
+class EvaluatedStep(L.Callback):
+    """The step of the latest held-out evaluation in this process (-1: none yet), so that
+    `fit` knows whether Lightning's logged metrics already score the final weights."""
+
+    step = -1
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        # Lightning keeps every key ever logged in callback_metrics: drop the previous
+        # evaluation's, so a metric this one does not yield cannot pass for its own.
+        for key in [k for k in trainer.callback_metrics if k.startswith("val/")]:
+            del trainer.callback_metrics[key]
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self.step = trainer.global_step
+
+
+def held_out(logged) -> dict[str, float]:
+    """The held-out metrics among Lightning's logged ones: `val/<name>` -> name."""
+    return {key.removeprefix("val/"): float(value) for key, value in logged.items()
+            if key.startswith("val/")}
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     logger = TensorBoardLogger(save_dir=str(run_dir.parent), name=run_dir.name, version="",
                                default_hp_metric=False)
@@ -84,7 +106,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
             **OmegaConf.to_container(cfg.trainer),
             default_root_dir=run_dir,  # not the cwd, which a suite's runs share
             logger=logger,
-            callbacks=[checkpoints, monitor, RNGState(), preemption],
+            callbacks=[checkpoints, monitor, RNGState(), preemption, EvaluatedStep()],
             plugins=[AtomicCheckpointIO(), *slurm],
             val_check_interval=min(cfg.eval.every_n_steps, cfg.trainer.max_steps),
             check_val_every_n_epoch=None,
@@ -138,7 +160,7 @@ def fit(cfg: DictConfig, fresh: bool = False, resume_from: Path | None = None) -
     if fresh and run_dir.exists() and trainer.is_global_zero:
         remove_run_outputs(run_dir)  # only what a run wrote: a user's own files stay
     L.seed_everything(cfg.seed, verbose=False)
-    module = SAEModule(OmegaConf.to_container(cfg), datamodule.d_in)
+    module = SAEModule(OmegaConf.to_container(cfg), datamodule.d_in, datamodule.source)
     # On resume the checkpoint overwrites norm_scale and b_dec with the run's own values.
     module.prepare_from_sample(datamodule.sample_rows(cfg.data.normalize_rows))
     if trainer.is_global_zero:
@@ -151,13 +173,7 @@ def fit(cfg: DictConfig, fresh: bool = False, resume_from: Path | None = None) -
     with sigterm_as_preempted(trainer), ends_other_processes_on_error(trainer):
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     seconds = time.perf_counter() - start
-    if module.evaluated_at_step != trainer.global_step:  # the final weights, held out
-        # last.ckpt holds them (StepCheckpoint); with no path, Lightning under SLURM would
-        # load an hpc_ckpt_N.ckpt if one lay in default_root_dir.
-        with sigterm_as_preempted(trainer):
-            trainer.validate(module, datamodule=datamodule, verbose=False,
-                             ckpt_path=latest_checkpoint(run_dir))
-    metrics = dict(module.final_metrics)
+    metrics = final_evaluation(trainer, module, datamodule, run_dir)
     metrics.update(steps=trainer.global_step, seconds=round(seconds, 2),
                    tokens=trainer.global_step * cfg.data.batch_size,  # the global batch
                    norm_scale=float(module.norm_scale))
@@ -173,6 +189,21 @@ def fit(cfg: DictConfig, fresh: bool = False, resume_from: Path | None = None) -
         print(summary_table(run_dir, metrics))
     leave_process_group()
     return metrics
+
+
+def final_evaluation(trainer: L.Trainer, module: SAEModule, datamodule: SAEDataModule,
+                     run_dir: Path) -> dict[str, float]:
+    """The held-out metrics of the final weights, as Lightning returns them: those training
+    logged if its last evaluation was at the final step, else a validation run now."""
+    evaluated = next(c for c in trainer.callbacks if isinstance(c, EvaluatedStep))
+    if evaluated.step == trainer.global_step:
+        return held_out(trainer.callback_metrics)
+    # last.ckpt holds the final weights (StepCheckpoint); with no path, Lightning under
+    # SLURM would load an hpc_ckpt_N.ckpt if one lay in default_root_dir.
+    with sigterm_as_preempted(trainer):
+        results = trainer.validate(module, datamodule=datamodule, verbose=False,
+                                   ckpt_path=latest_checkpoint(run_dir))
+    return held_out(results[0])
 
 
 def leave_process_group() -> None:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from gsae_pl.config import from_saved
-from gsae_pl.data.synthetic import fraction_recovered, mmcs
+from gsae_pl.eval import build_evaluators
 from gsae_pl.losses import Objective
 from gsae_pl.metrics import FeatureDensity, ReconstructionMetrics, density_summary, log10_density
 from gsae_pl.resample import Resampler, lr_multiplier
@@ -19,9 +19,12 @@ from gsae_pl.saes import build_sae
 
 
 class SAEModule(L.LightningModule):
-    def __init__(self, cfg: dict, d_in: int):
+    def __init__(self, cfg: dict, d_in: int, source=None):
+        """`source`: the run's ActivationSource, which the held-out evaluations read (true
+        features, the LM); None builds only those that need no source."""
         super().__init__()
-        self.save_hyperparameters()  # the resolved config travels inside every checkpoint
+        # The resolved config travels inside every checkpoint; the data source does not.
+        self.save_hyperparameters(ignore=["source"])
         # A checkpoint's config may predate renamed or added keys: read it in today's schema.
         self.cfg = from_saved(cfg, "the checkpoint's config")
         self.objective = Objective.from_config(self.cfg.loss)
@@ -29,10 +32,9 @@ class SAEModule(L.LightningModule):
         # One scalar so that E||x||^2 = d_in (docs/method.md sec. 4); set by `prepare_from_sample`.
         self.register_buffer("norm_scale", torch.tensor(1.0))
         d_sae = self.cfg.sae.d_sae
-        self.train_recon, self.val_recon = ReconstructionMetrics(d_in), ReconstructionMetrics(d_in)
-        self.train_density, self.val_density = FeatureDensity(d_sae), FeatureDensity(d_sae)
-        self.final_metrics: dict[str, float] = {}  # from the latest held-out evaluation
-        self.evaluated_at_step = -1
+        self.train_recon = ReconstructionMetrics(d_in)
+        self.train_density = FeatureDensity(d_sae)
+        self.evaluators = build_evaluators(self.cfg, d_in, source)  # gsae_pl/eval/
 
     @torch.no_grad()
     def prepare_from_sample(self, sample: Tensor) -> None:
@@ -114,51 +116,20 @@ class SAEModule(L.LightningModule):
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         x = batch * self.norm_scale
         x_hat, enc = self.sae(x)
-        self.val_recon.update(x, x_hat, enc.fired)
-        self.val_density.update(enc.fired, x.shape[0])
+        for evaluator in self.evaluators.values():
+            evaluator.update(x, x_hat, enc)
 
     def on_validation_epoch_end(self) -> None:
-        values = dict(self.val_recon.compute())
-        values.update(self._log_histogram("val", self.val_density.compute()))
-        values.update(self._ground_truth_scores())
-        values.update(self._loss_recovered())
-        # Already reduced across processes by the metrics themselves: no sync_dist.
-        self.log_dict({f"val/{k}": torch.as_tensor(v, dtype=torch.float32)
+        values = {}
+        for evaluator in self.evaluators.values():
+            values.update(evaluator.compute(self))
+        # Already reduced across processes by the evaluators: no sync_dist. float64, so the
+        # values fit reads back from Lightning (trainer.callback_metrics, validate's return)
+        # are the computed ones; TensorBoard stores float32 either way.
+        self.log_dict({f"val/{k}": torch.as_tensor(v, dtype=torch.float64)
                        for k, v in values.items()})
-        self.final_metrics = {name: float(v) for name, v in values.items()}
-        self.evaluated_at_step = self.global_step
-        self.val_recon.reset()
-        self.val_density.reset()
-
-    def _loss_recovered(self) -> dict[str, float]:
-        """CE with the SAE spliced into the LM on held-out windows (LM sources only)."""
-        source = getattr(getattr(self.trainer, "datamodule", None), "source", None)
-        lm = getattr(source, "lm", None)
-        if lm is None or self.cfg.eval.lm_contexts == 0:
-            return {}
-        from gsae_pl import lm_eval
-
-        rank, world = self.trainer.global_rank, self.trainer.world_size
-        tokens, documents = lm.heldout_windows(self.cfg.eval.lm_contexts)
-        # One document numbering for every process, made before the windows are dealt out
-        # (disjoint shares), so the processes' sums add up (lm_eval.py).
-        _, documents = documents.unique(return_inverse=True)
-        n_documents = int(documents.max()) + 1
-        # The spliced activation is the reconstruction on the raw scale: x_hat / norm_scale.
-        sums = lm_eval.ce_sums(lm, tokens[rank::world],
-                               lambda x: self(x.to(self.device))[0] / self.norm_scale,
-                               documents[rank::world], n_documents)
-        sums = self.trainer.strategy.reduce(sums.to(self.device), reduce_op="sum")
-        return lm_eval.loss_recovered(sums.cpu())
-
-    def _ground_truth_scores(self) -> dict[str, float]:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        truth = getattr(getattr(datamodule, "source", None), "true_features", None)
-        if truth is None:
-            return {}
-        W_dec = self.sae.W_dec.detach()
-        truth = truth.to(W_dec)
-        return {"mmcs": mmcs(truth, W_dec), "fraction_recovered": fraction_recovered(truth, W_dec)}
+        for evaluator in self.evaluators.values():
+            evaluator.reset()
 
     # ---- logging helpers -------------------------------------------------------------
     def _log_step(self) -> int:

@@ -21,17 +21,24 @@ import yaml
 
 from gsae_pl import provenance, uncertainty
 from gsae_pl.cli import ArgumentParser, run_main
+from gsae_pl.config import migrate
 from gsae_pl.curves import common_l0s, interpolate_at_l0, l0_needed
 from gsae_pl.errors import UserError
 from gsae_pl.io import atomic_write_text
-from gsae_pl.report_plots import L0_FLOOR, by_variant, variant_curve, write_plots
+from gsae_pl.report_plots import DEFAULT_METRICS, L0_FLOOR, by_variant, variant_curve, write_plots
+from gsae_pl.suite import SPARSITY_KEY, check_metrics, sweep_label
 
-# results.csv columns: the ones a reader compares first, then those only some data has.
-MAIN_COLUMNS = ("variant", "l1_coefficient", "seed", "l0", "fvu", "loss_recovered",
-                "loss_recovered_se", "delta_lm_loss", "delta_lm_loss_se",
-                "relative_reconstruction_bias", "dead_fraction", "steps", "seconds")
-EXTRA_COLUMNS = ("mmcs", "fraction_recovered", "tokens", "run")
-COLUMNS = MAIN_COLUMNS + EXTRA_COLUMNS
+# Table and results.csv columns: HEAD (the ones a reader compares first, then those only some
+# data has), every other numeric metric a run wrote (by name), then TAIL. HEAD keeps the
+# columns of reports made before any evaluation could add metrics, in their order.
+HEAD = ("variant", "swept", "value", "seed", "l0", "fvu", "loss_recovered",
+        "loss_recovered_se", "delta_lm_loss", "delta_lm_loss_se",
+        "relative_reconstruction_bias", "dead_fraction", "steps", "seconds", "mmcs",
+        "fraction_recovered", "tokens")
+TAIL = ("run",)
+# From config.yaml and the folder: `swept` labels the key the suite swept for the run
+# (output.sweep; `l1`, the sparsity coefficient, by default) and `value` is its value.
+IDENTITY = ("variant", "swept", "value", "seed", "run")
 
 
 # ---------------------------------------------------------------- reading the suite
@@ -62,10 +69,14 @@ def read_run(run_dir: Path) -> dict | None:
     cfg = _read(run_dir / "config.yaml", yaml.safe_load) if (run_dir / "config.yaml").exists() \
         else {}
     cfg = cfg or {}
-    row = {column: metrics.get(column) for column in COLUMNS}
+    row = {column: metrics.get(column) for column in HEAD}
+    row.update({key: value for key, value in metrics.items()
+                if key not in row and key not in IDENTITY and _is_number(value)})
     # output.variant is set by ablate; a hand-made run falls back to its architecture.
     row["variant"] = _get(cfg, "output.variant") or _get(cfg, "sae.architecture") or "unknown"
-    row["l1_coefficient"] = _get(cfg, "loss.l1_coefficient")
+    cfg = migrate(cfg, str(run_dir / "config.yaml"))  # a run made before a key moved
+    key = _get(cfg, "output.sweep") or SPARSITY_KEY
+    row["swept"], row["value"] = sweep_label(key), _get(cfg, key)
     row["seed"] = _get(cfg, "seed")
     row["run"] = run_dir.name
     return row
@@ -75,25 +86,34 @@ def _bad_metrics(metrics) -> str | None:
     """Why `metrics` (parsed metrics.json) cannot make a results row; None if it can."""
     if not isinstance(metrics, dict):
         return f"it holds a JSON {type(metrics).__name__}, not an object"
-    for column in COLUMNS:
-        if column in ("variant", "l1_coefficient", "seed", "run"):
+    for column in HEAD:
+        if column in IDENTITY:
             continue  # taken from config.yaml and the folder name, not from metrics.json
         value = metrics.get(column)
-        if value is not None and (isinstance(value, bool) or
-                                  not isinstance(value, (int, float))):
+        if value is not None and not _is_number(value):
             return f"{column} is {value!r}, not a number"
     return None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def columns(rows: list[dict]) -> list[str]:
+    """HEAD, the other metrics some row has (sorted by name: stable across reruns), TAIL."""
+    rest = sorted({key for row in rows for key in row} - set(HEAD) - set(TAIL))
+    return [*HEAD, *rest, *TAIL]
 
 
 def _sort_key(row: dict):
     # None sorts first rather than raising, so one odd config cannot stop the report.
     def num(value):
         return (value is not None, value if value is not None else 0)
-    return (row["variant"], num(row["l1_coefficient"]), num(row["seed"]), row["run"])
+    return (row["variant"], row["swept"], num(row["value"]), num(row["seed"]), row["run"])
 
 
 def load_rows(suite_dir: Path) -> tuple[list[dict], list[str]]:
-    """(finished runs' rows sorted by variant, l1 coefficient, seed; names of unfinished runs)."""
+    """(finished runs' rows sorted by variant, swept value, seed; names of unfinished runs)."""
     runs = sorted(p for p in (suite_dir / "runs").glob("*") if p.is_dir())
     rows, unfinished = [], []
     for run_dir in runs:
@@ -102,6 +122,9 @@ def load_rows(suite_dir: Path) -> tuple[list[dict], list[str]]:
             unfinished.append(run_dir.name)
         else:
             rows.append(row)
+    # Every row gets every column (None: the run did not write it), so readers index freely.
+    shown = columns(rows)
+    rows = [{column: row.get(column) for column in shown} for row in rows]
     return sorted(rows, key=_sort_key), unfinished
 
 
@@ -131,10 +154,11 @@ def fmt(value) -> str:
 
 def write_results_csv(suite_dir: Path, rows: list[dict]) -> Path:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    shown = columns(rows)
+    writer = csv.DictWriter(buffer, fieldnames=shown, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: "" if row[k] is None else row[k] for k in COLUMNS})
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in shown})
     path = suite_dir / "results.csv"
     atomic_write_text(path, buffer.getvalue())
     return path
@@ -178,7 +202,7 @@ def pareto_summary(rows: list[dict]) -> list[str]:
         body = [[v, str(len(c)), f"{fmt(c[0][0])} - {fmt(c[-1][0])}" if c else ""]
                 + [_cell(groups[v], metric, _at(x)) for x in targets]
                 for v, c in curves.items()]
-        lines += ["", f"**{metric}** (mean over seeds per coefficient, interpolated linearly "
+        lines += ["", f"**{metric}** (mean over seeds per swept value, interpolated linearly "
                       "in log L0; blank where the variant's runs do not bracket that L0"
                       f"{BAND_NOTE}):", ""]
         lines += _markdown_table(header, body)
@@ -200,12 +224,12 @@ SPREAD_METRICS = ("l0", "fvu", "loss_recovered", "relative_reconstruction_bias")
 
 
 def seed_spread_section(rows: list[dict]) -> list[str]:
-    """Mean ± sample SD over seeds, for every coefficient that has 2 or more seeds."""
+    """Mean ± sample SD over seeds, for every swept value that has 2 or more seeds."""
     body = uncertainty.seed_spread_rows(rows, SPREAD_METRICS, fmt)
     if not body:
-        return ["", "every coefficient has one seed: no seed spread to show"]
+        return ["", "every swept value has one seed: no seed spread to show"]
     return ["", "Mean ± sample standard deviation over seeds (n - 1 denominator):", ""] + \
-        _markdown_table(["variant", "l1_coefficient", "seeds"] + list(SPREAD_METRICS), body)
+        _markdown_table(["variant", "swept", "value", "seeds"] + list(SPREAD_METRICS), body)
 
 
 def comparison_section(rows: list[dict]) -> list[str]:
@@ -284,15 +308,16 @@ def write_report(suite_dir: Path, wall_seconds: float | None = None) -> Path:
     unfinished = sorted(set(unfinished) - {f["run"] for f in failures})
     if not rows and not failures and not unfinished:
         raise UserError(f"{suite_dir} holds no runs (nothing under runs/ or failed/)")
+    figures, plotted = suite_figures(suite_dir), suite_metrics(suite_dir)  # before writing
     write_results_csv(suite_dir, rows)
     title = f"{suite_dir.resolve().name}: {_tokens_text(rows)}"
-    figures = suite_figures(suite_dir)
-    plots = write_plots(suite_dir, rows, title, figures)
+    plots = write_plots(suite_dir, rows, title, figures, plotted)
     lines = [f"# Ablation suite `{suite_dir.resolve().name}`", "",
              _intro(rows, failures, unfinished, wall_seconds), "", "## Provenance", ""]
     lines += provenance.suite_header(provenance.read_records(suite_dir, [r["run"] for r in rows]))
     lines += ["", "## Results", ""]
-    lines += _markdown_table(list(COLUMNS), [[fmt(r[c]) for c in COLUMNS] for r in rows])
+    shown = columns(rows)
+    lines += _markdown_table(shown, [[fmt(r.get(c)) for c in shown] for r in rows])
     lines += ["", "## Seed spread"] + seed_spread_section(rows)
     lines += ["", "## Pareto summary"] + (pareto_summary(rows) or ["", "no curve to read"])
     lines += ["", "## Gated vs baseline"] + comparison_section(rows)
@@ -307,12 +332,23 @@ def write_report(suite_dir: Path, wall_seconds: float | None = None) -> Path:
     return path
 
 
-def suite_figures(suite_dir: Path) -> dict[str, list[str]]:
-    """The focused figures the suite file names (`figures:`), from the copy of it that
-    ablate keeps in the suite directory; none without one."""
+def _suite_spec(suite_dir: Path) -> dict:
+    """The suite file, from the copy of it that ablate keeps in the suite directory; {}
+    without one."""
     path = suite_dir / "suite.yaml"
     spec = _read(path, yaml.safe_load) if path.is_file() else None
-    return dict((spec or {}).get("figures") or {})
+    return spec if isinstance(spec, dict) else {}
+
+
+def suite_figures(suite_dir: Path) -> dict[str, list[str]]:
+    """The focused figures the suite file names (`figures:`); none without one."""
+    return dict(_suite_spec(suite_dir).get("figures") or {})
+
+
+def suite_metrics(suite_dir: Path) -> tuple[str, ...]:
+    """The metrics the suite file plots against L0 (`metrics:`), else DEFAULT_METRICS."""
+    path = suite_dir / "suite.yaml"
+    return check_metrics(path, _suite_spec(suite_dir).get("metrics")) or DEFAULT_METRICS
 
 
 def _main(args: argparse.Namespace) -> int:

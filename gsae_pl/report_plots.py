@@ -1,6 +1,7 @@
-"""The suite report's figures: each metric against L0 (log axis), one colour and marker per
+"""The suite report's figures: each plotted metric against L0 (log axis; which metrics: the
+suite file's `metrics:`, else DEFAULT_METRICS), one colour and marker per
 variant, a point per run and a line through the seed means (gsae_pl/report.py). Error bars:
-on the line, the sample SD over seeds at each coefficient (where there are 2 or more); on
+on the line, the sample SD over seeds at each swept value (where there are 2 or more); on
 each loss-recovered point, its held-out standard error. Gamma plots mark gamma = 1 (no
 shrinkage).
 
@@ -29,23 +30,24 @@ LABELS = {
     "relative_reconstruction_bias": "gamma (relative reconstruction bias)",
     "mmcs": "MMCS (mean max cosine similarity to true features)",
 }
-# (file stem, y metric); x is always L0. gamma_vs_l0 keeps the issue's name.
-PLOTS = (("l0_vs_loss_recovered", "loss_recovered"), ("l0_vs_fvu", "fvu"),
-         ("gamma_vs_l0", "relative_reconstruction_bias"), ("l0_vs_mmcs", "mmcs"))
+# The y metrics plotted when the suite file names none; x is always L0.
+DEFAULT_METRICS = ("loss_recovered", "fvu", "relative_reconstruction_bias", "mmcs")
+# A plot's file is l0_vs_<metric>.png, except these (gamma_vs_l0 keeps the issue's name).
+STEMS = {"relative_reconstruction_bias": "gamma_vs_l0"}
 MARKERS = "osD^vP*X<>hp"
 
 
 def _seed_groups(rows: list[dict], metric: str) -> list[list[dict]]:
-    """A variant's rows that have `metric` and L0, grouped by coefficient (one per seed)."""
+    """A variant's rows that have `metric` and L0, grouped by swept value (one per seed)."""
     groups: dict = {}
     for row in rows:
-        if row[metric] is not None and row["l0"] is not None:
-            groups.setdefault(row["l1_coefficient"], []).append(row)
+        if row.get(metric) is not None and row["l0"] is not None:
+            groups.setdefault(row["value"], []).append(row)
     return list(groups.values())
 
 
 def variant_curve(rows: list[dict], metric: str) -> list[tuple[float, float]]:
-    """One variant's (L0, metric) points, the mean over seeds at each coefficient, by L0.
+    """One variant's (L0, metric) points, the mean over seeds at each swept value, by L0.
     L0 is clipped at L0_FLOOR so the curve can live on a log axis."""
     curve = []
     for group in _seed_groups(rows, metric):
@@ -67,7 +69,7 @@ def seed_sd_curve(rows: list[dict], metric: str) -> list[float]:
 def by_variant(rows: list[dict]) -> dict[str, list[dict]]:
     """Rows grouped by variant, variants in sorted order (which also fixes their colours)."""
     groups: dict[str, list[dict]] = {}
-    for row in rows:  # load_rows sorted them by variant, coefficient, seed
+    for row in rows:  # load_rows sorted them by variant, swept value, seed
         groups.setdefault(row["variant"], []).append(row)
     return dict(sorted(groups.items()))
 
@@ -90,7 +92,7 @@ def plot_metric(rows: list[dict], metric: str, title: str, style: dict[str, tupl
     ax = fig.add_subplot()
     for variant, group in by_variant(rows).items():
         points = [(max(r["l0"], L0_FLOOR), r[metric]) for r in group
-                  if r[metric] is not None and r["l0"] is not None]
+                  if r.get(metric) is not None and r["l0"] is not None]
         if not points:
             continue
         colour, marker = style[variant]
@@ -109,7 +111,7 @@ def plot_metric(rows: list[dict], metric: str, title: str, style: dict[str, tupl
     ax.set_xscale("log")
     clipped = any(r["l0"] is not None and r["l0"] < L0_FLOOR for r in rows)
     ax.set_xlabel(LABELS["l0"] + (f"; L0 < {L0_FLOOR} drawn at {L0_FLOOR}" if clipped else ""))
-    ax.set_ylabel(LABELS[metric])
+    ax.set_ylabel(LABELS.get(metric, metric))
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
@@ -118,22 +120,27 @@ def plot_metric(rows: list[dict], metric: str, title: str, style: dict[str, tupl
     return buffer.getvalue()
 
 
+def plot_stem(metric: str) -> str:
+    return STEMS.get(metric, f"l0_vs_{metric}")
+
+
 def write_plots(suite_dir: Path, rows: list[dict], title: str,
-                figures: dict[str, list[str]] | None = None) -> dict[str, list[Path]]:
-    """Every metric some run has, over all variants (group "") and over each named group of
-    `figures` (files `<group>_<stem>.png`). Files of plots not made this time are removed,
-    so the folder never shows a figure from an earlier state of the suite."""
+                figures: dict[str, list[str]] | None = None,
+                metrics: tuple[str, ...] = DEFAULT_METRICS) -> dict[str, list[Path]]:
+    """Each of `metrics` that some run has, over all variants (group "") and over each named
+    group of `figures` (files `<group>_<stem>.png`). Files of plots not made this time are
+    removed, so the folder never shows a figure from an earlier state of the suite."""
     style = styles(list({r["variant"] for r in rows}))
     groups = {"": rows}
     groups.update({name: [r for r in rows if r["variant"] in members]
                    for name, members in (figures or {}).items()})
     written: dict[str, list[Path]] = {}
     for name, group in groups.items():
-        for stem, metric in PLOTS:
-            if not any(r[metric] is not None and r["l0"] is not None for r in group):
+        for metric in metrics:
+            if not any(r.get(metric) is not None and r["l0"] is not None for r in group):
                 continue
             png = plot_metric(group, metric, f"{title}{f' ({name})' if name else ''}", style)
-            path = suite_dir / "plots" / f"{name + '_' if name else ''}{stem}.png"
+            path = suite_dir / "plots" / f"{name + '_' if name else ''}{plot_stem(metric)}.png"
             atomic_write(path, lambda fh, png=png: fh.write(png))
             written.setdefault(name, []).append(path)
     kept = {p for paths in written.values() for p in paths}

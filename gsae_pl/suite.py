@@ -18,6 +18,7 @@ on which shared settings.
       orth: {config: gated.yaml, sweep: {loss.orthogonality.coefficient: [0.1, 1.0]}}
     figures:                            # optional: focused report plots, name -> variants
       main: [gated, baseline]
+    metrics: [loss_recovered, fvu]      # optional: the metrics the report plots against L0
 
 A variant sweeps exactly one key: `grid: NAME`, `l1_coefficient: [...]` (the sparsity
 coefficient) or `sweep: {dotted.key: [...]}`. Its runs are named
@@ -46,7 +47,7 @@ from gsae_pl.run_dir import check_name
 from gsae_pl.yaml_io import DuplicateKeyError, safe_load_unique_keys
 
 SUITE_KEYS = {"name", "output_dir", "seeds", "configs", "overrides", "presets", "grids",
-              "variants", "figures"}
+              "variants", "figures", "metrics"}
 VARIANT_KEYS = {"config", "grid", "l1_coefficient", "sweep", "seeds", "presets", "overrides"}
 # The key a plain list of values sweeps, and its label in run names (`gated_l1-0.05_seed0`).
 SPARSITY_KEY, SPARSITY_LABEL = "loss.sparsity.coefficient", "l1"
@@ -79,6 +80,7 @@ class Suite:
     path: Path
     output_dir: Path
     runs: tuple[Run, ...]
+    metrics: tuple[str, ...] | None = None  # plotted against L0; None: the report's default
 
     @property
     def variants(self) -> list[str]:
@@ -124,7 +126,7 @@ def load_suite(path: str | Path, cli_overrides: list[str] = ()) -> Suite:
     _check_distinct_runs(path, runs)
     _check_figures(path, spec.get("figures"), set(variants))
     return Suite(name=str(spec.get("name") or path.stem), path=path, output_dir=output_dir,
-                 runs=tuple(runs))
+                 runs=tuple(runs), metrics=check_metrics(path, spec.get("metrics")))
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,19 @@ def _check_figures(path: Path, figures, variants: set) -> None:
                             f"suite's variants ({', '.join(sorted(variants))})")
 
 
+def check_metrics(path: Path, metrics) -> tuple[str, ...] | None:
+    """`metrics:` names metrics.json keys (letters, digits, _), each once; None if absent."""
+    if metrics is None:
+        return None
+    if not isinstance(metrics, list) or not metrics or not all(
+            isinstance(m, str) and m.isidentifier() for m in metrics):
+        raise UserError(f"{path}: metrics must be a non-empty list of metric names (letters, "
+                        "digits, _), e.g. metrics: [loss_recovered, fvu]")
+    if len(set(metrics)) != len(metrics):
+        raise UserError(f"{path}: metrics {metrics!r} names a metric twice: list each once")
+    return tuple(metrics)
+
+
 def _read(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"suite file {path} not found: pass an existing YAML file to --suite "
@@ -216,7 +231,7 @@ def _expand(shared: _Shared, variant: str, entry: dict) -> list[Run]:
     if any(item.partition("=")[0] == key for item in own):
         raise UserError(f"{where}: {key} is the key this variant sweeps: set its values in the "
                         "variant's grid or sweep, not in overrides")
-    label = SPARSITY_LABEL if key == SPARSITY_KEY else key.partition(".")[2] or key
+    label = sweep_label(key)
     runs = []
     for value in values:
         for seed in seeds:
@@ -231,6 +246,14 @@ def _expand(shared: _Shared, variant: str, entry: dict) -> list[Run]:
             runs.append(Run(variant, key, value, int(seed), tuple(config_paths),
                             tuple(own + run_keys), cfg))
     return runs
+
+
+def sweep_label(key: str | None) -> str:
+    """How run names and reports show a swept key: `l1` for the sparsity coefficient (and a
+    run without a recorded sweep), else the key without its section (`sae.k` -> `k`)."""
+    if key in (None, SPARSITY_KEY):
+        return SPARSITY_LABEL
+    return key.partition(".")[2] or key
 
 
 def _variant_files(path: Path, where: str, variant: str, entry: dict) -> list[Path]:

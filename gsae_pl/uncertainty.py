@@ -2,10 +2,10 @@
 gated-vs-baseline difference is resolved (gsae_pl/report.py).
 
 - Seed spread is the sample standard deviation over seeds (n - 1 denominator), shown as
-  "mean ± sd" wherever a variant has 2 or more seeds at one coefficient.
+  "mean ± sd" wherever a variant has 2 or more seeds at one swept value.
 - A value read off a curve (a metric at an L0, the L0 needed for a loss recovered) is also
   read off each seed's own curve; the band is the min - max of those per-seed values.
-- SE is the held-out standard error of loss recovered (gsae_pl/lm_eval.py: clustered by
+- SE is the held-out standard error of loss recovered (gsae_pl/eval/lm_eval.py: clustered by
   held-out document), mean over seeds: how far another held-out set could move that one
   number. It is shown, but it does not enter a comparison: every run of a suite is
   measured on the same held-out windows, so held-out sampling moves gated and baseline
@@ -64,16 +64,16 @@ def spread_text(values: list[float], fmt: Callable) -> str:
 
 
 def seed_spread_rows(rows: list[dict], metrics: tuple[str, ...], fmt: Callable) -> list[list]:
-    """[variant, l1, seeds, "mean ± sd" per metric] where a coefficient has 2+ seeds."""
+    """[variant, swept, value, seeds, "mean ± sd" per metric] where a value has 2+ seeds."""
     groups: dict = {}
     for row in rows:
-        groups.setdefault((row["variant"], row["l1_coefficient"]), []).append(row)
+        groups.setdefault((row["variant"], row["swept"], row["value"]), []).append(row)
     body = []
-    for (variant, l1), group in groups.items():
+    for (variant, swept, value), group in groups.items():
         if len(group) < 2:
             continue
         cells = [spread_text([r[m] for r in group if r[m] is not None], fmt) for m in metrics]
-        body.append([variant, fmt(l1), str(len(group))] + cells)
+        body.append([variant, swept, fmt(value), str(len(group))] + cells)
     return body
 
 

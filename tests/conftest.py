@@ -15,9 +15,10 @@ def make_cfg(*overrides: str):
     """The schema's defaults plus dotted overrides, validated like a loaded config."""
     # Synthetic data unless a test names another source: the default (tiny_lm) builds an LM.
     dotlist = ["data.source=synthetic", *overrides]
-    # Old keys (config.ALIASES) mean what they mean on the command line.
-    layer = migrate(OmegaConf.to_container(OmegaConf.from_dotlist(dotlist)))
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), layer)
+    cfg = OmegaConf.structured(Config)
+    for item in dotlist:  # one at a time: the last wins, under an old key name or its new one
+        tree = OmegaConf.to_container(OmegaConf.from_dotlist([item]))
+        cfg = OmegaConf.merge(cfg, migrate(tree, "the overrides"))  # config.ALIASES
     validate(cfg)
     return cfg
 

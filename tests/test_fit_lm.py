@@ -25,7 +25,7 @@ def lm_args(tmp_path_factory):
     return ["--config", str(ROOT / "configs/base.yaml"), "data.source=transformer_lens",
             f"data.model={model}", f"data.dataset={corpus}", "data.context_size=16",
             "data.buffer_size=256", "data.batch_size=32", "data.lm_batch_size=8",
-            "data.normalize_rows=64", "eval.rows=64", "eval.lm_contexts=4",
+            "data.normalize_rows=64", "eval.rows=64", "eval.loss_recovered.contexts=4",
             "eval.every_n_steps=10", "trainer.max_steps=20", "log.every_n_steps=5",
             "log.histogram_every_n_steps=10", "checkpoint.every_n_steps=10", "sae.d_sae=64",
             "trainer.enable_progress_bar=false", "trainer.accelerator=cpu"]

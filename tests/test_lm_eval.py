@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gsae_pl import lm_eval
 from gsae_pl.data.transformer_lens import build_lm_source
+from gsae_pl.eval import lm_eval
 from tests.data.lm_fixtures import lm_cfg, write_text, write_tiny_gpt2
 
 
@@ -17,7 +17,7 @@ from tests.data.lm_fixtures import lm_cfg, write_text, write_tiny_gpt2
 def lm(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_lm")
     return build_lm_source(lm_cfg(write_tiny_gpt2(root / "model"), write_text(root / "corpus"),
-                                 "eval.lm_contexts=12"))
+                                 "eval.loss_recovered.contexts=12"))
 
 
 def test_perfect_reconstruction_recovers_everything_and_zeros_nothing(lm):
@@ -44,13 +44,13 @@ def test_raw_scale_reconstruction_through_the_module(lm):
     from gsae_pl.module import SAEModule
     from tests.conftest import make_cfg
 
-    module = SAEModule(dict(make_cfg("eval.lm_contexts=12")), lm.d_in)  # >1 document
+    cfg = make_cfg("eval.loss_recovered.contexts=12")  # >1 document
+    module = SAEModule(dict(cfg), lm.d_in, source=lm)
     module.norm_scale.fill_(3.7)
     module.sae.forward = lambda x: (x, None)
-    module._trainer = SimpleNamespace(  # just what `_loss_recovered` reads
-        datamodule=SimpleNamespace(source=lm), global_rank=0, world_size=1,
-        strategy=SimpleNamespace(reduce=lambda t, reduce_op: t))
-    metrics = module._loss_recovered()
+    module._trainer = SimpleNamespace(  # just what the evaluator reads
+        global_rank=0, world_size=1, strategy=SimpleNamespace(reduce=lambda t, reduce_op: t))
+    metrics = module.evaluators["loss_recovered"].compute(module)
     assert metrics["loss_recovered"] == pytest.approx(1.0, abs=1e-4)
     assert set(metrics) == {"ce_clean", "ce_spliced", "ce_zero", "loss_recovered",
                             "delta_lm_loss", "loss_recovered_se", "delta_lm_loss_se"}

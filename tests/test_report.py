@@ -11,11 +11,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from gsae_pl.errors import UserError
 from gsae_pl.report import (
-    COLUMNS,
+    HEAD,
+    columns,
     common_l0s,
     interpolate_at_l0,
     l0_needed,
+    load_rows,
     main,
     variant_curve,
     write_report,
@@ -76,12 +79,15 @@ def _csv(suite: Path) -> list[dict]:
 def test_results_csv_header_rows_and_order(lm_suite):
     write_report(lm_suite)
     header = (lm_suite / "results.csv").read_text().splitlines()[0]
-    assert header == ("variant,l1_coefficient,seed,l0,fvu,loss_recovered,loss_recovered_se,"
+    assert header == ("variant,swept,value,seed,l0,fvu,loss_recovered,loss_recovered_se,"
                       "delta_lm_loss,delta_lm_loss_se,"
                       "relative_reconstruction_bias,dead_fraction,steps,seconds,"
-                      "mmcs,fraction_recovered,tokens,run")
+                      "mmcs,fraction_recovered,tokens,"
+                      # every other metric the runs wrote, by name, then the run
+                      "ce_clean,ce_spliced,ce_zero,dense_fraction,mse,norm_scale,run")
     rows = _csv(lm_suite)
-    assert [(r["variant"], float(r["l1_coefficient"])) for r in rows] == sorted(LM_POINTS)
+    assert [(r["variant"], float(r["value"])) for r in rows] == sorted(LM_POINTS)
+    assert {r["swept"] for r in rows} == {"l1"}  # the sparsity coefficient: no output.sweep
     first = rows[0]  # baseline, 0.01
     assert float(first["l0"]) == 80.0 and float(first["loss_recovered"]) == 0.95
     assert float(first["delta_lm_loss"]) == pytest.approx(0.05)
@@ -107,9 +113,10 @@ def test_report_md_has_table_plots_pareto_and_failure(lm_suite):
     assert text.startswith("# Ablation suite `suite_lm`")
     assert "6 finished, 1 failed" in text and "25,600 tokens per run" in text
     assert "wall time 123 s" in text and "unfinished" not in text
-    assert "| " + " | ".join(COLUMNS) + " |" in text
-    assert "| baseline | 0.01 | 0 | 80 | 0.2625 | 0.95 | 0.004 | 0.05 | 0.01 | 0.995 | 0 | 100 |" \
-        " 1.5 |  |  | 25600 | baseline_l1-0.01_seed0 |" in text
+    assert "| " + " | ".join(HEAD) + " | ce_clean | ce_spliced | ce_zero | dense_fraction | " \
+        "mse | norm_scale | run |" in text
+    assert "| baseline | l1 | 0.01 | 0 | 80 | 0.2625 | 0.95 | 0.004 | 0.05 | 0.01 | 0.995 | 0 |" \
+        " 100 | 1.5 |  |  | 25600 | 3 | 3.05 | 4 | 0 | 0.1 | 1 | baseline_l1-0.01_seed0 |" in text
     assert "(1 run(s) affected)" in text  # gated at 0.1 has L0 = 0
     for stem in ("l0_vs_loss_recovered", "l0_vs_fvu", "gamma_vs_l0"):
         assert f"(plots/{stem}.png)" in text
@@ -161,9 +168,9 @@ def test_common_l0s_ignore_a_lone_outlier_curve():
 
 
 def test_variant_curve_means_over_seeds_and_clips_l0():
-    rows = [{"l1_coefficient": 0.1, "l0": 10.0, "fvu": 0.2}, {"l1_coefficient": 0.1, "l0": 30.0,
-            "fvu": 0.4}, {"l1_coefficient": 0.3, "l0": 0.0, "fvu": 0.9},
-            {"l1_coefficient": 0.3, "l0": 0.0, "fvu": None}]
+    rows = [{"value": 0.1, "l0": 10.0, "fvu": 0.2}, {"value": 0.1, "l0": 30.0,
+            "fvu": 0.4}, {"value": 0.3, "l0": 0.0, "fvu": 0.9},
+            {"value": 0.3, "l0": 0.0, "fvu": None}]
     assert variant_curve(rows, "fvu") == [(0.01, 0.9), (20.0, pytest.approx(0.3))]
 
 
@@ -230,7 +237,8 @@ def test_seed_spread_table_shows_mean_and_sd(seeded_suite):
     spread = _section(write_report(seeded_suite).read_text(), "Seed spread")
     assert "sample standard deviation over seeds" in spread
     # baseline 0.01: loss recovered 0.94, 0.95, 0.96 -> 0.95 ± 0.01; gamma 0.8, 0.9, 1.0
-    assert "| baseline | 0.01 | 3 | 80 ± 0 | 0.2625 ± 0.0025 | 0.95 ± 0.01 | 0.9 ± 0.1 |" in spread
+    assert "| baseline | l1 | 0.01 | 3 | 80 ± 0 | 0.2625 ± 0.0025 | 0.95 ± 0.01 | 0.9 ± 0.1 |" \
+        in spread
 
 
 def test_pareto_cells_carry_the_per_seed_band(seeded_suite):
@@ -278,3 +286,54 @@ def test_plots_with_seed_and_se_error_bars(seeded_suite):
     write_report(seeded_suite)
     for stem in ("l0_vs_loss_recovered", "gamma_vs_l0"):
         assert (seeded_suite / "plots" / f"{stem}.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_a_metric_some_runs_wrote_gets_a_column_after_the_head(lm_suite):
+    """Any numeric metric a run wrote is shown (by name, after the fixed head); blank for
+    the runs without it; non-numbers are left out, not fatal."""
+    run = lm_suite / "runs" / "gated_l1-0.01_seed0"
+    metrics = {**json.loads((run / "metrics.json").read_text()), "aardvark": 0.25,
+               "note": "a string"}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    text = write_report(lm_suite).read_text()
+    rows = _csv(lm_suite)
+    shown = list(rows[0])
+    assert shown[:len(HEAD)] == list(HEAD) and shown[len(HEAD)] == "aardvark"
+    assert shown[-1] == "run" and "note" not in shown
+    assert {r["run"]: r["aardvark"] for r in rows}["gated_l1-0.01_seed0"] == "0.25"
+    assert sum(r["aardvark"] == "" for r in rows) == 5
+    assert "| aardvark |" in text
+    assert columns([{"zz": 1.0}, {"aa": 2.0}]) == [*HEAD, "aa", "zz", "run"]
+
+
+def test_suite_metrics_choose_the_plots(lm_suite):
+    (lm_suite / "suite.yaml").write_text(yaml.safe_dump({"variants": {"gated": {}},
+                                                         "metrics": ["mse", "fvu"]}))
+    text = write_report(lm_suite).read_text()
+    plots = sorted(p.name for p in (lm_suite / "plots").glob("*.png"))
+    assert plots == ["l0_vs_fvu.png", "l0_vs_mse.png"]  # the default ones removed
+    assert "(plots/l0_vs_mse.png)" in text and "l0_vs_loss_recovered" not in text
+
+
+@pytest.mark.parametrize("metrics", [[], "fvu", ["fvu", "fvu"], ["val/fvu"], [3]])
+def test_bad_suite_metrics_are_refused(lm_suite, metrics):
+    (lm_suite / "suite.yaml").write_text(yaml.safe_dump({"variants": {"gated": {}},
+                                                         "metrics": metrics}))
+    with pytest.raises(UserError, match="metric"):
+        write_report(lm_suite)
+    assert not (lm_suite / "results.csv").exists()  # refused before anything is written
+
+
+def test_rows_and_curves_follow_the_key_the_suite_swept(tmp_path):
+    suite = tmp_path / "swept"
+    for k, l0 in ((64, 60.0), (16, 14.0), (32, 30.0)):
+        name = f"topk_d_sae-{k}_seed0"
+        run = suite / "runs" / name
+        run.mkdir(parents=True)
+        cfg = {"output": {"variant": "wide", "name": name, "sweep": "sae.d_sae"},
+               "loss": {"sparsity": {"coefficient": 0.1}}, "seed": 0, "sae": {"d_sae": k}}
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+        (run / "metrics.json").write_text(json.dumps(_lm_metrics(l0, 0.9)))
+    rows, _ = load_rows(suite)
+    assert [(r["swept"], r["value"], r["l0"]) for r in rows] == [
+        ("d_sae", 16, 14.0), ("d_sae", 32, 30.0), ("d_sae", 64, 60.0)]

@@ -18,6 +18,8 @@ RENAMED: dict[str, str] = {
     # (config.ALIASES keeps the old keys working)
     "loss.l1_coefficient": "loss.sparsity.coefficient",
     "loss.l1_warmup_steps": "loss.sparsity.warmup_steps",
+    # Evaluations became plug-ins with their own blocks (gsae_pl/eval/); config.ALIASES.
+    "eval.lm_contexts": "eval.loss_recovered.contexts",
 }
 # dotted keys that did not exist at the snapshot -> the value every shipped run gets, or a
 # function of the run's name ('' for a run config file) giving it.
@@ -29,6 +31,10 @@ ADDED: dict[str, object] = {
     "loss.orthogonality.warmup_steps": 0,
     # the key a suite swept (suite runs: the sparsity coefficient, all of them); plain: null
     "output.sweep": lambda name: "loss.sparsity.coefficient" if name else None,
+    # Each evaluation's switch: on, as every evaluation that applied was before.
+    "eval.ground_truth.enabled": True,
+    "eval.loss_recovered.enabled": True,
+    "eval.reconstruction.enabled": True,
 }
 
 

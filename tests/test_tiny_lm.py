@@ -54,7 +54,7 @@ def test_sae_heldout_text_is_text_the_lm_never_trained_on(tmp_path, monkeypatch)
     _, lm_train, lm_heldout = write_fake_tiny_lm(fake_stdlib_docs())
     assert lm_heldout and lm_train
     src = build_lm_source(make_cfg("data.source=tiny_lm", "data.context_size=16",
-                                   "eval.rows=256", "eval.lm_contexts=4",
+                                   "eval.rows=256", "eval.loss_recovered.contexts=4",
                                    "data.buffer_size=256", "data.batch_size=32"))
     tok = src.bridge.tokenizer
     heldout = doc_ids(tok, src.heldout)
@@ -77,7 +77,7 @@ def test_loss_recovered_windows_spread_over_every_heldout_file(tmp_path, monkeyp
     monkeypatch.setenv("GSAE_PL_CACHE", str(tmp_path))
     model_dir, _, _ = write_fake_tiny_lm(fake_stdlib_docs())
     src = build_lm_source(make_cfg("data.source=tiny_lm", "data.context_size=16",
-                                   "eval.rows=64", "eval.lm_contexts=6",
+                                   "eval.rows=64", "eval.loss_recovered.contexts=6",
                                    "data.buffer_size=256", "data.batch_size=32"))
     text = src.text
     every = [w for _, w in text._pack(text._token_lists(iter(text.heldout_dataset)))]

@@ -108,7 +108,7 @@ class TransformerLensSource:
         # Enough held-out windows for eval.rows rows (a margin for BOS tokens inside
         # windows) and for the loss-recovered windows, which are the first of them.
         n_windows = max(math.ceil(1.25 * cfg.eval.rows / (data.context_size - 1)) + 1,
-                        int(cfg.eval.lm_contexts))
+                        int(cfg.eval.loss_recovered.contexts))
         self.heldout, self.heldout_docs = self.text.heldout(n_windows)
         self._eval_rows: Tensor | None = None
         self._evaluation_windows: dict[int, tuple[Tensor, Tensor]] = {}

@@ -160,7 +160,7 @@ def test_legacy_neelnanda_repos_go_through_the_legacy_loader(lm_files, monkeypat
     from transformer_lens.model_bridge.sources.native import boot as boot_native
     from transformers import AutoTokenizer
 
-    from gsae_pl import lm_eval
+    from gsae_pl.eval import lm_eval
 
     tokenizer = AutoTokenizer.from_pretrained(lm_files[0])
     config = TransformerBridgeConfig(

@@ -1,0 +1,95 @@
+"""What an evaluation is, and how a run's `eval:` settings and evaluators come from the
+registry.
+
+Every held-out batch goes through the SAE once (SAEModule.validation_step); each evaluator
+sees that batch in `update` and returns its metrics from `compute`, which SAEModule logs as
+`val/<metric>` and `fit` writes to metrics.json (docs/method.md sec. 6). An evaluator that
+does not apply to the run's data source (no language model, no ground truth) is not built,
+so it yields nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, make_dataclass
+from typing import TYPE_CHECKING
+
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+from torchmetrics import Metric
+
+from gsae_pl.registry import Registry
+
+if TYPE_CHECKING:
+    from gsae_pl.module import SAEModule
+    from gsae_pl.saes.base import Encoding
+
+
+@dataclass
+class Settings:
+    """The block `eval.<name>`: every evaluation has the switch; subclass it to add fields."""
+
+    enabled: bool = True
+
+
+class Evaluator(nn.Module):
+    """One held-out evaluation. A module, so that torchmetrics states inside it follow the
+    SAE's device and sum over DDP processes; it holds no checkpointed state."""
+
+    Settings: type[Settings] = Settings  # the dataclass of its `eval.<name>` block
+
+    @classmethod
+    def applies(cls, settings: DictConfig, source) -> bool:
+        """Whether it measures anything on this data source (None: a module built without
+        one, e.g. for export). Default: every source."""
+        return True
+
+    def __init__(self, settings: DictConfig, cfg: DictConfig, d_in: int, source):
+        """`settings`: its own block; `cfg`: the whole run config; `source`: the run's
+        ActivationSource (data/base.py)."""
+        super().__init__()
+        self.settings = settings
+
+    def update(self, x: Tensor, x_hat: Tensor, enc: Encoding) -> None:
+        """One held-out batch on the SAE's scale (x * norm_scale) and the SAE's output."""
+
+    def compute(self, module: SAEModule) -> dict[str, Tensor | float]:
+        """The metrics after the last batch, equal on every process (reduce across them
+        here). `module` gives the SAE, its scale and the trainer."""
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget the batches seen, before the next evaluation."""
+        for child in self.children():
+            if isinstance(child, Metric):
+                child.reset()
+
+
+EVALUATORS: Registry[type[Evaluator]] = Registry("eval", "gsae_pl.eval")
+
+
+def eval_schema(shared: type) -> type:
+    """The dataclass of `eval:`: the fields of `shared` (every evaluation's), then one block
+    per registered evaluation, named after it."""
+    taken = {f.name for f in fields(shared)}
+    blocks = []
+    for name, evaluator in EVALUATORS.items():
+        if name in taken:
+            raise RuntimeError(f"evaluation {name!r} would hide the setting eval.{name}")
+        blocks.append((name, evaluator.Settings, field(default_factory=evaluator.Settings)))
+    return make_dataclass("EvalConfig", blocks, bases=(shared,))
+
+
+def build_evaluators(cfg: DictConfig, d_in: int, source) -> nn.ModuleDict:
+    """The run's evaluators: every registered one that is enabled and applies to `source`."""
+    built = {}
+    for name, evaluator in EVALUATORS.items():
+        settings = _settings(cfg, name, evaluator)
+        if settings.enabled and evaluator.applies(settings, source):
+            built[name] = evaluator(settings, cfg, d_in, source)
+    return nn.ModuleDict(built)
+
+
+def _settings(cfg: DictConfig, name: str, evaluator: type[Evaluator]) -> DictConfig:
+    # A config made before the evaluation was registered lacks its block: the defaults.
+    block = OmegaConf.select(cfg, f"eval.{name}", default=None)
+    return OmegaConf.merge(OmegaConf.structured(evaluator.Settings), block or {})

@@ -1,0 +1,46 @@
+"""Loss recovered and delta LM loss (docs/method.md sec. 6), with their standard errors:
+the SAE spliced into the language model on held-out windows (maths: eval/lm_eval.py).
+Only sources with a language model (`lm`) have it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gsae_pl.eval import lm_eval
+from gsae_pl.eval.base import EVALUATORS, Evaluator, Settings
+
+
+@dataclass
+class LossRecoveredSettings(Settings):
+    # Held-out windows to splice into. 0 evaluates nothing, as enabled=false does: it is
+    # what the former eval.lm_contexts=0 meant, so such configs keep their meaning.
+    contexts: int = 64
+
+
+@EVALUATORS.register("loss_recovered")
+class LossRecovered(Evaluator):
+    Settings = LossRecoveredSettings
+
+    @classmethod
+    def applies(cls, settings, source) -> bool:
+        # Sources without a language model (synthetic, file) need not define `lm`.
+        return settings.contexts > 0 and getattr(source, "lm", None) is not None
+
+    def __init__(self, settings, cfg, d_in, source):
+        super().__init__(settings, cfg, d_in, source)
+        self.lm = source.lm  # not an nn.Module: stays out of the SAE's state
+
+    def compute(self, module) -> dict:
+        trainer = module.trainer
+        rank, world = trainer.global_rank, trainer.world_size
+        tokens, documents = self.lm.heldout_windows(self.settings.contexts)
+        # One document numbering for every process, made before the windows are dealt out
+        # (disjoint shares), so the processes' sums add up (lm_eval.py).
+        _, documents = documents.unique(return_inverse=True)
+        n_documents = int(documents.max()) + 1
+        # The spliced activation is the reconstruction on the raw scale: x_hat / norm_scale.
+        sums = lm_eval.ce_sums(self.lm, tokens[rank::world],
+                               lambda x: module(x.to(module.device))[0] / module.norm_scale,
+                               documents[rank::world], n_documents)
+        sums = trainer.strategy.reduce(sums.to(module.device), reduce_op="sum")
+        return lm_eval.loss_recovered(sums.cpu())
