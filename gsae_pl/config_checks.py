@@ -10,6 +10,7 @@ import math
 
 from omegaconf import DictConfig, OmegaConf
 
+from gsae_pl.data.base import SOURCES
 from gsae_pl.errors import UserError
 
 CHOICES = {
@@ -22,7 +23,7 @@ CHOICES = {
     "loss.sparsity.kind": ("l1", "decoder_norm_l1"),
     "loss.aux.decoder": ("frozen", "unfrozen"),
     "loss.aux.b_dec": (None, "frozen", "unfrozen"),
-    "data.source": ("tiny_lm", "transformer_lens", "synthetic", "file"),
+    "data.source": SOURCES,  # the registered sources (gsae_pl/data/base.py)
     "data.dtype": ("float32", "bfloat16", "float16"),
     "data.cache_dtype": ("float32", "float16"),
 }

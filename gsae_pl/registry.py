@@ -50,6 +50,9 @@ class Registry(Generic[T]):
         self._load()
         return iter(list(self._entries.items()))
 
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
     def __contains__(self, name: object) -> bool:
         return name in self.names()
 

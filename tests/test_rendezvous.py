@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gsae_pl import lock, rendezvous
+from gsae_pl.data import cache
 
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "GROUP_RANK", "NODE_RANK", "SLURM_PROCID",
                   "SLURM_LOCALID", "SLURM_NODEID")
@@ -34,3 +35,4 @@ def test_one_rule_for_every_launcher(monkeypatch, env, first):
         monkeypatch.setenv(var, value)
     assert rendezvous.is_first_process() is first
     assert lock.takes_run_lock() is first  # the run lock asks the same function
+    assert cache.is_first_process is rendezvous.is_first_process  # and so does the cache

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gsae_pl.tiny_lm import Recipe, ensure_tiny_lm, model_dir
+from gsae_pl.data.tiny_lm import Recipe, ensure_tiny_lm, model_dir
 
 MINI = Recipe(vocab_size=300, d_model=16, n_head=2, n_ctx=32, steps=4, batch_size=4,
               max_corpus_chars=150_000)

@@ -4,7 +4,8 @@
 .parquet file or a folder of them. Documents are tokenized (or taken as they are, when
 `data.column` already holds token ids), joined with a separator token, and cut into
 windows of `context_size` tokens that each start with BOS, the TransformerLens
-`tokenize_and_concatenate` convention.
+`tokenize_and_concatenate` convention (`pack_windows`, which the tiny LM's own training
+windows use too: data/tiny_lm.py).
 
 Held-out text (docs/method.md: evaluate on held-out tokens) is either a dataset of its own
 (`data.source=tiny_lm` on its own corpus: the files the tiny LM never trained on, so loss
@@ -17,7 +18,7 @@ shard of the training documents (`split_dataset_by_node`).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -130,12 +131,21 @@ class TextWindows:
                 yield from ([int(t) for t in ids] for ids in values)
 
     def _pack(self, token_lists: Iterator[list[int]]) -> Iterator[tuple[int, Tensor]]:
-        """(documents consumed so far, window) pairs; the tail of a stream is dropped."""
-        body, pending, docs = self.context_size - 1, [], 0
-        for ids in token_lists:
-            docs += 1
-            pending.extend(ids)
-            pending.append(self.separator)
-            while len(pending) >= body:
-                yield docs, torch.tensor([self.bos_id, *pending[:body]], dtype=torch.long)
-                pending = pending[body:]
+        return pack_windows(token_lists, self.context_size, self.bos_id, self.separator)
+
+
+def pack_windows(token_lists: Iterable[list[int]], context_size: int, bos_id: int,
+                 separator: int) -> Iterator[tuple[int, Tensor]]:
+    """(documents consumed so far, window) pairs: the documents joined, each followed by
+    `separator`, and cut into [context_size] windows of BOS then context_size - 1 tokens of
+    the joined stream. The tail of a stream, short of a window, is dropped."""
+    body, pending, docs = context_size - 1, [], 0
+    for ids in token_lists:
+        docs += 1
+        pending.extend(ids)
+        pending.append(separator)
+        n_windows = len(pending) // body
+        for i in range(n_windows):
+            yield docs, torch.tensor([bos_id, *pending[i * body:(i + 1) * body]],
+                                     dtype=torch.long)
+        del pending[:n_windows * body]  # once per document: linear in a long document

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from gsae_pl.tiny_lm import Recipe, new_model, train_tokenizer
+from gsae_pl.data.tiny_lm import Recipe, new_model, train_tokenizer
 
 WORDS = ("the cat dog sat on a mat and ran to red blue green house tree over under "
          "def return class import if else for while print value list dict").split()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gsae_pl.data.base import train_stream
 from gsae_pl.data.datamodule import SAEDataModule
 from gsae_pl.errors import UserError
 from tests.conftest import make_cfg
@@ -47,7 +48,7 @@ def test_train_loader_differs_by_rank_and_resumes_at_global_step():
     assert not torch.equal(first, next(iter(dm.train_dataloader())))
     dm.trainer = _FakeTrainer(0, 2)
     dm.trainer.global_step = 3
-    stream = iter(_dm().source.train_batches(64, 0, 2))
+    stream = iter(train_stream(_dm().source, 64, 0, 2))
     for _ in range(3):
         next(stream)
     assert torch.equal(next(iter(dm.train_dataloader())), next(stream))
