@@ -16,8 +16,10 @@ from the same registry.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 from torch import Tensor
 
 from gsae_pl.errors import UserError
@@ -29,13 +31,21 @@ SOURCES: Registry[Callable[[Any], ActivationSource]] = Registry("data.source", "
 
 class LanguageModel(Protocol):
     """The LM behind a source's rows (data/transformer_lens.py): loss recovered splices the
-    SAE into it on held-out windows (gsae_pl/lm_eval.py), provenance hashes its weights."""
+    SAE into it at `hook` on held-out windows (gsae_pl/lm_eval.py), the DataModule moves it
+    to each process's device, provenance hashes its weights."""
 
     model_name: str
+    bridge: Any  # the TransformerBridge
+    hook: str
+    device: torch.device
+    lm_batch_size: int
+    reference_dir: Path | None  # where CE clean / zero-ablated are kept (data/cache.py)
 
     def heldout_windows(self, n_windows: int) -> tuple[Tensor, Tensor]: ...
 
-    def set_device(self, device) -> None: ...
+    def keep_mask(self, tokens: Tensor) -> Tensor: ...
+
+    def set_device(self, device: torch.device) -> None: ...
 
     def describe(self) -> dict: ...
 
