@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from gsae_pl.data.base import train_stream
-from gsae_pl.data.cache import CachedSource, main, write_cache
+from gsae_pl.data.cache import CachedSource, main, read_metadata, write_cache
 from gsae_pl.data.datamodule import build_source
 from gsae_pl.data.transformer_lens import build_lm_source
 from gsae_pl.errors import UserError
@@ -210,3 +210,24 @@ def test_the_datamodule_writes_a_missing_cache_before_fit_and_once(lm_files, tmp
     assert torch.equal(dm.sample_rows(64), next(train_stream(dm.source, 64)))
     dm.prepare_data()
     assert json.loads((tmp_path / "acts" / "metadata.json").read_text()) == meta
+
+
+def test_ablate_writes_a_suites_cache_once_before_its_runs(lm_files, tmp_path):
+    """ablate's prepare_caches: one `python -m gsae_pl.data.cache` per distinct cache, with
+    rows for the longest of its runs (rows_wanted)."""
+    from types import SimpleNamespace
+
+    from gsae_pl.ablate import prepare_caches
+    from gsae_pl.config import load_config
+
+    model, corpus = lm_files
+    (tmp_path / "c.yaml").write_text("seed: 0\n")
+    overrides = ("data.source=transformer_lens", f"data.model={model}",
+                 f"data.dataset={corpus}", "data.context_size=16", "eval.rows=64",
+                 "eval.lm_contexts=4", "data.buffer_size=256", "data.batch_size=32",
+                 "data.cache=true", f"data.cache_dir={tmp_path / 'acts'}")
+    runs = [SimpleNamespace(config_path=tmp_path / "c.yaml", overrides=(*overrides, steps),
+                            cfg=load_config(tmp_path / "c.yaml", [*overrides, steps]))
+            for steps in ("trainer.max_steps=5", "trainer.max_steps=9")]
+    prepare_caches(runs, tmp_path)
+    assert read_metadata(tmp_path / "acts")["rows"] == 9 * 32
