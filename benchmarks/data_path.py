@@ -6,7 +6,7 @@ memory: one fixed in-memory batch (no data work at all);
 file:   `data.source=file` over a memory-mapped .npy written here, reshuffled per epoch
         (random rows gathered in sorted order each batch), as `fit` reads it;
 cache:  contiguous slices of memory-mapped .npy shards, the way the activation cache
-        (data/cached.py) reads, emulated here on shards this script writes.
+        (data/cache.py) reads, emulated here on shards this script writes.
 Reported: median ms/step of each and the slowdown against memory.
 """
 
@@ -63,7 +63,7 @@ def main() -> None:
         file_source = FileSource(str(path), seed=0, holdout_rows=4096, min_train_rows=args.batch)
         feeds = {
             "memory": batch_loader(lambda: itertools.repeat(data[:args.batch])),
-            "file": batch_loader(lambda: file_source.train_batches(args.batch, 0, 1)),
+            "file": batch_loader(lambda: file_source.global_batches(args.batch, 0)),
             "cache": batch_loader(lambda: shard_stream(shards, args.batch)),
         }
         times = {name: [] for name in feeds}

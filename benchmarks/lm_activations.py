@@ -8,7 +8,7 @@ Measures, each in its own phase:
   2. peak resident memory while streaming training batches through the default shuffle
      buffer (data.buffer_size), in a fresh process so earlier phases do not count;
   3. cache write (end to end, LM included, and the disk part alone) and cache read
-     throughput through CachedSource.train_batches (page cache warm: the shards were just
+     throughput through CachedSource.global_batches (page cache warm: the shards were just
      written, which is the common case of a cache read right after it is made).
 Prints one JSON object; benchmarks/RESULTS.md records the figures with the machine load.
 """
@@ -70,10 +70,11 @@ def peak_memory(batches: int) -> dict:
     """Run in a child: RSS after loading vs peak while streaming through the buffer."""
     code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import resource, itertools;"
             "from benchmarks.lm_activations import _cfg; "
+            "from gsae_pl.data.base import train_stream; "
             "from gsae_pl.data.transformer_lens import build_lm_source; "
             "s = build_lm_source(_cfg()); "
             "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-            f"n = sum(1 for _ in itertools.islice(s.train_batches(1024, 0, 1), {batches})); "
+            f"n = sum(1 for _ in itertools.islice(train_stream(s, 1024), {batches})); "
             "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
             "print(before, after, s.buffer_size, s.d_in)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -85,8 +86,7 @@ def peak_memory(batches: int) -> dict:
 
 
 def cache_throughput(rows: int) -> dict:
-    from gsae_pl.cache import write_cache
-    from gsae_pl.data.cached import CachedSource
+    from gsae_pl.data.cache import CachedSource, write_cache
     from gsae_pl.io import atomic_save_npy
 
     cfg = _cfg(f"data.cache_rows={rows}")
@@ -101,10 +101,11 @@ def cache_throughput(rows: int) -> dict:
         for i in range(8):
             atomic_save_npy(Path(tmp) / f"disk_{i}.npy", block)
         disk_gbs = 8 * block.nbytes / 1e9 / (time.perf_counter() - start)
-        source = CachedSource(Path(tmp) / "acts", lm, seed=0)
+        source = CachedSource(lm, cfg, directory=Path(tmp) / "acts")
+        source.prepare()
         n_batches = meta["rows"] // 4096
         start = time.perf_counter()
-        for _ in zip(range(n_batches), source.train_batches(4096, 0, 1)):
+        for _ in zip(range(n_batches), source.global_batches(4096, 0)):
             pass
         read_s = time.perf_counter() - start
     return {"cache_rows": meta["rows"], "cache_gb": round(gb, 3),

@@ -32,10 +32,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from gsae_pl.cache import rows_wanted
 from gsae_pl.checkpointing import finished_run_changes, shown_keys
 from gsae_pl.children import die_with_parent, stop
 from gsae_pl.cli import ArgumentParser, run_main
+from gsae_pl.data.cache import rows_wanted
 from gsae_pl.errors import RunFailed, UserError
 from gsae_pl.io import atomic_write_json, atomic_write_text, sweep_stale_temporaries
 from gsae_pl.lock import SUITE_LOCK, FolderLock
@@ -104,7 +104,7 @@ def prepare_caches(runs: list[Run], log_dir: Path) -> None:
             groups.setdefault(key, []).append(run)
     for k, group in enumerate(groups.values()):
         rows = max(rows_wanted(run.cfg) for run in group)
-        command = [sys.executable, "-m", "gsae_pl.cache", "--config",
+        command = [sys.executable, "-m", "gsae_pl.data.cache", "--config",
                    *map(str, group[0].config_paths),
                    *group[0].overrides, f"data.cache_rows={rows}"]
         print(f"activation cache {k + 1}/{len(groups)} for {len(group)} runs ({rows} rows)",

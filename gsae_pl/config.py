@@ -116,7 +116,7 @@ class DataConfig:
     exclude_bos: bool = True  # leave BOS positions out of the SAE's rows
     buffer_size: int = 131072  # shuffle buffer, in activation rows
     lm_batch_size: int = 32  # windows per LM forward pass
-    cache: bool = False  # train from a disk cache of the activations (gsae_pl/cache.py)
+    cache: bool = False  # train from a disk cache of the activations (data/cache.py)
     cache_dir: Optional[str] = None  # null: $GSAE_PL_CACHE/activations/<key>
     cache_rows: Optional[int] = None  # null: trainer.max_steps * data.batch_size
     cache_dtype: str = "float32"  # float16: half the bytes, results moved (benchmarks/RESULTS.md)

@@ -15,10 +15,11 @@ import typing
 
 from omegaconf import DictConfig, OmegaConf
 
+from gsae_pl.data.base import SOURCES
 from gsae_pl.errors import UserError
 
 CHOICES = {
-    "data.source": ("tiny_lm", "transformer_lens", "synthetic", "file"),
+    "data.source": SOURCES,  # the registered sources (gsae_pl/data/base.py)
     "data.dtype": ("float32", "bfloat16", "float16"),
     "data.cache_dtype": ("float32", "float16"),
 }

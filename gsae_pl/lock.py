@@ -30,10 +30,11 @@ def takes_run_lock() -> bool:
     """Whether this process is the one a launcher started first, which alone locks the run.
 
     Lightning's DDP launcher reruns the command for local ranks > 0 with LOCAL_RANK set;
-    torchrun and SLURM start every rank with its rank set (gsae_pl/rendezvous.py). The
-    others belong to the same run and must not be refused by their own rank 0's lock.
+    torchrun and SLURM start every rank with its rank set (gsae_pl/rendezvous.py reads them
+    all). The others belong to the same run and must not be refused by their own rank 0's
+    lock.
     """
-    return is_first_process() and os.environ.get("LOCAL_RANK", "0") == "0"
+    return is_first_process()
 
 
 class FolderLock:

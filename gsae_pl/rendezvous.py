@@ -28,8 +28,12 @@ def launcher_rank() -> int:
 
 
 def is_first_process() -> bool:
-    """Rank 0 alone writes caches and reports, and hosts the runs' stores."""
-    return launcher_rank() == 0
+    """Whether this is the first process a launcher started: rank 0 alone writes reports,
+    notes once and hosts the runs' stores. False when any rank variable is set and non-zero:
+    torchrun's RANK / LOCAL_RANK / GROUP_RANK, SLURM's SLURM_PROCID, Lightning's NODE_RANK,
+    and the LOCAL_RANK that Lightning's own DDP launcher sets alone for the processes it
+    starts after the first. True with none set (a plain process)."""
+    return launcher_rank() == 0 and int(os.environ.get("LOCAL_RANK") or 0) == 0
 
 
 def launcher_port() -> int | None:

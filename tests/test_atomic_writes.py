@@ -24,8 +24,8 @@ import torch
 
 import gsae_pl.export
 import gsae_pl.io
-from gsae_pl.cache import write_cache
 from gsae_pl.checkpointing import AtomicCheckpointIO
+from gsae_pl.data.cache import write_cache
 from gsae_pl.export import export
 from gsae_pl.fit import main
 from gsae_pl.io import atomic_write_json, atomic_write_text, sweep_stale_temporaries
@@ -86,7 +86,7 @@ class _RowsLM:
     def describe(self) -> dict:
         return {"hook": "fake.hook", "model": "none"}
 
-    def train_batches(self, batch, rank, world):
+    def process_batches(self, batch, start, rank, world):
         gen = torch.Generator().manual_seed(0)
         while True:
             yield torch.randn(batch, self.d_in, generator=gen)
@@ -224,7 +224,7 @@ def test_the_cache_writer_sweeps_a_killed_writes_temporaries(tmp_path):
     folder = tmp_path / "acts"  # killed mid-shard: no metadata.json, so not a cache yet
     folder.mkdir()
     (folder / f".shard_00000.npy.tmp{DEAD}").write_bytes(b"half a shard")
-    _cache(folder)  # what `python -m gsae_pl.cache` and fit (data.cache=true) run next
+    _cache(folder)  # what `python -m gsae_pl.data.cache` and fit (data.cache=true) run next
     assert (folder / "metadata.json").is_file()
     assert not list(folder.glob(".*.tmp*"))
 

@@ -23,16 +23,18 @@ RECORD_PID = """
 open(os.path.join(os.path.dirname(os.path.abspath(__file__)),
                   f"pid{os.environ.get('LOCAL_RANK', '0')}"), "w").write(str(os.getpid()))
 """
-# Process `rank` gets a NaN in row 3 of its share of batch 15 (global row 3 * 2 + rank).
+# Process `rank` gets a NaN in row 3 of its share of batch 15: global row 3 * 2 + rank of
+# the global batch that every process makes (data/base.py), poisoned in that process alone.
 POISON_ROWS = RECORD_PID + """
 from gsae_pl.data.synthetic import SyntheticSource
-_batches = SyntheticSource._batches
-def _poisoned(self, batch_size, rank, world_size, start):
-    for k, batch in enumerate(_batches(self, batch_size, rank, world_size, start), start):
-        if k == 15 and rank == __RANK__:
-            batch[3, 0] = float("nan")
+_batches = SyntheticSource.global_batches
+_rank = int(os.environ.get("LOCAL_RANK", "0"))
+def _poisoned(self, batch_size, start):
+    for k, batch in enumerate(_batches(self, batch_size, start), start):
+        if k == 15 and _rank == __RANK__:
+            batch[3 * 2 + __RANK__, 0] = float("nan")
         yield batch
-SyntheticSource._batches = _poisoned
+SyntheticSource.global_batches = _poisoned
 """
 CRASH = RECORD_PID + """
 from gsae_pl import faults

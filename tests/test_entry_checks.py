@@ -57,7 +57,7 @@ def test_a_suite_given_to_fit_and_a_variant_given_to_ablate_say_so(capsys):
 
 
 def test_tiny_lm_help_prints_help_and_builds_nothing():
-    done = subprocess.run([sys.executable, "-m", "gsae_pl.tiny_lm", "--help"],
+    done = subprocess.run([sys.executable, "-m", "gsae_pl.data.tiny_lm", "--help"],
                           capture_output=True, text=True, cwd=ROOT, timeout=60)
-    assert done.returncode == 0 and "usage: python -m gsae_pl.tiny_lm" in done.stdout
+    assert done.returncode == 0 and "usage: python -m gsae_pl.data.tiny_lm" in done.stdout
     assert "building" not in done.stderr

@@ -18,15 +18,15 @@ from tests.tiny_run import args
 
 
 def poison_rows(monkeypatch, step: int, row: int, value: float) -> None:
-    batches = SyntheticSource._batches
+    batches = SyntheticSource.global_batches
 
-    def with_bad_row(self, batch_size, rank, world_size, start):
-        for k, batch in enumerate(batches(self, batch_size, rank, world_size, start), start):
+    def with_bad_row(self, batch_size, start):
+        for k, batch in enumerate(batches(self, batch_size, start), start):
             if k == step:
                 batch[row, 3] = value
             yield batch
 
-    monkeypatch.setattr(SyntheticSource, "_batches", with_bad_row)
+    monkeypatch.setattr(SyntheticSource, "global_batches", with_bad_row)
 
 
 def poison_term(monkeypatch, step: int, name: str) -> None:

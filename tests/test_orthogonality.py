@@ -135,7 +135,7 @@ def test_switch_spreads_the_decoder_in_training():
         sae = build_sae(cfg.sae, 8)
         objective = Objective.from_config(cfg.loss)
         adam = torch.optim.Adam(sae.parameters(), lr=3e-3, betas=(0.0, 0.999))
-        for step, x in zip(range(120), source.train_batches(128, 0, 1, 0)):
+        for step, x in zip(range(120), source.global_batches(128, 0)):
             x_hat, enc = sae(x)
             loss = sum(objective(x, x_hat, enc, sae, step).values())
             adam.zero_grad()

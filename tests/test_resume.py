@@ -163,7 +163,7 @@ def lm_overrides(tmp_path_factory) -> list[str]:
     # 4 batches per shuffle-buffer block: the kill at step 25 lands mid-block.
     return ["data.source=transformer_lens", f"data.model={model}", f"data.dataset={corpus}",
             "data.context_size=16", "data.buffer_size=512", "data.lm_batch_size=8",
-            "data.normalize_rows=256", "eval.rows=128", "eval.lm_contexts=4"]
+            "data.normalize_rows=256", "eval.rows=128", "eval.loss_recovered.contexts=4"]
 
 
 @pytest.mark.slow

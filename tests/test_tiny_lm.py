@@ -5,12 +5,13 @@ benchmarks/RESULTS.md."""
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from gsae_pl.tiny_lm import Recipe, ensure_tiny_lm, model_dir
+from gsae_pl.data.tiny_lm import Recipe, ensure_tiny_lm, model_dir, pack
 
 MINI = Recipe(vocab_size=300, d_model=16, n_head=2, n_ctx=32, steps=4, batch_size=4,
               max_corpus_chars=150_000)
@@ -92,3 +93,17 @@ def test_loss_recovered_windows_spread_over_every_heldout_file(tmp_path, monkeyp
         assert int(names[document]) in doc_ids(tok, window[None])
     assert documents.tolist() == sorted(documents.tolist()) and documents[-1] > documents[0]
     assert torch.equal(src.heldout_tokens(6), tokens)
+
+
+def test_training_windows_are_the_text_packers_with_bos_between_documents():
+    """One packer (data/text.py) for the SAE's text and the LM's own training windows, which
+    must stay those the cached model was trained on: BOS + 127 tokens of the documents
+    joined by BOS, the tail dropped."""
+    rng = random.Random(0)
+    docs = [[rng.randrange(1, 50) for _ in range(rng.randint(0, 300))] for _ in range(60)]
+    flat = [t for ids in docs for t in (*ids, 0)]
+    n = len(flat) // 127
+    expected = torch.cat([torch.zeros(n, 1, dtype=torch.long),
+                          torch.tensor(flat[:n * 127]).view(n, 127)], dim=1)
+    assert torch.equal(pack(docs, 128, bos_id=0), expected)
+    assert pack([[1, 2]], 128, bos_id=0).shape == (0, 128)

@@ -1,35 +1,69 @@
-"""The tiny protocol every activation source meets.
+"""The small protocol every activation source meets, and the one place that splits its
+batches over processes.
 
-A source knows its width, yields training batches forever, and hands out a fixed set of
-held-out rows that training never sees (docs/method.md sec. 6: evaluate on held-out tokens).
-The DataModule owns batching across processes, normalisation and the loaders.
+A source knows its width, yields the GLOBAL training stream from any step, and hands out a
+fixed set of held-out rows that training never sees (docs/method.md sec. 6: evaluate on
+held-out tokens). Splitting a global batch over processes, the conditions on that split and
+where a resumed run starts are `train_stream`'s, here, for every source; the DataModule owns
+normalisation and the loaders.
+
+A source is one file in this package that registers a builder under its `data.source`
+name: `@SOURCES.register("name")` on `def build(cfg) -> ActivationSource` (`cfg` is the
+whole run config). The choice list config_checks.py checks `data.source` against is read
+from the same registry.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Protocol
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
 
+import torch
 from torch import Tensor
 
 from gsae_pl.errors import UserError
+from gsae_pl.registry import Registry
+
+# data.source name -> build(cfg) -> ActivationSource; filled by this package's modules.
+SOURCES: Registry[Callable[[Any], ActivationSource]] = Registry("data.source", "gsae_pl.data")
+
+
+class LanguageModel(Protocol):
+    """The LM behind a source's rows (data/transformer_lens.py): loss recovered splices the
+    SAE into it at `hook` on held-out windows (gsae_pl/eval/lm_eval.py), the DataModule moves it
+    to each process's device, provenance hashes its weights."""
+
+    model_name: str
+    bridge: Any  # the TransformerBridge
+    hook: str
+    device: torch.device
+    lm_batch_size: int
+    reference_dir: Path | None  # where CE clean / zero-ablated are kept (data/cache.py)
+
+    def heldout_windows(self, n_windows: int) -> tuple[Tensor, Tensor]: ...
+
+    def keep_mask(self, tokens: Tensor) -> Tensor: ...
+
+    def set_device(self, device: torch.device) -> None: ...
+
+    def describe(self) -> dict: ...
 
 
 class ActivationSource(Protocol):
     d_in: int
     # Unit rows [n_features, d_in] when the ground truth is known (synthetic data), else None.
     true_features: Tensor | None
+    # The LM that made the rows, for loss recovered; None for rows with no LM behind them.
+    lm: LanguageModel | None
 
-    def train_batches(self, batch_size: int, rank: int, world_size: int,
-                      start_step: int = 0) -> Iterator[Tensor]:
-        """Endless float32 [batch_size // world_size, d_in] batches for process `rank`.
+    def global_batches(self, batch_size: int, start_step: int) -> Iterator[Tensor]:
+        """Endless float32 [batch_size, d_in] global batches from batch `start_step` on.
 
-        `batch_size` is the GLOBAL batch of one optimiser step. Global batch k depends only
-        on (seed, k), exactly as in a 1-process run, and process `rank` gets its rows
-        rank::world_size. So every process count sees the same rows at each step, and
-        DDP's average of the per-process mean losses is the full batch's mean loss; and a
-        run restarted at `start_step` sees the batches it would have seen.
-        `batch_size` must be a multiple of `world_size` (`check_split` says so).
+        Global batch k depends only on the config and k, so a run restarted at step k sees
+        the batches it would have seen, and every process count sees the same rows at each
+        step (`train_stream` deals them out). Skipping to `start_step` should not make the
+        skipped batches.
         """
         ...
 
@@ -41,11 +75,55 @@ class ActivationSource(Protocol):
         """What made these activations: logged and stored beside the run."""
         ...
 
+    # Optional: `prepare()`, making what the source needs on first use (an activation
+    # cache: data/cache.py) before any rows are read; the DataModule's prepare_data calls it.
+
+
+class PerProcessSource(Protocol):
+    """An ActivationSource with `process_batches` in place of `global_batches`, for rows
+    too costly for every process to make the whole global batch (an LM:
+    data/transformer_lens.py). Each process makes only its own rows, so a W-process run
+    does not see a 1-process run's batches; it resumes exactly with the same W."""
+
+    def process_batches(self, batch_size: int, start_step: int, rank: int,
+                        world_size: int) -> Iterator[Tensor]:
+        """Endless [batch_size, d_in] batches of process `rank` of `world_size`, from
+        `start_step` on; `batch_size` is this process's share of the global batch."""
+        ...
+
 
 def check_split(batch_size: int, rank: int, world_size: int) -> None:
-    """The conditions `train_batches` places on its arguments, for every source."""
+    """The conditions on a split of a global batch over processes, for every source."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
     if batch_size % world_size:
         raise UserError(f"data.batch_size={batch_size} is the global batch and must split "
                         f"evenly over {world_size} processes: use a multiple of {world_size}")
+
+
+def train_stream(source: ActivationSource, batch_size: int, rank: int = 0,
+                 world_size: int = 1, start_step: int = 0) -> Iterator[Tensor]:
+    """Process `rank`'s endless [batch_size // world_size, d_in] batches from `start_step`.
+
+    `batch_size` is the GLOBAL batch of one optimiser step. Process `rank` takes rows
+    rank::world_size of global batch k, so DDP's average of the per-process mean losses is
+    the full batch's mean loss (docs/method.md sec. 4), and W processes follow 1.
+    """
+    check_split(batch_size, rank, world_size)
+    if hasattr(source, "process_batches"):
+        return source.process_batches(batch_size // world_size, start_step, rank, world_size)
+    # Every process makes the whole global batch and keeps its share: W times the (cheap)
+    # reading or sampling, bought for identical 1- and W-process trajectories.
+    return (batch[rank::world_size].contiguous()
+            for batch in source.global_batches(batch_size, start_step))
+
+
+def epoch_batches(per_epoch: int, start_step: int,
+                  batches_of: Callable[[int, int], Iterator[Tensor]]) -> Iterator[Tensor]:
+    """Endless batches of a source read in epochs of `per_epoch` global batches, from
+    `start_step` on: `batches_of(epoch, k)` gives the epoch's batches from its k-th. A
+    resumed run starts inside its epoch without making the batches before it."""
+    epoch, k = divmod(int(start_step), per_epoch)
+    while True:
+        yield from batches_of(epoch, k)
+        epoch, k = epoch + 1, 0

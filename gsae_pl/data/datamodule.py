@@ -1,11 +1,15 @@
-"""One DataModule over any `ActivationSource`: it owns sharding, batching and held-out rows.
+"""One DataModule over any `ActivationSource`: it owns sharding, batching, resume and
+held-out rows.
 
 Sources are built in `__init__`, not in `setup`, on purpose: a bad data file must be refused
 before the run directory exists (nothing half-written), and every process builds the same
-source deterministically, so there is no one-time download step to put in `prepare_data`.
+source deterministically. The one thing made on first use, an activation cache, is written
+by `prepare_data`, which `__init__` calls too, since fit's normalisation sample is read from
+it before `Trainer.fit` (data/cache.py: who writes, and how the other processes wait).
 
 `data.batch_size` is the GLOBAL batch of one optimiser step: each of W processes gets
-batch_size // W rows of it (data/base.py), so a W-process run follows the 1-process one.
+batch_size // W rows of it (data/base.py: `train_stream`), so a W-process run follows the
+1-process one, and a resumed run starts at its global step.
 """
 
 from __future__ import annotations
@@ -17,11 +21,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from gsae_pl.data.base import ActivationSource, check_split
-from gsae_pl.data.file import FileSource
-from gsae_pl.data.synthetic import SyntheticSource
+from gsae_pl.data.base import SOURCES, ActivationSource, check_split, train_stream
 from gsae_pl.errors import UserError
-from gsae_pl.writable import check_writable_dir
 
 
 def describe(cfg) -> str:
@@ -35,21 +36,8 @@ def describe(cfg) -> str:
 
 
 def build_source(cfg) -> ActivationSource:
-    """The source named by `data.source`; `cfg` is the whole run config."""
-    data = cfg.data
-    if data.source == "synthetic":
-        return SyntheticSource(data.synthetic)
-    if data.source in ("tiny_lm", "transformer_lens"):
-        from gsae_pl.data.cached import build_cached_or_lm_source, read_metadata
-
-        # Before the LM runs: a cache folder that cannot be written would otherwise fail
-        # after the first shard's worth of LM passes. A complete cache is only read.
-        if data.cache and data.cache_dir and read_metadata(data.cache_dir) is None:
-            check_writable_dir(data.cache_dir, "data.cache_dir")
-
-        return build_cached_or_lm_source(cfg)
-    return FileSource(data.path, seed=cfg.seed, holdout_rows=cfg.eval.rows,
-                      min_train_rows=data.batch_size)
+    """The source named by `data.source` (data/base.py: SOURCES); `cfg` is the run config."""
+    return SOURCES[cfg.data.source](cfg)
 
 
 class _BatchStream(IterableDataset):
@@ -58,13 +46,15 @@ class _BatchStream(IterableDataset):
         self.args = (source, batch_size, rank, world, start_step)
 
     def __iter__(self):
-        source, batch_size, rank, world, start_step = self.args
-        return source.train_batches(batch_size, rank, world, start_step=start_step)
+        return train_stream(*self.args)
 
 
 class SAEDataModule(L.LightningDataModule):
     def __init__(self, cfg):
         super().__init__()
+        # One writer for a cache folder that every node reads ($GSAE_PL_CACHE is shared,
+        # docs/scaling.md); per node, two nodes would write the same folder at once.
+        self.prepare_data_per_node = False
         self.batch_size = cfg.data.batch_size
         self.eval_rows = cfg.eval.rows
         self.source = build_source(cfg)
@@ -75,6 +65,7 @@ class SAEDataModule(L.LightningDataModule):
             raise UserError(f"the activations of {describe(cfg)} have width d_in=1, and a "
                             "unit-norm decoder of width 1 cannot learn: set "
                             "sae.unit_norm_decoder=false")
+        self.prepare_data()  # the sample below may be the cache's rows (module docstring)
         # Drawn now, not when fit asks, so that data with nothing to normalise is refused
         # before anything is written; fit then reads the same rows (sample_rows).
         self._sample = self._first_rows(cfg.data.normalize_rows)
@@ -87,10 +78,15 @@ class SAEDataModule(L.LightningDataModule):
         """Refuse a global batch that does not split evenly, before anything is written."""
         check_split(self.batch_size, 0, world_size)
 
+    def prepare_data(self) -> None:
+        """Write what the source makes on first use (an activation cache), once."""
+        if hasattr(self.source, "prepare"):
+            self.source.prepare()
+
     def setup(self, stage: str) -> None:
-        # LM sources run their model on this process's device (each DDP process has one).
-        if hasattr(self.source, "set_device"):
-            self.source.set_device(self.trainer.strategy.root_device)
+        # An LM runs on this process's device (each DDP process has one).
+        if self.source.lm is not None:
+            self.source.lm.set_device(self.trainer.strategy.root_device)
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -98,9 +94,9 @@ class SAEDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
-        start = self.trainer.global_step if self.trainer else 0
+        start = self.trainer.global_step if self.trainer else 0  # a resumed run's step
         stream = _BatchStream(self.source, self.batch_size, rank, world, start)
-        return DataLoader(stream, batch_size=None)  # the source already yields batches
+        return DataLoader(stream, batch_size=None)  # the stream already yields batches
 
     def val_dataloader(self) -> DataLoader:
         # Each process scores a disjoint share; the sum-reduced metrics add the shares up.
@@ -117,6 +113,6 @@ class SAEDataModule(L.LightningDataModule):
         return self._first_rows(n_rows)
 
     def _first_rows(self, n_rows: int) -> Tensor:
-        batches = self.source.train_batches(self.batch_size, 0, 1, start_step=0)
+        batches = train_stream(self.source, self.batch_size)
         needed = -(-n_rows // self.batch_size)
         return torch.cat(list(itertools.islice(batches, needed)))[:n_rows]

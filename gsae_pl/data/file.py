@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from gsae_pl.data.base import check_split
+from gsae_pl.data.base import SOURCES, epoch_batches
 from gsae_pl.data.synthetic import stream_seed
 from gsae_pl.errors import UserError
 
@@ -89,6 +89,7 @@ class FileSource:
     """An ActivationSource (see base.py) over an [N, d_in] array in a file."""
 
     true_features = None
+    lm = None  # no LM behind these rows
 
     def __init__(self, path: str, seed: int, holdout_rows: int, min_train_rows: int):
         self.path, self.seed, self.holdout_rows = Path(path), int(seed), int(holdout_rows)
@@ -118,26 +119,20 @@ class FileSource:
                 raise UserError(f"data file {self.path} has NaN or Inf in row "
                                 f"{start + int(bad[0])}: clean or regenerate the activations")
 
-    def train_batches(self, batch_size: int, rank: int, world_size: int,
-                      start_step: int = 0) -> Iterator[Tensor]:
-        check_split(batch_size, rank, world_size)
+    def global_batches(self, batch_size: int, start_step: int) -> Iterator[Tensor]:
         per_epoch = self.n_train // batch_size  # global batches; a partial last one is dropped
         if per_epoch == 0:
             raise UserError(f"data file {self.path} has {self.n_train} training rows, fewer "
                             f"than one batch of {batch_size}: lower data.batch_size or eval.rows")
-        return self._batches(batch_size, rank, world_size, start_step, per_epoch)
 
-    def _batches(self, batch_size: int, rank: int, world_size: int, step: int,
-                 per_epoch: int) -> Iterator[Tensor]:
-        epoch, offset = divmod(step, per_epoch)  # skip ahead without making skipped batches
-        while True:
+        def batches_of(epoch: int, first: int) -> Iterator[Tensor]:
             order = self._permutation(epoch)
-            for k in range(offset, per_epoch):
+            for k in range(first, per_epoch):
                 # Sorted reads walk the memmap forwards: far fewer page faults than random.
-                # The share is taken after sorting, so it is the 1-process batch's rows r::W.
-                idx = order[k * batch_size:(k + 1) * batch_size].sort().values[rank::world_size]
+                idx = order[k * batch_size:(k + 1) * batch_size].sort().values
                 yield _as_tensor(self._rows[idx.numpy()])
-            epoch, offset = epoch + 1, 0
+
+        return epoch_batches(per_epoch, start_step, batches_of)
 
     def _permutation(self, epoch: int) -> Tensor:
         gen = torch.Generator()
@@ -153,3 +148,9 @@ class FileSource:
     def describe(self) -> dict:
         return {"source": "file", "path": str(self.path), "rows": self.n_rows,
                 "d_in": self.d_in, "dtype": self.dtype}
+
+
+@SOURCES.register("file")
+def build(cfg) -> FileSource:
+    return FileSource(cfg.data.path, seed=cfg.seed, holdout_rows=cfg.eval.rows,
+                      min_train_rows=cfg.data.batch_size)

@@ -14,7 +14,7 @@ dependencies `llm` and `llama-cpp-python` are not needed, and the second compile
 The package is never imported (its `__init__` imports those): only its folder is found.
 
 Text, when `data.dataset` is null: the tiny LM's corpus, CPython's standard library
-source, with the tiny LM's file split (gsae_pl/tiny_lm.py: `_split`, files held out by a
+source, with the tiny LM's file split (data/tiny_lm.py: `_split`, files held out by a
 hash of their path, the same files for both models). The SAE trains on the training files
 (corpus.jsonl) and is evaluated, loss recovered included, on the held-out files
 (heldout.jsonl), both written beside the converted model. SmolLM2 itself was not trained
@@ -89,7 +89,7 @@ def installed_gguf(model: LocalModel) -> Path:
 
 def model_dir(model: LocalModel, gguf: Path) -> Path:
     """Where the conversion of `gguf` lives: a new key, a new directory (never a stale one)."""
-    from gsae_pl.tiny_lm import Recipe, cache_root
+    from gsae_pl.data.tiny_lm import Recipe, cache_root
 
     recipe = Recipe()  # the corpus and its split are the tiny LM's: see corpus()
     key = json.dumps({"model": model.name, "package": _version(model), "gguf": gguf.name,
@@ -101,9 +101,9 @@ def model_dir(model: LocalModel, gguf: Path) -> Path:
 
 
 def write_corpus(out: Path) -> dict:
-    """The tiny LM's text and file split (gsae_pl/tiny_lm.py), written into `out`."""
-    from gsae_pl.tiny_lm import Recipe, _split, stdlib_documents
-    from gsae_pl.tiny_lm import write_corpus as write_split
+    """The tiny LM's text and file split (data/tiny_lm.py), written into `out`."""
+    from gsae_pl.data.tiny_lm import Recipe, _split, stdlib_documents
+    from gsae_pl.data.tiny_lm import write_corpus as write_split
 
     recipe = Recipe()
     train, heldout = _split(stdlib_documents(recipe.max_corpus_chars),
@@ -154,7 +154,7 @@ def resolve(model: str | None, dataset: str | None) -> tuple[str, str, str | Non
     named = lookup(model)
     if named is None:
         return model, dataset, None
-    from gsae_pl.tiny_lm import CORPUS, HELDOUT
+    from gsae_pl.data.tiny_lm import CORPUS, HELDOUT
 
     directory = ensure_local_model(named.name)
     if dataset:

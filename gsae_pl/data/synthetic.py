@@ -7,8 +7,8 @@ docs/method.md sec. 6 scores recovery with `mmcs` and `fraction_recovered`, defi
 
 Every global batch comes from its own generator, seeded from (seed, stream, index), so
 batch k is a pure function of the config: a restarted run sees exactly the batches it
-would have seen, no two steps or the held-out rows share a stream, and process r of W
-takes rows r::W of the same global batch a 1-process run draws (see base.py).
+would have seen, and no two steps or the held-out rows share a stream (data/base.py deals
+each global batch out to the processes).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gsae_pl.config import SyntheticConfig
-from gsae_pl.data.base import check_split
+from gsae_pl.data.base import SOURCES
 from gsae_pl.errors import UserError
 
 # Held-out rows are made in fixed-size chunks so eval_rows(n) is a prefix of eval_rows(m > n).
@@ -69,6 +69,8 @@ def power_law_frequencies(n_features: int, exponent: float, min_ratio: float,
 class SyntheticSource:
     """An ActivationSource (see base.py) whose true features are known."""
 
+    lm = None  # no LM behind these rows
+
     def __init__(self, cfg: SyntheticConfig):
         names = [f.name for f in dataclasses.fields(SyntheticConfig)]
         self.settings = {name: getattr(cfg, name) for name in names}
@@ -110,18 +112,10 @@ class SyntheticSource:
         fired[:, :width] = (block | (block.any(-1, keepdim=True) & join)).flatten(1)
         return fired
 
-    def train_batches(self, batch_size: int, rank: int, world_size: int,
-                      start_step: int = 0) -> Iterator[Tensor]:
-        check_split(batch_size, rank, world_size)
-        return self._batches(batch_size, rank, world_size, start_step)
-
-    def _batches(self, batch_size: int, rank: int, world_size: int,
-                 step: int) -> Iterator[Tensor]:
+    def global_batches(self, batch_size: int, start_step: int) -> Iterator[Tensor]:
+        step = int(start_step)
         while True:
-            # Every process draws the whole global batch and keeps its share: W times the
-            # (cheap) sampling work, bought for identical 1- and W-process trajectories.
-            gen = _generator(self.seed, "train", step)
-            yield self.sample(batch_size, gen)[0][rank::world_size].contiguous()
+            yield self.sample(batch_size, _generator(self.seed, "train", step))[0]
             step += 1
 
     def eval_rows(self, n_rows: int) -> Tensor:
@@ -134,6 +128,11 @@ class SyntheticSource:
 
     def describe(self) -> dict:
         return {"source": "synthetic", **self.settings}
+
+
+@SOURCES.register("synthetic")
+def build(cfg) -> SyntheticSource:
+    return SyntheticSource(cfg.data.synthetic)
 
 
 def _max_cosine(true_features: Tensor, W_dec: Tensor) -> Tensor:

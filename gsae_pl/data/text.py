@@ -4,7 +4,8 @@
 .parquet file or a folder of them. Documents are tokenized (or taken as they are, when
 `data.column` already holds token ids), joined with a separator token, and cut into
 windows of `context_size` tokens that each start with BOS, the TransformerLens
-`tokenize_and_concatenate` convention.
+`tokenize_and_concatenate` convention (`pack_windows`, which the tiny LM's own training
+windows use too: data/tiny_lm.py).
 
 Held-out text (docs/method.md: evaluate on held-out tokens) is either a dataset of its own
 (`data.source=tiny_lm` on its own corpus: the files the tiny LM never trained on, so loss
@@ -17,7 +18,7 @@ shard of the training documents (`split_dataset_by_node`).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -80,8 +81,8 @@ class TextWindows:
         what = "its held-out text" if separate else f"data.dataset={self.name}"
         raise UserError(f"{what} is too short: it gives {len(windows)} windows of "
                         f"{self.context_size} tokens, and {n_windows} are needed as held-out "
-                        "text alone: use more text, or lower eval.rows / eval.lm_contexts / "
-                        "data.context_size")
+                        "text alone: use more text, or lower eval.rows / "
+                        "eval.loss_recovered.contexts / data.context_size")
 
     def evaluation_windows(self, n_windows: int) -> tuple[Tensor, Tensor]:
         """`n_windows` held-out windows [n, T] for loss recovered and, per window, the
@@ -97,7 +98,8 @@ class TextWindows:
         if len(pairs) < n_windows:
             what = "its held-out text" if separate else f"data.dataset={self.name}"
             raise UserError(f"{what} gives {len(pairs)} windows of {self.context_size} tokens, "
-                            f"fewer than eval.lm_contexts={n_windows}: lower eval.lm_contexts")
+                            f"fewer than eval.loss_recovered.contexts={n_windows}: lower "
+                            "eval.loss_recovered.contexts")
         picked = [pairs[i * len(pairs) // n_windows] for i in range(n_windows)]
         return (torch.stack([window for _, window in picked]),
                 torch.tensor([docs - 1 for docs, _ in picked], dtype=torch.long))
@@ -116,7 +118,7 @@ class TextWindows:
             if count == 0:
                 raise UserError(f"data.dataset={self.name} has no text left to train on after "
                                 f"the held-out windows (process {rank} of {world}): use more "
-                                "text or lower eval.rows / eval.lm_contexts")
+                                "text or lower eval.rows / eval.loss_recovered.contexts")
 
     def _token_lists(self, docs: Iterator[dict]) -> Iterator[list[int]]:
         while batch := list(itertools.islice(docs, _DOCS_PER_TOKENIZER_CALL)):
@@ -130,12 +132,21 @@ class TextWindows:
                 yield from ([int(t) for t in ids] for ids in values)
 
     def _pack(self, token_lists: Iterator[list[int]]) -> Iterator[tuple[int, Tensor]]:
-        """(documents consumed so far, window) pairs; the tail of a stream is dropped."""
-        body, pending, docs = self.context_size - 1, [], 0
-        for ids in token_lists:
-            docs += 1
-            pending.extend(ids)
-            pending.append(self.separator)
-            while len(pending) >= body:
-                yield docs, torch.tensor([self.bos_id, *pending[:body]], dtype=torch.long)
-                pending = pending[body:]
+        return pack_windows(token_lists, self.context_size, self.bos_id, self.separator)
+
+
+def pack_windows(token_lists: Iterable[list[int]], context_size: int, bos_id: int,
+                 separator: int) -> Iterator[tuple[int, Tensor]]:
+    """(documents consumed so far, window) pairs: the documents joined, each followed by
+    `separator`, and cut into [context_size] windows of BOS then context_size - 1 tokens of
+    the joined stream. The tail of a stream, short of a window, is dropped."""
+    body, pending, docs = context_size - 1, [], 0
+    for ids in token_lists:
+        docs += 1
+        pending.extend(ids)
+        pending.append(separator)
+        n_windows = len(pending) // body
+        for i in range(n_windows):
+            yield docs, torch.tensor([bos_id, *pending[i * body:(i + 1) * body]],
+                                     dtype=torch.long)
+        del pending[:n_windows * body]  # once per document: linear in a long document

@@ -2,7 +2,7 @@
 
 `data.source=transformer_lens` loads `data.model` (hub name or local HF directory) with
 `TransformerBridge.boot_transformers`; `data.source=tiny_lm` does the same with the model
-gsae_pl builds offline (gsae_pl/tiny_lm.py). Text comes from data/text.py.
+gsae_pl builds offline (data/tiny_lm.py). Text comes from data/text.py.
 
 The forward pass stops at the hook: a hook on `data.hook` captures the activation and
 raises TransformerLens's own `StopAtLayerException`, which the bridge catches and returns,
@@ -15,9 +15,10 @@ run resumed at step k rebuilds the shuffle-buffer block holding step k (data/buf
 tokenising the text before it to find where the block starts without running the LM on
 it, and continues with exactly the batches of an uninterrupted run.
 
-Under DDP each process reads its own text shard and yields batch_size / W rows of its own,
-so (unlike synthetic and file data) a W-process run does not see a 1-process run's batches;
-it does resume exactly, with the same number of processes.
+Under DDP each process reads its own text shard and yields batch_size / W rows of its own
+(`process_batches`, data/base.py: PerProcessSource), so (unlike synthetic and file data) a
+W-process run does not see a 1-process run's batches; it does resume exactly, with the
+same number of processes.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from gsae_pl.data.base import check_split
+from gsae_pl.data.base import SOURCES
 from gsae_pl.data.buffer import shuffled_batches
 from gsae_pl.data.synthetic import stream_seed
 from gsae_pl.data.text import TextWindows, open_dataset
@@ -87,7 +88,7 @@ class TransformerLensSource:
     """An ActivationSource (see base.py) over an LM's activations at `data.hook`."""
 
     true_features = None
-    reference_dir: Path | None = None  # where lm_eval keeps CE clean / zero (data/cached.py)
+    reference_dir: Path | None = None  # where lm_eval keeps CE clean / zero (data/cache.py)
 
     def __init__(self, cfg, model: str, dataset: str, kind: str = "transformer_lens",
                  heldout_dataset: str | None = None):
@@ -116,7 +117,7 @@ class TransformerLensSource:
 
     @property
     def lm(self) -> TransformerLensSource:
-        """The LM behind the rows (CachedSource has one too): loss recovered uses it."""
+        """The LM behind the rows (the cache's source has one too): loss recovered uses it."""
         return self
 
     def set_device(self, device: torch.device) -> None:
@@ -172,11 +173,9 @@ class TransformerLensSource:
             yield self.rows(tokens)[skip_rows:]
             skip_rows = 0
 
-    # ---- the ActivationSource protocol -------------------------------------------
-    def train_batches(self, batch_size: int, rank: int, world_size: int,
-                      start_step: int = 0) -> Iterator[Tensor]:
-        check_split(batch_size, rank, world_size)
-
+    # ---- the ActivationSource protocol (data/base.py: PerProcessSource) -----------
+    def process_batches(self, batch_size: int, start_step: int, rank: int,
+                        world_size: int) -> Iterator[Tensor]:
         def chunks_from(row: int) -> Iterator[Tensor]:
             windows = self.text.train(self.heldout_docs, rank, world_size)
             return self.row_chunks(windows, skip_rows=row)
@@ -185,8 +184,8 @@ class TransformerLensSource:
             return torch.Generator().manual_seed(stream_seed(self.seed, f"lm-buffer-{rank}",
                                                              block))
 
-        return shuffled_batches(chunks_from, self.buffer_size, batch_size // world_size,
-                                generator_of, start_batch=start_step)
+        return shuffled_batches(chunks_from, self.buffer_size, batch_size, generator_of,
+                                start_batch=start_step)
 
     def eval_rows(self, n_rows: int) -> Tensor:
         if self._eval_rows is None or len(self._eval_rows) < n_rows:
@@ -202,7 +201,7 @@ class TransformerLensSource:
         if self.heldout_dataset_name is None and n_windows > len(self.heldout):
             # the stream's front: more windows than held out would be training text
             raise ValueError(f"{n_windows} evaluation windows asked for, {len(self.heldout)} "
-                             "held out (eval.lm_contexts sets how many)")
+                             "held out (eval.loss_recovered.contexts sets how many)")
         if n_windows not in self._evaluation_windows:
             self._evaluation_windows[n_windows] = self.text.evaluation_windows(n_windows)
         return self._evaluation_windows[n_windows]
@@ -212,7 +211,7 @@ class TransformerLensSource:
         return self.heldout_windows(n_windows)[0]
 
     def describe(self) -> dict:
-        """What made these activations; also the key of a disk cache (gsae_pl/cache.py)."""
+        """What made these activations; also the key of a disk cache (data/cache.py)."""
         data = self.settings
         model = str(Path(self.model_name).resolve()) if Path(self.model_name).exists() \
             else self.model_name
@@ -226,9 +225,9 @@ class TransformerLensSource:
 
 
 def build_lm_source(cfg) -> TransformerLensSource:
-    """`data.source` tiny_lm or transformer_lens, from the run config."""
+    """`data.source` tiny_lm or transformer_lens, from the run config, uncached."""
     if cfg.data.source == "tiny_lm":
-        from gsae_pl.tiny_lm import CORPUS, HELDOUT, ensure_tiny_lm
+        from gsae_pl.data.tiny_lm import CORPUS, HELDOUT, ensure_tiny_lm
 
         model_dir = ensure_tiny_lm()
         if cfg.data.dataset:  # the user's own text: held out at its front, as for any dataset
@@ -241,3 +240,15 @@ def build_lm_source(cfg) -> TransformerLensSource:
 
     model, dataset, heldout = resolve(cfg.data.model, cfg.data.dataset)
     return TransformerLensSource(cfg, model, dataset, heldout_dataset=heldout)
+
+
+@SOURCES.register("tiny_lm")
+@SOURCES.register("transformer_lens")
+def build(cfg):
+    """The LM source, or with data.cache=true the disk cache of its activations (written by
+    the DataModule's prepare_data: data/cache.py)."""
+    from gsae_pl.data.cache import CachedSource, check_cache_dir
+
+    check_cache_dir(cfg)  # before the LM loads and runs
+    lm = build_lm_source(cfg)
+    return CachedSource(lm, cfg) if cfg.data.cache else lm

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from gsae_pl.tiny_lm import Recipe, new_model, train_tokenizer
+from gsae_pl.data.tiny_lm import Recipe, new_model, train_tokenizer
 
 WORDS = ("the cat dog sat on a mat and ran to red blue green house tree over under "
          "def return class import if else for while print value list dict").split()
@@ -42,7 +42,7 @@ def lm_cfg(model, dataset, *overrides):
 
     return make_cfg("data.source=transformer_lens", f"data.model={model}",
                     f"data.dataset={dataset}", "data.context_size=16", "eval.rows=64",
-                    "eval.lm_contexts=4", "data.buffer_size=256", "data.batch_size=32",
+                    "eval.loss_recovered.contexts=4", "data.buffer_size=256", "data.batch_size=32",
                     "data.lm_batch_size=8", *overrides)
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
+from gsae_pl.data.base import SOURCES, train_stream
 from gsae_pl.data.datamodule import SAEDataModule
 from gsae_pl.errors import UserError
 from tests.conftest import make_cfg
@@ -47,7 +50,7 @@ def test_train_loader_differs_by_rank_and_resumes_at_global_step():
     assert not torch.equal(first, next(iter(dm.train_dataloader())))
     dm.trainer = _FakeTrainer(0, 2)
     dm.trainer.global_step = 3
-    stream = iter(_dm().source.train_batches(64, 0, 2))
+    stream = iter(train_stream(_dm().source, 64, 0, 2))
     for _ in range(3):
         next(stream)
     assert torch.equal(next(iter(dm.train_dataloader())), next(stream))
@@ -69,3 +72,32 @@ def test_indivisible_global_batch_is_refused():
     with pytest.raises(UserError, match="multiple of 3"):
         _dm().check_world(3)
     _dm().check_world(2)
+
+
+class _Counting:
+    """A source in a few lines: global batch k holds the rows numbered k*B .. k*B + B-1."""
+
+    d_in, true_features, lm = 2, None, None
+
+    def global_batches(self, batch_size, start_step):
+        for k in itertools.count(start_step):
+            yield torch.arange(k * batch_size, (k + 1) * batch_size).float()[:, None].repeat(1, 2)
+
+    def eval_rows(self, n_rows):
+        return -torch.ones(n_rows, 2)
+
+    def describe(self):
+        return {"source": "counting"}
+
+
+def test_a_registered_source_is_a_choice_and_the_datamodule_splits_and_resumes_it(
+        monkeypatch):
+    SOURCES.names()  # the built-in sources first, as any lookup loads them
+    monkeypatch.setitem(SOURCES._entries, "counting", lambda cfg: _Counting())
+    dm = SAEDataModule(make_cfg("data.source=counting", "data.batch_size=4", "eval.rows=8",
+                                "data.normalize_rows=6"))
+    assert dm.sample_rows(6)[:, 0].tolist() == [0, 1, 2, 3, 4, 5]  # the global stream's
+    for rank in range(2):
+        dm.trainer = _FakeTrainer(rank, 2)
+        dm.trainer.global_step = 3  # a resumed run: its first batch is global batch 3's share
+        assert next(iter(dm.train_dataloader()))[:, 0].tolist() == [12 + rank, 14 + rank]

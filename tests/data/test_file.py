@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from gsae_pl.data.base import train_stream
 from gsae_pl.data.file import FileSource
 from gsae_pl.errors import UserError
 
@@ -42,7 +43,7 @@ def test_formats_round_trip(tmp_path, fmt):
     assert (src.d_in, src.n_rows, src.true_features) == (3, 50, None)
     assert torch.equal(src.eval_rows(10), data[40:].float())
     assert src.eval_rows(4).dtype == torch.float32
-    batch = next(src.train_batches(8, 0, 1))
+    batch = next(train_stream(src, 8, 0, 1))
     assert batch.dtype == torch.float32
     # Every training row is some row of the file's first 40, bit for bit.
     assert all((data[:40].float() == r).all(1).any() for r in batch)
@@ -63,7 +64,7 @@ def test_pt_dict_with_activations(tmp_path):
 
 
 def test_each_epoch_is_a_permutation_split_across_ranks(source):
-    streams = [source.train_batches(6, rank, 2) for rank in range(2)]
+    streams = [train_stream(source, 6, rank, 2) for rank in range(2)]
     for _epoch in range(3):
         seen = [sum((indices(next(s)) for _ in range(8)), []) for s in streams]
         assert not set(seen[0]) & set(seen[1])  # ranks' shares are disjoint
@@ -72,8 +73,8 @@ def test_each_epoch_is_a_permutation_split_across_ranks(source):
 
 
 def test_ranks_take_rows_r_mod_w_of_the_one_process_batch(source):
-    whole = source.train_batches(6, 0, 1, start_step=7)  # crosses into the second epoch
-    shares = [source.train_batches(6, rank, 3, start_step=7) for rank in range(3)]
+    whole = train_stream(source, 6, 0, 1, start_step=7)  # crosses into the second epoch
+    shares = [train_stream(source, 6, rank, 3, start_step=7) for rank in range(3)]
     for _ in range(3):
         batch = next(whole)
         for rank, share in enumerate(shares):
@@ -81,38 +82,38 @@ def test_ranks_take_rows_r_mod_w_of_the_one_process_batch(source):
 
 
 def test_epochs_differ_and_batches_are_sorted(source):
-    it = source.train_batches(6, 0, 1)
+    it = train_stream(source, 6, 0, 1)
     epochs = [[indices(next(it)) for _ in range(8)] for _ in range(2)]
     assert epochs[0] != epochs[1]
     assert all(b == sorted(b) for b in epochs[0])
 
 
 def test_holdout_rows_never_trained_on(source):
-    it = source.train_batches(6, 1, 3)
+    it = train_stream(source, 6, 1, 3)
     assert max(max(indices(next(it))) for _ in range(40)) < 48
 
 
 def test_start_step_skips_ahead(source):
-    full = [next(it) for it in [source.train_batches(6, 1, 2)] for _ in range(11)]
-    resumed = source.train_batches(6, 1, 2, start_step=6)  # mid second epoch
+    full = [next(it) for it in [train_stream(source, 6, 1, 2)] for _ in range(11)]
+    resumed = train_stream(source, 6, 1, 2, start_step=6)  # mid second epoch
     assert all(torch.equal(next(resumed), full[k]) for k in range(6, 11))
 
 
 def test_same_seed_same_stream_other_seed_differs(tmp_path, source):
     other = FileSource(str(source.path), seed=1, holdout_rows=12, min_train_rows=12)
     again = FileSource(str(source.path), seed=0, holdout_rows=12, min_train_rows=12)
-    first = next(source.train_batches(6, 0, 1))
-    assert torch.equal(first, next(again.train_batches(6, 0, 1)))
-    assert not torch.equal(first, next(other.train_batches(6, 0, 1)))
+    first = next(train_stream(source, 6, 0, 1))
+    assert torch.equal(first, next(train_stream(again, 6, 0, 1)))
+    assert not torch.equal(first, next(train_stream(other, 6, 0, 1)))
 
 
 def test_eval_rows_too_many_and_batch_too_big(source):
     with pytest.raises(UserError, match="held out"):
         source.eval_rows(13)
     with pytest.raises(UserError, match="batch_size"):
-        source.train_batches(50, 0, 2)
+        train_stream(source, 50, 0, 2)
     with pytest.raises(UserError, match="multiple of 4"):
-        source.train_batches(6, 0, 4)
+        train_stream(source, 6, 0, 4)
 
 
 def bad(tmp_path, name, data, fmt):

@@ -234,7 +234,7 @@ def test_named_model_converts_once_and_serves_the_stdlib_split(fake_package, tin
     (killed / "part").mkdir(parents=True)
     cfg = make_cfg("data.source=transformer_lens", "data.model=smollm2-135m",
                    "data.hook=blocks.0.hook_resid_post", "data.context_size=16",
-                   "eval.rows=64", "eval.lm_contexts=4", "data.buffer_size=256",
+                   "eval.rows=64", "eval.loss_recovered.contexts=4", "data.buffer_size=256",
                    "data.batch_size=32", "data.lm_batch_size=8")
     source = build_lm_source(cfg)
     directory = Path(source.model_name)

@@ -7,6 +7,7 @@ import torch
 from omegaconf import OmegaConf
 
 from gsae_pl.config import SyntheticConfig
+from gsae_pl.data.base import train_stream
 from gsae_pl.data.synthetic import (
     SyntheticSource,
     fraction_recovered,
@@ -31,36 +32,36 @@ def test_shapes_and_unit_features():
     assert src.true_features.shape == (40, 16) and src.true_features.dtype == torch.float32
     assert torch.allclose(src.true_features.norm(dim=1), torch.ones(40), atol=1e-5)
     assert src.frequencies.shape == (40,) and src.frequencies.dtype == torch.float32
-    batch = next(src.train_batches(8, 0, 1))
+    batch = next(train_stream(src, 8, 0, 1))
     assert batch.shape == (8, 16) and batch.dtype == torch.float32
     assert src.describe() == {"source": "synthetic", **OmegaConf.to_container(
         OmegaConf.merge(OmegaConf.structured(SyntheticConfig), {"d_in": 16, "n_features": 40}))}
 
 
 def test_same_step_same_batch_from_fresh_sources():
-    a = take(make(seed=3).train_batches(32, 1, 2), 3)
-    b = take(make(seed=3).train_batches(32, 1, 2), 3)
+    a = take(train_stream(make(seed=3), 32, 1, 2), 3)
+    b = take(train_stream(make(seed=3), 32, 1, 2), 3)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
-    assert not torch.equal(a[0], take(make(seed=4).train_batches(32, 1, 2), 1)[0])
+    assert not torch.equal(a[0], take(train_stream(make(seed=4), 32, 1, 2), 1)[0])
 
 
 def test_start_step_resumes_at_that_batch():
     src = make()
-    full = take(src.train_batches(32, 0, 2), 5)
-    resumed = take(src.train_batches(32, 0, 2, start_step=3), 2)
+    full = take(train_stream(src, 32, 0, 2), 5)
+    resumed = take(train_stream(src, 32, 0, 2, start_step=3), 2)
     assert torch.equal(resumed[0], full[3]) and torch.equal(resumed[1], full[4])
 
 
 def test_steps_never_share_a_batch():
-    batches = take(make().train_batches(16, 0, 1), 6)
+    batches = take(train_stream(make(), 16, 0, 1), 6)
     for i, x in enumerate(batches):
         assert not any(torch.equal(x, y) for y in batches[i + 1:])
 
 
 def test_ranks_split_the_one_process_batch_row_by_row():
     src = make()
-    whole = take(src.train_batches(12, 0, 1, start_step=2), 2)
-    shares = [take(src.train_batches(12, rank, 3, start_step=2), 2) for rank in range(3)]
+    whole = take(train_stream(src, 12, 0, 1, start_step=2), 2)
+    shares = [take(train_stream(src, 12, rank, 3, start_step=2), 2) for rank in range(3)]
     for k in range(2):
         assert all(shares[r][k].shape == (4, src.d_in) for r in range(3))
         for r in range(3):
@@ -69,7 +70,7 @@ def test_ranks_split_the_one_process_batch_row_by_row():
 
 def test_global_batch_must_split_evenly():
     with pytest.raises(UserError, match="multiple of 3"):
-        make().train_batches(16, 0, 3)
+        train_stream(make(), 16, 0, 3)
 
 
 def test_seeds_distinct_across_steps_ranks_and_streams():
@@ -86,7 +87,7 @@ def test_eval_rows_stable_and_not_training_rows():
     again = make().eval_rows(5000)
     assert torch.equal(src.eval_rows(5000), again)
     assert torch.equal(src.eval_rows(100), again[:100])  # a prefix of a longer request
-    train = torch.cat(take(src.train_batches(256, 0, 1), 4))
+    train = torch.cat(take(train_stream(src, 256, 0, 1), 4))
     nonzero = again[again.norm(dim=1) > 0][:200]
     assert not (torch.cdist(nonzero, train) < 1e-6).any()
 

@@ -11,6 +11,7 @@ from collections import Counter
 import pytest
 import torch
 
+from gsae_pl.data.base import train_stream
 from gsae_pl.data.buffer import shuffled_batches
 from gsae_pl.data.transformer_lens import build_lm_source
 from gsae_pl.errors import UserError
@@ -77,7 +78,7 @@ def test_bos_positions_are_left_out_by_default(source, lm_files):
 
 
 def test_train_batches_split_the_global_batch_and_are_finite(source):
-    batches = source.train_batches(32, 1, 2)
+    batches = train_stream(source, 32, 1, 2)
     first = next(batches)
     assert first.shape == (16, source.d_in) and torch.isfinite(first).all()
     assert source.eval_rows(64).shape == (64, source.d_in)
@@ -89,7 +90,7 @@ def test_ddp_processes_read_disjoint_documents(tmp_path, lm_files):
     path = tmp_path / "tokens.jsonl"
     path.write_text("".join(json.dumps(d) + "\n" for d in docs))
     src = build_lm_source(lm_cfg(lm_files[0], path, "data.column=tokens", "eval.rows=16",
-                                 "eval.lm_contexts=2"))
+                                 "eval.loss_recovered.contexts=2"))
     seen = []
     for part in [src.heldout] + [_one_epoch(src, rank) for rank in range(2)]:
         seen.append(set(part.flatten().tolist()) - {src.bos_id, src.text.separator})
@@ -206,8 +207,8 @@ def test_a_resumed_stream_gives_the_uninterrupted_batches_bit_for_bit(tmp_path, 
     shuffle-buffer blocks, mid-block, and into the second epoch of the text."""
     text = write_text(tmp_path / "short", n_docs=40)  # ~2200 rows an epoch: 90 batches wrap
     src = build_lm_source(lm_cfg(lm_files[0], text, "data.buffer_size=96"))  # 3 batches/block
-    whole = [b for _, b in zip(range(90), src.train_batches(32, rank, world))]
+    whole = [b for _, b in zip(range(90), train_stream(src, 32, rank, world))]
     for start in (1, 3, 7, 29, 86):
-        resumed = src.train_batches(32, rank, world, start_step=start)
+        resumed = train_stream(src, 32, rank, world, start_step=start)
         for k in range(start, min(start + 4, len(whole))):
             assert torch.equal(next(resumed), whole[k]), (start, k)

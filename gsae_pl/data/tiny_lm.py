@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from gsae_pl.data.text import pack_windows
 from gsae_pl.io import atomic_write_json, sweep_stale_temporaries
 
 BOS = "<|endoftext|>"  # GPT-2's one special token: BOS, EOS and the document separator
@@ -143,14 +144,10 @@ def new_model(vocab_size: int, recipe: Recipe, bos_id: int):
 
 
 def pack(token_lists: list[list[int]], n_ctx: int, bos_id: int) -> torch.Tensor:
-    """Documents joined by BOS, cut into [n, n_ctx] windows that each start with BOS."""
-    flat = []
-    for ids in token_lists:
-        flat.extend(ids)
-        flat.append(bos_id)
-    n = len(flat) // (n_ctx - 1)
-    body = torch.tensor(flat[: n * (n_ctx - 1)], dtype=torch.long).view(n, n_ctx - 1)
-    return torch.cat([torch.full((n, 1), bos_id), body], dim=1)
+    """Documents joined by BOS, cut into [n, n_ctx] windows that each start with BOS: the
+    packing of the SAE's text (data/text.py), BOS also separating documents as GPT-2's."""
+    windows = [window for _, window in pack_windows(token_lists, n_ctx, bos_id, bos_id)]
+    return torch.stack(windows) if windows else torch.empty(0, n_ctx, dtype=torch.long)
 
 
 def build(out: Path, recipe: Recipe, progress: bool = True) -> dict:
@@ -255,11 +252,11 @@ def unigram_entropy(tokens: torch.Tensor) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m gsae_pl.tiny_lm`: build (if needed) and print the model directory."""
+    """`python -m gsae_pl.data.tiny_lm`: build (if needed) and print the model directory."""
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m gsae_pl.tiny_lm",
+        prog="python -m gsae_pl.data.tiny_lm",
         description="Build the embedded tiny LM (first use only; a few minutes on 2 cores) "
                     "into $GSAE_PL_CACHE/tiny_lm and print its folder and build report.")
     parser.parse_args(argv)
