@@ -28,7 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 from gsae_pl.config_checks import validate
 from gsae_pl.errors import UserError
 from gsae_pl.losses import LOSS_TERMS
-from gsae_pl.run_dir import check_name
+from gsae_pl.run.run_dir import check_name
 from gsae_pl.saes import ARCHITECTURES
 from gsae_pl.yaml_io import DuplicateKeyError, safe_load_unique_keys
 
@@ -310,7 +310,7 @@ def _file_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, di
     if not isinstance(data, dict):
         kind = type(data).__name__
         raise UserError(f"config file {path} must hold a mapping of keys, not a {kind}")
-    if "variants" in data:  # suites and run configs share ablations/ (gsae_pl/suite.py)
+    if "variants" in data:  # suites and run configs share ablations/ (gsae_pl/suite/spec.py)
         raise UserError(f"{path} is a suite file (it lists variants), not a run config: run "
                         f"python -m gsae_pl.ablate --suite {path}")
     layers: list[tuple[Path, dict]] = []

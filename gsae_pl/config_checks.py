@@ -123,7 +123,7 @@ def _validate_resample_end(cfg: DictConfig) -> None:
     have trained as long as the recipe lets them settle; a resample later than that leaves
     the final metrics measuring half-trained, freshly re-initialised features.
     """
-    from gsae_pl.resample import resample_steps  # here: it brings lightning, only needed now
+    from gsae_pl.run.resample import resample_steps  # here: it brings lightning, only needed now
 
     max_steps, margin = cfg.trainer.max_steps, cfg.resample.lr_return_steps
     inside = [step for step in resample_steps(cfg.resample) if step <= max_steps]

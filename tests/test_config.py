@@ -9,7 +9,7 @@ import pytest
 
 from gsae_pl.config import load_config
 from gsae_pl.errors import UserError
-from gsae_pl.suite import is_suite_file
+from gsae_pl.suite.spec import is_suite_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(ROOT.glob("configs/**/*.yaml")) + [
@@ -209,7 +209,7 @@ def test_configs_compose_in_order_and_a_shared_base_is_merged_once(tmp_path):
 
 
 def test_fit_takes_several_config_files_and_overrides_after_them():
-    from gsae_pl.fit import parse_args
+    from gsae_pl.run.train import parse_args
 
     args = parse_args(["--config", "a.yaml", "b.yaml", "sae.d_sae=8", "--force", "seed=1"])
     assert args.config == ["a.yaml", "b.yaml"] and args.overrides == ["sae.d_sae=8", "seed=1"]

@@ -24,7 +24,7 @@ finds no `metadata.json` blocks on that lock, then finds the cache complete (or,
 writer failed, writes it itself and meets the same error) -- no polling, and on a shared
 filesystem with locks this holds across nodes too. Whichever process locks first writes;
 the rows are the same, since they are a pure function of the config. The lock file stays
-(empty): deleting a lock file that others may hold open is a race (gsae_pl/lock.py).
+(empty): deleting a lock file that others may hold open is a race (gsae_pl/run/lock.py).
 
 Reading: shards are memory-mapped; each epoch visits them in a new seeded order and reads
 contiguous slices, so throughput approaches memory speed (benchmarks/RESULTS.md). Rows
@@ -60,8 +60,8 @@ from gsae_pl.config import load_config
 from gsae_pl.data.base import epoch_batches, train_stream
 from gsae_pl.data.synthetic import stream_seed
 from gsae_pl.errors import UserError
-from gsae_pl.io import atomic_save_npy, atomic_write_json, sweep_stale_temporaries
-from gsae_pl.rendezvous import is_first_process
+from gsae_pl.run.io import atomic_save_npy, atomic_write_json, sweep_stale_temporaries
+from gsae_pl.suite.rendezvous import is_first_process
 
 METADATA = "metadata.json"
 REFERENCE_CE = "reference_ce"  # a subfolder: lm_eval's clean / zero-ablated CE per window
@@ -113,7 +113,7 @@ def check_key(directory: Path, meta: dict, key: dict) -> None:
 def check_cache_dir(cfg) -> None:
     """Before the LM runs: a cache folder that cannot be written would otherwise fail after
     the first shard's worth of LM passes. A complete cache is only read."""
-    from gsae_pl.writable import check_writable_dir
+    from gsae_pl.run.writable import check_writable_dir
 
     data = cfg.data
     if data.cache and data.cache_dir and read_metadata(data.cache_dir) is None:

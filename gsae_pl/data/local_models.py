@@ -115,7 +115,7 @@ def write_corpus(out: Path) -> dict:
 def ensure_local_model(name: str) -> Path:
     """The converted model directory of the named model, converted first if missing."""
     from gsae_pl.data.gguf_to_hf import convert
-    from gsae_pl.io import atomic_write_json, sweep_stale_temporaries
+    from gsae_pl.run.io import atomic_write_json, sweep_stale_temporaries
 
     model = MODELS[name]
     gguf = installed_gguf(model)

@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gsae_pl.data.text import pack_windows
-from gsae_pl.io import atomic_write_json, sweep_stale_temporaries
+from gsae_pl.run.io import atomic_write_json, sweep_stale_temporaries
 
 BOS = "<|endoftext|>"  # GPT-2's one special token: BOS, EOS and the document separator
 CORPUS = "corpus.jsonl"  # the files the LM trained on: the SAE's training text

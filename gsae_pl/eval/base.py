@@ -20,7 +20,7 @@ from torchmetrics import Metric
 from gsae_pl.registry import Registry
 
 if TYPE_CHECKING:
-    from gsae_pl.module import SAEModule
+    from gsae_pl.run.module import SAEModule
     from gsae_pl.saes.base import Encoding
 
 

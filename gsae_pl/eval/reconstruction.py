@@ -4,7 +4,7 @@ and dense fractions, and the log10 feature-density histogram (TensorBoard only).
 from __future__ import annotations
 
 from gsae_pl.eval.base import EVALUATORS, Evaluator
-from gsae_pl.metrics import FeatureDensity, ReconstructionMetrics
+from gsae_pl.eval.metrics import FeatureDensity, ReconstructionMetrics
 
 
 @EVALUATORS.register("reconstruction")

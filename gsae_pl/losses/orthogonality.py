@@ -18,11 +18,11 @@ over processes (one [d_sae] all_reduce, on every process every step, since it is
 collective), so every process holds the same penalty on the same (replicated) W_dec. DDP
 averages gradients over W processes, and the mean of W identical gradients is that
 gradient: no rescaling, and the 2-process run follows the 1-process one
-(tests/test_ddp.py). Averaging per-process means over each shard's own active features
+(tests/run/test_ddp.py). Averaging per-process means over each shard's own active features
 instead would be a different objective.
 
 Cost: one [k, d_sae] product of the k active rows with all rows, O(k * d_sae * d_in); a
-[d_sae, d_sae] Gram matrix is never formed (tests/test_orthogonality.py checks shapes).
+[d_sae, d_sae] Gram matrix is never formed (tests/losses/test_orthogonality.py checks shapes).
 """
 
 from __future__ import annotations

@@ -32,8 +32,11 @@ def build_sae(sae_cfg, d_in: int, reads=()) -> SAE:
     terms'). The architecture gets its own fields and the common ones its constructor names
     (prolu has one path: no kernel, no compile)."""
     cls = ARCHITECTURES[sae_cfg.architecture]
-    takes = inspect.signature(cls).parameters
-    common = {arg: sae_cfg[key] for arg, key in COMMON_ARGS.items() if arg in takes}
+    params = inspect.signature(cls).parameters.values()
+    open_ended = any(p.kind is p.VAR_KEYWORD for p in params)  # e.g. a wrapped constructor
+    takes = {p.name for p in params}
+    common = {arg: sae_cfg[key] for arg, key in COMMON_ARGS.items()
+              if open_ended or arg in takes}
     own = {f.name: sae_cfg[f.name] for f in fields(cls.Config)}
     sae = cls(d_in=d_in, **common, **own)
     sae.serve(reads)

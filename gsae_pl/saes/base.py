@@ -68,7 +68,7 @@ class SAE(nn.Module):
     Config: ClassVar[type] = NoFields
     provides: ClassVar[tuple[str, ...]] = FAST_FIELDS
     has_gate: ClassVar[bool] = False
-    # Per-feature parameter -> how a resample re-initialises it (gsae_pl/resample.py):
+    # Per-feature parameter -> how a resample re-initialises it (gsae_pl/run/resample.py):
     # "direction" its row (axis 0) := the new unit direction; "encoder" its column (axis 1)
     # := the direction, scaled like the alive columns; "zero" its entry := 0.
     resample_roles: ClassVar[dict[str, str]] = {"W_dec": "direction"}
@@ -124,7 +124,7 @@ class SAE(nn.Module):
         if cls.saelens is None:
             raise UserError(f"sae.architecture={sae_cfg['architecture']} has no SAELens "
                             "equivalent: nothing written")
-        from gsae_pl.load import ENCODER_PARAMS  # SAELens's parameter names per format
+        from gsae_pl.saelens import ENCODER_PARAMS  # SAELens's parameter names per format
 
         names = ["W_enc", "W_dec", "b_dec", *ENCODER_PARAMS[cls.saelens]]
         return {name: weights[f"sae.{name}"] for name in names}

@@ -11,7 +11,7 @@ Why not plain autograd (the reference in `GatedSAE.encode_reference`):
   forward alone must be dense, to find it. `SparseCodes` carries (f, ReLU(pi_gate)) as two
   value vectors on that one shared CSR pattern.
 The baseline gets the same centring shortcut (`ReLUEncodeDense`). Every path is checked
-against the reference, values and gradients, in tests/test_kernels.py.
+against the reference, values and gradients, in tests/saes/test_kernels.py.
 
 Under bf16 autocast (`trainer.precision=bf16-mixed`):
 - the dense paths run their matmuls in bf16 while the parameters, and so the thresholds
@@ -113,7 +113,7 @@ def _gated_backward(grad_f, grad_gate_acts, pre, b_gate, scale, b_mag):
 # each function into one loop, at a one-time compile cost of ~20 s (benchmarks/RESULTS.md).
 # The batch sums are left out of the fused loops on purpose: inductor's column reductions
 # over [B, d_sae] ran 3-4x slower than separate `sum(0)` / matrix-vector passes, measured
-# at 4096 x 16384. Fresh buffers are cheap because gsae_pl/allocator.py keeps freed memory
+# at 4096 x 16384. Fresh buffers are cheap because gsae_pl/run/allocator.py keeps freed memory
 # for reuse: with it, buffers kept from step to step measured no faster.
 _COMPILED: dict = {}
 COMPILE_MIN_ELEMENTS = 1 << 22  # `auto` compiles from B * d_sae = 4M elements up

@@ -110,7 +110,7 @@ class RescaleShiftSAE(GatedSAE):
             raise UserError(f"sae.architecture=rescale_shift learns r_mag (sec. 3 item 4): set "
                             f"sae.weight_sharing=r_mag, not {cfg.sae.weight_sharing}")
         # A resample at step s runs after the s-th optimiser step, s = max_steps included.
-        from gsae_pl.resample import resample_steps  # here: it brings lightning
+        from gsae_pl.run.resample import resample_steps  # here: it brings lightning
 
         done = [step for step in resample_steps(cfg.resample) if step <= max_steps]
         if done and done[-1] > max_steps - steps:

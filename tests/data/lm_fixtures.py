@@ -65,7 +65,7 @@ def write_fake_tiny_lm(docs: list[tuple[str, str]]) -> tuple[Path, set[int], set
     """A tiny_lm model directory where `ensure_tiny_lm()` looks (under $GSAE_PL_CACHE),
     holding a random GPT-2 and the corpus files the real build writes from `docs`; returns
     it and the indices of the documents the LM trains on and holds out."""
-    from gsae_pl import tiny_lm
+    from gsae_pl.data import tiny_lm
 
     recipe = tiny_lm.Recipe()
     target = tiny_lm.model_dir(recipe)

@@ -12,7 +12,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from gsae_pl.config import load_config
-from gsae_pl.suite import is_suite_file, load_suite
+from gsae_pl.suite.spec import is_suite_file, load_suite
 
 ROOT = Path(__file__).resolve().parents[2]
 SNAPSHOT = Path(__file__).with_name("resolved_configs.json")

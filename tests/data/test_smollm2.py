@@ -220,8 +220,7 @@ def test_missing_package_is_one_line_exit_2(tmp_path):
 @pytest.mark.slow
 def test_named_model_converts_once_and_serves_the_stdlib_split(fake_package, tiny_gguf,
                                                               monkeypatch):
-    from gsae_pl import tiny_lm
-    from gsae_pl.data import gguf_to_hf
+    from gsae_pl.data import gguf_to_hf, tiny_lm
     from gsae_pl.data.transformer_lens import build_lm_source
     from tests.conftest import make_cfg
 

@@ -1,0 +1,1 @@
+"""One training run: the LightningModule, trainer wiring, checkpoints, faults, resampling."""

@@ -1,0 +1,154 @@
+"""The LightningModule: one SAE, the objective built from `loss:`, Adam with warm-ups, metrics.
+
+Training metrics accumulate on device and are read only at log intervals (no per-step
+host sync). Held-out metrics come from the validation loop over rows training never sees.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from gsae_pl.config import from_saved
+from gsae_pl.eval import build_evaluators
+from gsae_pl.eval.metrics import (
+    FeatureDensity,
+    ReconstructionMetrics,
+    density_summary,
+    log10_density,
+)
+from gsae_pl.losses import Objective
+from gsae_pl.run.resample import Resampler, lr_multiplier
+from gsae_pl.saes import build_sae
+
+
+class SAEModule(L.LightningModule):
+    def __init__(self, cfg: dict, d_in: int, source=None):
+        """`source`: the run's ActivationSource, which the held-out evaluations read (true
+        features, the LM); None builds only those that need no source."""
+        super().__init__()
+        # The resolved config travels inside every checkpoint; the data source does not.
+        self.save_hyperparameters(ignore=["source"])
+        # A checkpoint's config may predate renamed or added keys: read it in today's schema.
+        self.cfg = from_saved(cfg, "the checkpoint's config")
+        self.objective = Objective.from_config(self.cfg.loss)
+        self.sae = build_sae(self.cfg.sae, d_in, reads=self.objective.reads)
+        # One scalar so that E||x||^2 = d_in (docs/method.md sec. 4); set by `prepare_from_sample`.
+        self.register_buffer("norm_scale", torch.tensor(1.0))
+        d_sae = self.cfg.sae.d_sae
+        self.train_recon = ReconstructionMetrics(d_in)
+        self.train_density = FeatureDensity(d_sae)
+        self.evaluators = build_evaluators(self.cfg, d_in, source)  # gsae_pl/eval/
+
+    @torch.no_grad()
+    def prepare_from_sample(self, sample: Tensor) -> None:
+        """Estimate the normalisation scalar and initialise b_dec, before training."""
+        if self.cfg.data.normalize:
+            mean_sq_norm = sample.double().pow(2).sum(1).mean()
+            self.norm_scale.fill_(float((self.sae.d_in / mean_sq_norm).sqrt()))
+        self.sae.init_b_dec(sample * self.norm_scale, self.cfg.sae.b_dec_init)
+
+    def forward(self, x: Tensor):
+        return self.sae(x * self.norm_scale)
+
+    # ---- training -------------------------------------------------------------------
+    def training_step(self, batch: Tensor, batch_idx: int) -> dict:
+        x = batch * self.norm_scale
+        x_hat, enc = self.sae(x)
+        terms = self.objective(x, x_hat, enc, self.sae, self.global_step)
+        loss = torch.stack(list(terms.values())).sum()
+        # Frozen parameters join the graph with a zero gradient, so DDP (which expects one
+        # for every parameter) stays happy; on_before_optimizer_step drops them again.
+        for p in self.sae.frozen_parameters():
+            loss = loss + 0 * p.sum()
+        self.log_dict({f"loss/{name}": value for name, value in terms.items()})
+        self.log("loss/total", loss, prog_bar=True)
+        with torch.no_grad():
+            self.train_recon.update(x, x_hat, enc.fired)
+            self.train_density.update(enc.fired, x.shape[0])
+        # The terms ride along (detached) for gsae_pl.run.faults, which names a non-finite one;
+        # `fired` for the dead-feature count of gsae_pl.run.resample.
+        return {"loss": loss, "terms": {name: v.detach() for name, v in terms.items()},
+                "fired": enc.fired}
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        step = self.global_step  # already counts this batch's optimiser step
+        # Window metrics go straight to the logger at their interval: `self.log` would
+        # re-emit the cached value at every later logging step.
+        if step % self.cfg.log.every_n_steps == 0:
+            values = {f"train/{k}": v for k, v in self.train_recon.compute().items()}
+            values.update({f"coefficient/{k}": c
+                           for k, c in self.objective.coefficients(step).items()})
+            values["lr"] = self.optimizers().param_groups[0]["lr"]
+            self._write(values)
+            self.train_recon.reset()
+        if step % self.cfg.log.histogram_every_n_steps == 0:
+            summary = self._log_histogram("train", self.train_density.compute())
+            self._write({f"train/{k}": v for k, v in summary.items()})
+            self.train_density.reset()
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # No gradient, so (fused) Adam skips frozen parameters and their moments entirely.
+        for p in self.sae.frozen_parameters():
+            p.grad = None
+        # Before clipping and the step: keep only the gradient tangent to the unit sphere.
+        self.sae.remove_parallel_grad()
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.sae.renormalise_decoder()
+
+    def configure_optimizers(self):
+        opt = self.cfg.optim
+        # fused: one kernel over all parameters; ~10x faster than the default on CPU
+        # (benchmarks/RESULTS.md), the same maths.
+        adam = torch.optim.Adam(self.sae.parameters(), lr=opt.lr, betas=(opt.beta1, opt.beta2),
+                                fused=True)
+        warmup, resample = max(1, opt.warmup_steps), self.cfg.resample
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            adam, lambda step: min(1.0, (step + 1) / warmup) * lr_multiplier(step, resample))
+        return {"optimizer": adam, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def configure_callbacks(self):
+        # Dead-feature resampling (docs/method.md sec. 4) is a switch: a callback only when on.
+        resampler = [Resampler(self.cfg.resample, self.cfg.sae.d_sae, self.cfg.seed)] \
+            if self.cfg.resample.enabled else []
+        # Then the architecture's own (a stage switch), so a revival precedes the switch.
+        return resampler + self.sae.callbacks(self.cfg)
+
+    # ---- held-out evaluation --------------------------------------------------------
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        x = batch * self.norm_scale
+        x_hat, enc = self.sae(x)
+        for evaluator in self.evaluators.values():
+            evaluator.update(x, x_hat, enc)
+
+    def on_validation_epoch_end(self) -> None:
+        values = {}
+        for evaluator in self.evaluators.values():
+            values.update(evaluator.compute(self))
+        # Already reduced across processes by the evaluators: no sync_dist. float64, so the
+        # values fit reads back from Lightning (trainer.callback_metrics, validate's return)
+        # are the computed ones; TensorBoard stores float32 either way.
+        self.log_dict({f"val/{k}": torch.as_tensor(v, dtype=torch.float64)
+                       for k, v in values.items()})
+        for evaluator in self.evaluators.values():
+            evaluator.reset()
+
+    # ---- logging helpers -------------------------------------------------------------
+    def _log_step(self) -> int:
+        """The x-axis Lightning's `self.log` uses: the index of the last optimiser step."""
+        return max(0, self.global_step - 1)
+
+    def _write(self, values: dict) -> None:
+        if self.logger is not None:  # metrics are still computed without a logger
+            self.logger.log_metrics({k: float(v) for k, v in values.items()}, self._log_step())
+
+    def _log_histogram(self, prefix: str, density: Tensor) -> dict[str, Tensor]:
+        """Log the log10 feature-density histogram; return the dead/dense summary."""
+        experiment = getattr(self.logger, "experiment", None)
+        if hasattr(experiment, "add_histogram"):
+            experiment.add_histogram(f"{prefix}/log10_feature_density",
+                                     log10_density(density).float().cpu(), self._log_step())
+        return density_summary(density, self.cfg.log.dense_threshold)

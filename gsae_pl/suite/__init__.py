@@ -1,0 +1,1 @@
+"""Ablation suites: the suite file (spec.py), its launcher, rendezvous, report and plots."""
