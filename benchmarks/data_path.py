@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from step import batch_loader, make_module, time_steps
 
-from gsae_pl.run import allocator
 from gsae_pl.data.file import FileSource
+from gsae_pl.run import allocator
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -33,10 +33,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gsae_pl.run import allocator  # noqa: E402
 from gsae_pl.config import load_config  # noqa: E402
 from gsae_pl.data.transformer_lens import build_lm_source  # noqa: E402
 from gsae_pl.eval.lm_eval import ce_sums  # noqa: E402
+from gsae_pl.run import allocator  # noqa: E402
 
 
 class _Stop(Exception):

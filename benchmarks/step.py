@@ -27,8 +27,8 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, IterableDataset
 
-from gsae_pl.run import allocator
 from gsae_pl.config import load_config
+from gsae_pl.run import allocator
 from gsae_pl.run.module import SAEModule
 
 ROOT = Path(__file__).resolve().parents[1]

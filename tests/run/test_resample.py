@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gsae_pl.run import resample
 from gsae_pl.errors import UserError
+from gsae_pl.run import resample
 from gsae_pl.run.resample import Resampler, choose_rows, lr_multiplier, resample_dead
 from gsae_pl.saes import build_sae
 from tests.conftest import make_cfg
