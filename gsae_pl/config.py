@@ -211,7 +211,8 @@ class Config:
 
 # Keys that moved: old dotted key -> new one. A file, an override or a saved run config
 # (a checkpoint's, a finished run's config.yaml) that uses the old key still means the same
-# setting; `migrate` renames it wherever a config enters (docs/configs.md lists them).
+# setting; `migrate` renames it wherever a config enters (README.md lists them: a test
+# checks that it names every one).
 ALIASES: dict[str, str] = {
     # The sparsity term's coefficient and warm-up live in its own block, like every term's.
     "loss.l1_coefficient": "loss.sparsity.coefficient",

@@ -221,3 +221,11 @@ def test_a_partial_file_given_first_still_lands_over_the_next_files_base(tmp_pat
     no_aux = Path(__file__).resolve().parents[1] / "ablations/no_aux.yaml"
     cfg = load_config([recipe, no_aux])
     assert cfg.optim.lr == 0.002 and not cfg.loss.aux.enabled
+
+
+def test_the_readme_names_every_renamed_key_and_its_new_name():
+    from gsae_pl.config import ALIASES
+
+    readme = (ROOT / "README.md").read_text()
+    for old, new in ALIASES.items():
+        assert f"`{old}` is `{new}`" in readme

@@ -169,7 +169,7 @@ def test_a_full_disk_mid_export_leaves_the_previous_export_and_no_temporary(
             Path(filename).write_bytes(Path(filename).read_bytes()[:100])
             raise _enospc()
 
-        monkeypatch.setattr(gsae_pl.export, "save_file", save_file)
+        monkeypatch.setattr(gsae_pl.saelens, "save_file", save_file)
     else:  # cfg.json and the weights are written; the disk says no when they are flushed
         monkeypatch.setattr(gsae_pl.saelens.os, "fsync", lambda fd: (_ for _ in ()).throw(
             _enospc()))
