@@ -30,7 +30,7 @@ from gsae_pl.errors import UserError
 from gsae_pl.losses import LOSS_TERMS
 from gsae_pl.run.run_dir import check_name
 from gsae_pl.saes import ARCHITECTURES
-from gsae_pl.yaml_io import DuplicateKeyError, safe_load_unique_keys
+from gsae_pl.yaml_io import YAML_11_ONLY_BOOLEANS, DuplicateKeyError, safe_load_unique_keys
 
 
 @dataclass
@@ -259,7 +259,8 @@ def load_config(paths: str | Path | list | tuple | None,
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override {item!r} is not key=value (e.g. sae.d_sae=2048)")
-    cli = OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
+    cli = _words_stay_words(OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides))),
+                            overrides)
     cfg = _merge(cfg, migrate(cli, "the command line"), source="the command line")
     _resolve(cfg)
     validate(cfg)
@@ -268,6 +269,20 @@ def load_config(paths: str | Path | list | tuple | None,
         cfg.output.name = default_run_name(cfg)
     check_name(cfg.output.name, "output.name=")  # one folder inside output.dir, nowhere else
     return cfg
+
+
+def _words_stay_words(tree: dict, overrides) -> dict:
+    """`key=on` (off, yes, no) as the word, not YAML 1.1's boolean, as config files read it
+    (gsae_pl/yaml_io.py): `output.name=on` names the run "on", not "True"."""
+    for item in overrides:
+        key, _, text = item.partition("=")
+        if text.strip().lower() in YAML_11_ONLY_BOOLEANS:
+            *parents, leaf = key.split(".")
+            node = tree
+            for part in parents:
+                node = node[part]
+            node[leaf] = text.strip()
+    return tree
 
 
 def default_run_name(cfg: DictConfig) -> str:

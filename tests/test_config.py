@@ -229,3 +229,15 @@ def test_the_readme_names_every_renamed_key_and_its_new_name():
     readme = (ROOT / "README.md").read_text()
     for old, new in ALIASES.items():
         assert f"`{old}` is `{new}`" in readme
+
+
+def test_on_off_yes_no_stay_words_for_a_name_and_switch_a_boolean(tmp_path):
+    # YAML 1.1 reads `on` as true: the run `on` was trained into the folder `True`
+    cli = load_config(None, ["output.name=on", "data.cache=yes", "output.variant=No"])
+    assert (cli.output.name, cli.data.cache, cli.output.variant) == ("on", True, "No")
+    path = tmp_path / "words.yaml"
+    path.write_text("output: {name: off, variant: yes}\ndata: {cache: on}\nseed: 1\n")
+    from_file = load_config(path)
+    assert (from_file.output.name, from_file.output.variant, from_file.data.cache) == \
+        ("off", "yes", True)
+    assert load_config(None, ["data.cache=true"]).data.cache is True
