@@ -23,8 +23,8 @@ class LossRecovered(Evaluator):
 
     @classmethod
     def applies(cls, settings, source) -> bool:
-        # Sources without a language model (synthetic, file) need not define `lm`.
-        return settings.contexts > 0 and getattr(source, "lm", None) is not None
+        # Every source has `lm` (data/base.py): None for rows with no LM behind them.
+        return settings.contexts > 0 and source is not None and source.lm is not None
 
     def __init__(self, settings, cfg, d_in, source):
         super().__init__(settings, cfg, d_in, source)

@@ -88,8 +88,8 @@ def data_key(source) -> dict:
     source's), plus what names the bytes behind it: a local model's weight hash, or a data
     file's size and mtime."""
     key = dict(source.describe())
-    lm = getattr(source, "lm", None)
-    model_dir = Path(getattr(lm, "model_name", "") or "")
+    lm = source.lm  # every source has one, None for rows with no LM behind them
+    model_dir = Path(lm.model_name if lm is not None else "")
     if lm is not None and model_dir.is_dir():
         key["weights_blake2b"] = weights_hash(model_dir)
     path = Path(str(key.get("path", "")))

@@ -75,8 +75,8 @@ def test_data_key_adds_weights_and_file_identity(tmp_path):
     assert key["hook"] == "h" and key["weights_blake2b"] == provenance.weights_hash(tmp_path)
     data = tmp_path / "acts.npy"
     data.write_bytes(b"12345")
-    key = provenance.data_key(SimpleNamespace(describe=lambda: {"source": "file",
-                                                                 "path": str(data)}))
+    key = provenance.data_key(SimpleNamespace(lm=None, describe=lambda: {"source": "file",
+                                                                          "path": str(data)}))
     assert key["bytes"] == 5 and key["mtime_ns"] == data.stat().st_mtime_ns
 
 
