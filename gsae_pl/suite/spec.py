@@ -115,7 +115,7 @@ def load_suite(path: str | Path, cli_overrides: list[str] = ()) -> Suite:
                         "settings, e.g. variants: {gated: {grid: gated}}")
     shared = _Shared(path, spec, grids, _overrides(spec.get("overrides"), f"{path}: overrides"),
                      _presets(path, spec.get("presets")),
-                     _files(path, spec.get("configs"), f"{path}: configs"),
+                     _suite_configs(path, spec.get("configs")),
                      list(cli_overrides), output_dir / "runs")
     runs = []
     for variant, entry in variants.items():
@@ -274,10 +274,15 @@ def _files(path: Path, names, where: str) -> list[Path]:
         return []
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise UserError(f"{where} must be a list of YAML file names relative to {path.parent}")
-    files = [path.parent / name for name in names]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing and where.endswith(": configs"):
-        raise UserError(f"{where}: no file {missing[0]}: name an existing YAML file")
+    return [path.parent / name for name in names]
+
+
+def _suite_configs(path: Path, names) -> list[Path]:
+    """The suite's `configs:`, merged under every run; each must exist."""
+    files = _files(path, names, f"{path}: configs")
+    for file in files:
+        if not file.is_file():
+            raise UserError(f"{path}: configs: no file {file}: name an existing YAML file")
     return files
 
 
