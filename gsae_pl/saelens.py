@@ -12,11 +12,20 @@ Feature activations are unchanged: (x - b_dec') @ W_enc' = (s x - b_dec) @ W_enc
 folding is done in float64 and rounded once to float32. Both files are written into a
 temporary directory beside OUT_DIR that is renamed into place: never half an export.
 
+The pre-activations, (x - b_dec') @ W_enc' + b_enc, are unchanged too, so a JumpReLU
+threshold and the top-k choice carry over as they are: the folding leaves them alone.
+
 Load: parameter names and shapes are SAELens's: W_enc [d_in, d_sae], W_dec [d_sae, d_in],
 b_dec [d_in]; `gated` adds b_gate, r_mag, b_mag [d_sae] (W_mag = W_enc * exp(r_mag), paper
-eq. 7), `standard` adds b_enc [d_sae]. The normalisation is folded in at export
-(`normalize_activations: "none"`), so `encode`, `decode` and `forward` take and give RAW
-activations, as a model's hook produces them.
+eq. 7), `standard` and `topk` add b_enc, `jumprelu` b_enc and threshold [d_sae]. With
+z = (x - b_dec) @ W_enc + b_enc, SAELens 6.54 computes
+    standard  f = ReLU(z)
+    jumprelu  f = ReLU(z) * 1[z > threshold]         (= z * H(z - threshold) for threshold >= 0)
+    topk      f = ReLU of the k largest z of each row, 0 elsewhere (`k` in cfg.json); with
+              `rescale_acts_by_decoder_norm` z is first multiplied by ||W_dec row|| and f
+              divided by it before decoding (gsae_pl writes false)
+The normalisation is folded in at export (`normalize_activations: "none"`), so `encode`,
+`decode` and `forward` take and give RAW activations, as a model's hook produces them.
 """
 
 from __future__ import annotations
@@ -47,7 +56,10 @@ from gsae_pl.saes import ARCHITECTURES
 
 CFG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"
 # SAELens architecture name -> its parameters beyond W_enc, W_dec, b_dec (all [d_sae]).
-ENCODER_PARAMS = {"gated": ("b_gate", "r_mag", "b_mag"), "standard": ("b_enc",)}
+ENCODER_PARAMS = {"gated": ("b_gate", "r_mag", "b_mag"), "standard": ("b_enc",),
+                  "jumprelu": ("b_enc", "threshold"), "topk": ("b_enc",)}
+# cfg.json fields a form needs, as gsae_pl writes them (SAELens's defaults for the rest).
+FORM_CFG = {"topk": {"rescale_acts_by_decoder_norm": False}}
 
 
 class LoadedSAE(nn.Module):
@@ -59,19 +71,38 @@ class LoadedSAE(nn.Module):
         self.architecture = cfg["architecture"]
         self.d_in, self.d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
         self.apply_b_dec_to_input = bool(cfg.get("apply_b_dec_to_input", True))
+        self.rescale_acts_by_decoder_norm = (self.architecture == "topk" and
+                                             bool(cfg.get("rescale_acts_by_decoder_norm")))
         for name, value in params.items():
             setattr(self, name, nn.Parameter(value, requires_grad=False))
 
     def encode(self, x: Tensor) -> Tensor:
         """Feature activations f [..., d_sae]."""
         sae_in = x - self.b_dec if self.apply_b_dec_to_input else x
-        if self.architecture == "standard":
-            return torch.relu(sae_in @ self.W_enc + self.b_enc)
+        if self.architecture == "gated":
+            return self._encode_gated(sae_in)
+        z = sae_in @ self.W_enc + self.b_enc
+        if self.architecture == "jumprelu":
+            return torch.relu(z) * (z > self.threshold).to(z.dtype)
+        if self.architecture == "topk":
+            return self._top_k(z)
+        return torch.relu(z)
+
+    def _top_k(self, z: Tensor) -> Tensor:
+        """ReLU of each row's k largest entries, zeros elsewhere (SAELens's TopK)."""
+        if self.rescale_acts_by_decoder_norm:
+            z = z * self.W_dec.norm(dim=-1)
+        values, indices = torch.topk(z, k=int(self.cfg["k"]), dim=-1, sorted=False)
+        return torch.zeros_like(z).scatter_(-1, indices, torch.relu(values))
+
+    def _encode_gated(self, sae_in: Tensor) -> Tensor:
         pi_gate = sae_in @ self.W_enc + self.b_gate
         pi_mag = sae_in @ (self.W_enc * torch.exp(self.r_mag)) + self.b_mag
         return (pi_gate > 0).to(pi_mag.dtype) * torch.relu(pi_mag)
 
     def decode(self, f: Tensor) -> Tensor:
+        if self.rescale_acts_by_decoder_norm:
+            f = f / self.W_dec.norm(dim=-1)
         return f @ self.W_dec + self.b_dec
 
     def forward(self, x: Tensor) -> Tensor:
@@ -113,6 +144,10 @@ def read_cfg(path: Path) -> dict:
     for key in ("d_in", "d_sae"):
         if not isinstance(cfg.get(key), int) or cfg[key] < 1:
             raise UserError(f"{path / CFG_FILE}: {key} must be a positive integer")
+    k = cfg.get("k")
+    if arch == "topk" and (type(k) is not int or not 1 <= k <= cfg["d_sae"]):
+        raise UserError(f"{path / CFG_FILE}: architecture 'topk' needs k, an integer from 1 "
+                        f"to d_sae={cfg['d_sae']} (got {k!r})")
     return cfg
 
 
@@ -215,13 +250,16 @@ def saelens_cfg(cfg: dict, d_in: int, step: int, norm_scale: float) -> dict:
     from_lm = node.data.source not in ("synthetic", "file")  # else no model or hook made x
     metadata = {key: OmegaConf.select(node, dotted, default=None) if from_lm else None
                 for key, dotted in _METADATA.items()}
+    architecture = ARCHITECTURES[cfg["sae"]["architecture"]]
     return {
-        "architecture": ARCHITECTURES[cfg["sae"]["architecture"]].saelens,
+        "architecture": architecture.saelens,
         "d_in": d_in, "d_sae": int(cfg["sae"]["d_sae"]),
         "dtype": "float32", "device": "cpu",
         "apply_b_dec_to_input": True,  # f depends on x - b_dec (docs/method.md sec. 1)
         "normalize_activations": "none",  # folded into the weights, see the module docstring
         "reshape_activations": "none",
+        # the form's own fields (topk: k), from gsae_pl and then from the architecture
+        **FORM_CFG.get(architecture.saelens, {}), **architecture.saelens_cfg(cfg["sae"]),
         "metadata": metadata,
         # Ignored by SAELens (unknown top-level keys are dropped); kept for provenance.
         "gsae_pl": {"step": step, "norm_scale_folded": norm_scale, "config": cfg},

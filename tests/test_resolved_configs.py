@@ -35,6 +35,10 @@ ADDED: dict[str, object] = {
     "eval.ground_truth.enabled": True,
     "eval.loss_recovered.enabled": True,
     "eval.reconstruction.enabled": True,
+    # The JumpReLU architecture's own fields (gsae_pl/saes/jumprelu.py); no other reads them.
+    "sae.bandwidth": 0.001,
+    "sae.threshold_init": 0.001,
+    "sae.jumprelu_penalty": "l0",
 }
 
 

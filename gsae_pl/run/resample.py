@@ -13,7 +13,8 @@ reconstructs badly (Anthropic's recipe; the paper's appendix D uses it):
 - the dead feature's decoder row := unit(x - b_dec); its encoder column(s) (W_enc, the
   gate for gated SAEs, and W_mag when untied) := that direction times encoder_scale times
   the mean norm of the alive columns of the same matrix; its per-feature biases (b_enc,
-  b_gate, b_mag) and r_mag := 0; Adam's moments of every one of those entries := 0.
+  b_gate, b_mag) and r_mag := 0, a JumpReLU threshold := its initial value; Adam's moments
+  of every one of those entries := 0.
 The rows are drawn at the end of the resample step and used at the start of the next
 batch, so the validation and the checkpoint Lightning runs in between see the weights
 training produced (the checkpoint carries the drawn rows; a resumed run revives from them).
@@ -34,7 +35,7 @@ import torch
 from torch import Tensor
 
 # The axis that indexes features, by a parameter's resample role (SAE.resample_roles).
-ROLE_AXIS = {"direction": 0, "encoder": 1, "zero": 0}
+ROLE_AXIS = {"direction": 0, "encoder": 1, "zero": 0, "init": 0}
 POOL_ROWS_PER_FEATURE = 2  # the draw's pool holds this many rows per feature (Resampler)
 
 
@@ -125,6 +126,8 @@ def revive(sae, optimizer, dead: Tensor, rows: Tensor, encoder_scale: float) -> 
             alive = ~dead.to(param.device)
             alive_norm = param[:, alive].norm(dim=0).mean() if alive.any() else 1.0
             param[:, idx] = (direction * encoder_scale * alive_norm).t().to(param.dtype)
+        elif role == "init":  # e.g. a JumpReLU threshold: 0 would open the feature wide
+            param[idx] = sae.initial_entry(name)
         else:
             param[idx] = 0.0
         # Adam's moments (and any other per-entry state) of the new entries start afresh.

@@ -15,6 +15,8 @@ it declares, as class attributes and class methods (defaults below):
   resample_roles  its per-feature parameters and how a resample re-initialises each
   saelens         its SAELens architecture name, or None: export refuses it
   saelens_weights the checkpoint tensors SAELens's format holds, or a refusal
+  saelens_cfg(sae_cfg)  cfg.json fields its SAELens form needs beyond the common ones
+                  (e.g. topk's `k`); {} by default
   callbacks(cfg)  Lightning callbacks it needs during training (e.g. a stage switch)
   encoder_matrices(sae_cfg)  how many [d_in, d_sae] encoder matrices it holds (memory.py)
 """
@@ -70,7 +72,8 @@ class SAE(nn.Module):
     has_gate: ClassVar[bool] = False
     # Per-feature parameter -> how a resample re-initialises it (gsae_pl/run/resample.py):
     # "direction" its row (axis 0) := the new unit direction; "encoder" its column (axis 1)
-    # := the direction, scaled like the alive columns; "zero" its entry := 0.
+    # := the direction, scaled like the alive columns; "zero" its entry := 0; "init" its
+    # entry := initial_entry(name), the value it started training with (a threshold).
     resample_roles: ClassVar[dict[str, str]] = {"W_dec": "direction"}
     saelens: ClassVar[Optional[str]] = None
 
@@ -116,6 +119,15 @@ class SAE(nn.Module):
 
     def callbacks(self, cfg: Any) -> list:
         return []
+
+    def initial_entry(self, name: str) -> float:
+        """The per-feature value parameter `name` (resample role "init") starts at."""
+        raise NotImplementedError(f"{type(self).__name__} gives {name} no initial entry")
+
+    @classmethod
+    def saelens_cfg(cls, sae_cfg: dict) -> dict:
+        """Fields its SAELens form adds to cfg.json (e.g. {"k": ...} for topk)."""
+        return {}
 
     @classmethod
     def saelens_weights(cls, sae_cfg: dict, weights: dict[str, Tensor]) -> dict[str, Tensor]:

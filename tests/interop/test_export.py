@@ -19,11 +19,13 @@ from tests.tiny_run import args
 VARIANTS = {"gated": ["sae.weight_sharing=r_mag"], "no_r_mag": ["sae.weight_sharing=no_r_mag"],
             "relu": ["sae.architecture=relu", "loss.aux.enabled=false"],
             "untied": ["sae.weight_sharing=untied"],
+            "jumprelu": ["sae.architecture=jumprelu", "loss.aux.enabled=false"],
             # 10 baseline steps, then 10 of rescale & shift: exported as a gated SAE
             "rescale_shift": ["sae.architecture=rescale_shift", "loss.aux.enabled=false",
                               "sae.rescale_shift_steps=10"]}
 GATED_PARAMS = {"W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec"}
 STANDARD_PARAMS = {"W_enc", "b_enc", "W_dec", "b_dec"}
+JUMPRELU_PARAMS = {*STANDARD_PARAMS, "threshold"}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,7 @@ def trained(run_dir):
     return module.eval()
 
 
-@pytest.mark.parametrize("name", ["gated", "no_r_mag", "relu", "rescale_shift"])
+@pytest.mark.parametrize("name", ["gated", "no_r_mag", "relu", "rescale_shift", "jumprelu"])
 def test_round_trip_on_raw_activations(runs, tmp_path, name):
     assert export_main([str(runs / name), str(tmp_path / "sae")]) == 0
     module, sae = trained(runs / name), load_sae(tmp_path / "sae")
@@ -62,17 +64,22 @@ def test_round_trip_on_raw_activations(runs, tmp_path, name):
     assert all(torch.equal(stored[k], getattr(sae, k)) for k in stored)
     torch.testing.assert_close(stored["W_dec"] * s, module.sae.W_dec.detach())
     torch.testing.assert_close(stored["W_enc"] / s, module.sae.W_enc.detach())
+    if name == "jumprelu":  # the pre-activations are unchanged by the folding: so is theta
+        assert torch.equal(stored["threshold"], module.sae.threshold.detach())
 
 
-@pytest.mark.parametrize("name", ["gated", "relu"])
+@pytest.mark.parametrize("name", ["gated", "relu", "jumprelu"])
 def test_saelens_layout(runs, tmp_path, name):
     assert export_main([str(runs / name), str(tmp_path / "sae")]) == 0
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
     params = load_file(str(tmp_path / "sae" / "sae_weights.safetensors"))
-    expected = GATED_PARAMS if name == "gated" else STANDARD_PARAMS
-    assert set(params) == expected and all(v.dtype == torch.float32 for v in params.values())
+    expected = {"gated": GATED_PARAMS, "relu": STANDARD_PARAMS, "jumprelu": JUMPRELU_PARAMS}
+    assert set(params) == expected[name] and all(v.dtype == torch.float32
+                                                 for v in params.values())
     assert params["W_enc"].shape == (8, 32) and params["W_dec"].shape == (32, 8)
-    assert cfg["architecture"] == {"gated": "gated", "relu": "standard"}[name]
+    assert cfg["architecture"] == {"gated": "gated", "relu": "standard",
+                                   "jumprelu": "jumprelu"}[name]
+    assert "k" not in cfg  # a topk field only
     assert (cfg["d_in"], cfg["d_sae"], cfg["dtype"]) == (8, 32, "float32")
     assert cfg["apply_b_dec_to_input"] is True and cfg["normalize_activations"] == "none"
     assert cfg["gsae_pl"]["step"] == 20 and cfg["gsae_pl"]["norm_scale_folded"] > 0
@@ -118,8 +125,8 @@ def test_load_sae_refuses_what_it_cannot_read(runs, tmp_path):
     assert export_main([str(runs / "gated"), str(tmp_path / "sae")]) == 0
     cfg_path = tmp_path / "sae" / "cfg.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg_path.write_text(json.dumps({**cfg, "architecture": "topk"}))
-    with pytest.raises(UserError, match="architecture 'topk'"):
+    cfg_path.write_text(json.dumps({**cfg, "architecture": "transcoder"}))
+    with pytest.raises(UserError, match="architecture 'transcoder'"):
         load_sae(tmp_path / "sae")
     cfg_path.write_text(json.dumps(cfg))
     weights = tmp_path / "sae" / "sae_weights.safetensors"
@@ -138,3 +145,76 @@ def test_architectures_without_a_saelens_form_are_refused():
 
     with pytest.raises(UserError, match="sae.architecture=prolu has no SAELens equivalent"):
         saelens_params({"sae": {"architecture": "prolu"}}, {})
+
+
+# A topk SAE as SAELens 6.54 writes it (the topk architecture itself is another file's):
+# d_in = 2, d_sae = 4, W_enc = [[1, 0, -1, 2], [0, 1, 1, -1]], b_enc = [0, 0, 0, -10],
+# b_dec = 0, W_dec = the 4 x 2 matrix below, k = 2. For x = [[3, 1], [-1, -2]]:
+#   z = [[3, 1, -2, 5 - 10], [-1, -2, -1, 0 - 10]] = [[3, 1, -2, -5], [-1, -2, -1, -10]]
+#   top 2 of row 0: 3, 1; of row 1: the two -1s, which ReLU zeroes (SAELens applies ReLU
+#   after the top-k): f = [[3, 1, 0, 0], [0, 0, 0, 0]].
+TOPK = {"W_enc": torch.tensor([[1.0, 0.0, -1.0, 2.0], [0.0, 1.0, 1.0, -1.0]]),
+        "b_enc": torch.tensor([0.0, 0.0, 0.0, -10.0]), "b_dec": torch.zeros(2),
+        "W_dec": torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, -1.0]])}
+TOPK_CFG = {"architecture": "topk", "d_in": 2, "d_sae": 4, "k": 2, "dtype": "float32",
+            "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
+            "reshape_activations": "none", "rescale_acts_by_decoder_norm": False,
+            "metadata": {}}
+
+
+def write_sae(path, cfg, params):
+    path.mkdir()
+    (path / "cfg.json").write_text(json.dumps(cfg))
+    save_file(params, str(path / "sae_weights.safetensors"))
+    return path
+
+
+def test_topk_round_trip_on_hand_set_weights(tmp_path):
+    sae = load_sae(write_sae(tmp_path / "sae", TOPK_CFG, TOPK))
+    x = torch.tensor([[3.0, 1.0], [-1.0, -2.0]])
+    f = sae.encode(x)
+    assert torch.equal(f, torch.tensor([[3.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]))
+    assert torch.equal(sae(x), torch.tensor([[3.0, 1.0], [0.0, 0.0]]))
+
+
+def test_jumprelu_form_on_hand_set_weights(tmp_path):
+    """SAELens's JumpReLU: ReLU(z) * 1[z > threshold], z as for topk above."""
+    params = {**TOPK, "threshold": torch.tensor([2.0, 1.0, -1.5, 0.5])}
+    cfg = {**TOPK_CFG, "architecture": "jumprelu"}
+    del cfg["k"], cfg["rescale_acts_by_decoder_norm"]
+    sae = load_sae(write_sae(tmp_path / "sae", cfg, params))
+    f = sae.encode(torch.tensor([[3.0, 1.0], [-1.0, -2.0]]))
+    # row 0: 3 > 2 fires, 1 > 1 does not (strict); row 1: -1 > -1.5 at feature 2, but
+    # ReLU(-1) = 0 (z * H(z - threshold) would give -1: equal for thresholds >= 0 only)
+    assert torch.equal(f, torch.tensor([[3.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]))
+
+
+def test_check_params_refuses_the_new_forms_mismatches(tmp_path):
+    jumprelu_cfg = {**TOPK_CFG, "architecture": "jumprelu"}
+    write_sae(tmp_path / "j", jumprelu_cfg, TOPK)
+    with pytest.raises(UserError, match=r"missing: \['threshold'\]"):
+        load_sae(tmp_path / "j")
+    write_sae(tmp_path / "t", TOPK_CFG, {**TOPK, "threshold": torch.zeros(4)})
+    with pytest.raises(UserError, match=r"unexpected: \['threshold'\]"):
+        load_sae(tmp_path / "t")
+    write_sae(tmp_path / "short", jumprelu_cfg, {**TOPK, "threshold": torch.zeros(3)})
+    with pytest.raises(UserError, match=r"threshold has shape \[3\], cfg.json implies \[4\]"):
+        load_sae(tmp_path / "short")
+    for i, k in enumerate([None, 0, 5, 2.0, True]):
+        cfg = {key: value for key, value in TOPK_CFG.items() if key != "k"}
+        if k is not None:
+            cfg["k"] = k
+        write_sae(tmp_path / f"k{i}", cfg, TOPK)
+        with pytest.raises(UserError, match="architecture 'topk' needs k, an integer from 1 "
+                                            "to d_sae=4"):
+            load_sae(tmp_path / f"k{i}")
+
+
+def test_an_architecture_adds_its_forms_cfg_fields(runs, tmp_path, monkeypatch):
+    """`saelens_cfg` (saes/base.py): how a topk architecture puts its k into cfg.json."""
+    from gsae_pl.saes.relu import ReLUSAE
+
+    monkeypatch.setattr(ReLUSAE, "saelens_cfg", classmethod(lambda cls, sae_cfg: {"k": 3}))
+    assert export_main([str(runs / "relu"), str(tmp_path / "sae")]) == 0
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert cfg["k"] == 3 and cfg["architecture"] == "standard"
