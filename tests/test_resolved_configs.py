@@ -39,6 +39,14 @@ ADDED: dict[str, object] = {
     "sae.bandwidth": 0.001,
     "sae.threshold_init": 0.001,
     "sae.jumprelu_penalty": "l0",
+    # The discussion threads' variants (docs/method.md sec. 5): each default is the former
+    # behaviour (Heaviside gate, ProLU everywhere, |cos|^p), and the soft-gate FVU's switch.
+    "sae.gate": "heaviside",
+    "sae.gate_temperature": 1.0,
+    "sae.prolu_positive_bias": "prolu",
+    "loss.orthogonality.shape": "power",
+    "loss.orthogonality.eps": 0.01,
+    "eval.soft_gate.enabled": True,
 }
 
 

@@ -94,9 +94,10 @@ def test_a_new_evaluation_reaches_fit_metrics_json_and_the_report(toy, tmp_path,
 def test_switched_off_or_inapplicable_evaluations_are_not_built(toy):
     source = SimpleNamespace(true_features=torch.eye(4), lm=None)
     built = build_evaluators(make_cfg("sae.d_sae=8"), 4, source)
-    assert list(built) == ["ground_truth", "reconstruction", "mean_input_norm"]
+    # soft_gate is built wherever there are held-out rows; it yields for a sigmoid gate only
+    assert list(built) == ["ground_truth", "reconstruction", "soft_gate", "mean_input_norm"]
     off = make_cfg("sae.d_sae=8", "eval.mean_input_norm.enabled=false",
-                   "eval.reconstruction.enabled=false")
+                   "eval.reconstruction.enabled=false", "eval.soft_gate.enabled=false")
     assert list(build_evaluators(off, 4, source)) == ["ground_truth"]
     # No source (a module built for export): only what needs none.
     assert "ground_truth" not in build_evaluators(make_cfg("sae.d_sae=8"), 4, None)

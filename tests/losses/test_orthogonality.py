@@ -3,6 +3,8 @@ inactive neighbours, ties averaged, never a d_sae x d_sae matrix, any architectu
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -19,9 +21,9 @@ from tests.conftest import make_cfg
 W_DEC = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, -3.0]])
 
 
-def _penalty(W, active, exponent=4.0):
+def _penalty(W, active, exponent=4.0, shape="power", eps=0.01):
     W = W.clone().requires_grad_(True)
-    value = nearest_neighbour_penalty(W, torch.tensor(active), exponent)
+    value = nearest_neighbour_penalty(W, torch.tensor(active), exponent, shape, eps)
     (grad,) = torch.autograd.grad(value, [W])
     return value, grad
 
@@ -35,6 +37,69 @@ def _penalty(W, active, exponent=4.0):
 def test_value_on_hand_set_decoder(active, exponent, expected):
     value, _ = _penalty(W_DEC, active, exponent)
     assert value.item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("active,exponent,eps,expected", [
+    ([0], 4.0, 0.01, 0.6**4 / (0.4 + 0.01)),
+    ([1], 4.0, 0.01, 0.8**4 / (0.2 + 0.01)),
+    ([0, 1], 2.0, 0.1, (0.36 / 0.5 + 0.64 / 0.3) / 2),
+])
+def test_steep_shape_on_hand_set_decoder(active, exponent, eps, expected):
+    value, _ = _penalty(W_DEC, active, exponent, "steep", eps)
+    assert value.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_steep_shape_keeps_growing_where_the_power_levels_off():
+    """Near a duplicate (|cos| = 0.99) the power's slope is ~p, the steep shape's ~1 / eps^2
+    times larger; an exact duplicate costs 1 / eps with a finite gradient."""
+    near = torch.tensor([[1.0, 0.0], [0.99, (1 - 0.99**2) ** 0.5], [0.0, 1.0]])
+    power_value, power_grad = _penalty(near, [0])
+    steep_value, steep_grad = _penalty(near, [0], shape="steep")
+    assert steep_value.item() == pytest.approx(0.99**4 / 0.02, rel=1e-4)
+    assert steep_grad[1].norm() > 100 * power_grad[1].norm()
+    duplicate = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    value, grad = _penalty(duplicate, [0], shape="steep")
+    assert value.item() == pytest.approx(100.0, rel=1e-4) and torch.isfinite(grad).all()
+
+
+def test_steep_ties_are_averaged():
+    tied = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.6, -0.8]])
+    value, grad = _penalty(tied, [0], shape="steep")
+    assert value.item() == pytest.approx(0.6**4 / 0.41, rel=1e-5)
+    assert torch.allclose(grad[2], grad[1] * torch.tensor([1.0, -1.0]), atol=1e-7)
+
+
+def _term_on_hand_set_decoder(*overrides):
+    """The configured term, with only feature 0 active, on W_DEC's directions."""
+    cfg = make_cfg("sae.d_sae=3", "loss.orthogonality.enabled=true", "loss.aux.enabled=false",
+                   "sae.architecture=relu", *overrides)
+    sae = build_sae(cfg.sae, 2)
+    with torch.no_grad():
+        sae.W_dec.copy_(W_DEC / W_DEC.norm(dim=1, keepdim=True))
+    term = Objective.from_config(cfg.loss).terms["orthogonality"]
+    enc = SimpleNamespace(fired=torch.tensor([5, 0, 0]))
+    return sae, term.coefficient * term.fn(None, None, enc, sae)
+
+
+def test_the_config_picks_the_shape():
+    _, value = _term_on_hand_set_decoder("loss.orthogonality.shape=steep",
+                                         "loss.orthogonality.eps=0.1")
+    assert value.item() == pytest.approx(0.6**4 / 0.5, rel=1e-5)
+
+
+def test_a_negative_coefficient_is_allowed_for_this_term_only():
+    """It rewards alignment: descent turns the inactive neighbour TOWARDS the active row."""
+    sae, value = _term_on_hand_set_decoder("loss.orthogonality.coefficient=-0.5")
+    assert value.item() == pytest.approx(-0.5 * 0.6**4, rel=1e-5)
+    (grad,) = torch.autograd.grad(value, [sae.W_dec])
+    step = sae.W_dec[1].detach() - 0.1 * grad[1]
+    assert (step / step.norm())[0] > 0.6
+    with pytest.raises(UserError, match="loss.sparsity.coefficient=-0.5 must be >= 0"):
+        make_cfg("loss.sparsity.coefficient=-0.5")
+    with pytest.raises(UserError, match="loss.orthogonality.coefficient=nan must be a finite"):
+        make_cfg("loss.orthogonality.coefficient=nan")
+    with pytest.raises(UserError, match="loss.orthogonality.eps=0.0 must be > 0"):
+        make_cfg("loss.orthogonality.eps=0")
 
 
 def test_gradient_reaches_the_inactive_neighbour_only():
