@@ -1,4 +1,4 @@
-"""AuxK (Gao et al. 2024, arXiv 2406.04093, appendix A.2; docs/method.md sec. 7): dead latents
+"""AuxK (Gao et al. 2024, arXiv 2406.04093, appendix A.2; docs/method.md sec. 4): dead latents
 learn to model the main reconstruction's residual.
 
     e      = sg(x - x_hat)                        the residual, a fixed target

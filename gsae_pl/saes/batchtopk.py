@@ -1,4 +1,4 @@
-"""BatchTopK SAE (Bussmann et al. 2024, arXiv 2412.06410; docs/method.md sec. 7).
+"""BatchTopK SAE (Bussmann et al. 2024, arXiv 2412.06410; docs/method.md sec. 1).
 
 Training: z = (x - b_dec) @ W_enc + b_enc; over the whole batch of B rows, the k * B largest
 ReLU(z) keep their value and the rest are 0: a row may keep more or fewer than k.

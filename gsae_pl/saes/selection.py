@@ -1,6 +1,6 @@
 """What the selection SAEs share (TopK, BatchTopK, and their subclasses): one encoder,
 z = (x - b_dec) @ W_enc + b_enc, a support chosen from z by a rule rather than a penalty,
-f = ReLU(z) on that support, and the fast path that exploits it (docs/method.md sec. 7).
+f = ReLU(z) on that support, and the fast path that exploits it (docs/method.md sec. 1).
 
 Why a fast path: the support has a known, small size (k per row, or k * B per batch), so
 every product after the encoder's forward can touch the support only, as in the gated

@@ -1,4 +1,4 @@
-"""TopK SAE (Gao et al. 2024, arXiv 2406.04093; docs/method.md sec. 7).
+"""TopK SAE (Gao et al. 2024, arXiv 2406.04093; docs/method.md sec. 1).
 
     z     = (x - b_dec) @ W_enc + b_enc
     f     = ReLU(TopK_k(z))      per row: the k largest z keep their value, the rest are 0
@@ -38,7 +38,7 @@ class TopKConfig:
 
 
 def refuse_penalties(cfg) -> None:
-    """The selection SAEs set sparsity by k, not by a penalty (docs/method.md sec. 7)."""
+    """The selection SAEs set sparsity by k, not by a penalty (docs/method.md sec. 1)."""
     arch = cfg.sae.architecture
     if cfg.loss.sparsity.enabled:
         raise UserError(f"sae.architecture={arch} sets its sparsity by sae.k, not a penalty: "

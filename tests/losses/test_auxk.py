@@ -1,4 +1,4 @@
-"""AuxK (docs/method.md sec. 7): its value by hand, its gradient reaching only dead latents,
+"""AuxK (docs/method.md sec. 4): its value by hand, its gradient reaching only dead latents,
 its dead window, and its refusal on architectures without dead-latent counts.
 
 Hand-set TopK SAE: d_in = d_sae = 2, W_enc = W_dec = I, biases 0, k = 1, latent 1 dead.

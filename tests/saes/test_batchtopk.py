@@ -1,4 +1,4 @@
-"""BatchTopK SAE (docs/method.md sec. 7): batch-level selection, the inference threshold,
+"""BatchTopK SAE (docs/method.md sec. 1): batch-level selection, the inference threshold,
 the sparse path against plain autograd, DDP's global selection, export, and its ablation.
 
 Hand-set SAE: d_in = d_sae = 3, W_enc = W_dec = I, b_dec = b_enc = 0 (so z = x), k = 1,

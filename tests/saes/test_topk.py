@@ -1,4 +1,4 @@
-"""TopK SAE (docs/method.md sec. 7): hand-set forward, the sparse path against plain autograd,
+"""TopK SAE (docs/method.md sec. 1): hand-set forward, the sparse path against plain autograd,
 its refusals, export form, and its ablation training and resuming with its buffers.
 
 Hand-set SAE: d_in = d_sae = 4, W_enc = W_dec = I, b_dec = 0, b_enc = [0, 0, 0, -1], k = 2.
