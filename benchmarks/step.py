@@ -2,6 +2,7 @@
 
     python benchmarks/step.py                 # every case; prints a table, writes JSON
     python benchmarks/step.py --cases gated-512x4096 --steps 5
+    python benchmarks/step.py --cases selection --out benchmarks/results/step_selection.json
 
 A step is what Lightning does per batch in `fit`: training_step (forward, every loss term,
 metric updates), backward, gradient projection, Adam, decoder renormalisation. It runs
@@ -9,7 +10,11 @@ through a real `lightning.Trainer` over one fixed in-memory batch, so data loadi
 in the figure (benchmarks/data_path.py measures that separately). The machine's matmul rate
 is measured in the same run at the case's own shape; the bound counts the matmuls a step
 cannot avoid with dense maths, each 2*B*d_in*d_sae FLOPs: 7 for gated (encoder forward,
-decoder and aux decoder forwards, four backward products), 5 for the baseline.
+decoder and aux decoder forwards, four backward products), 5 for the baseline and for the
+selection SAEs topk and batchtopk (encoder forward, decoder forward, two decoder backward
+products, encoder weight gradient: what the same step costs with dense codes), whose sparse
+path (saes/selection.py) runs only the encoder forward densely: their fraction of the bound
+above 1 is the sparse speed-up over that dense step.
 """
 
 from __future__ import annotations
@@ -32,8 +37,9 @@ from gsae_pl.run import allocator
 from gsae_pl.run.module import SAEModule
 
 ROOT = Path(__file__).resolve().parents[1]
-BOUND_MATMULS = {"gated": 7, "relu": 5}
-# name: (architecture, d_in, d_sae, kernel, target L0 or None for the init's natural L0)
+BOUND_MATMULS = {"gated": 7, "relu": 5, "topk": 5, "batchtopk": 5}
+# name: (architecture, d_in, d_sae, kernel, target L0 or None for the init's natural L0,
+#        and optionally a tuple of config overrides)
 CASES = {
     "relu-512x4096": ("relu", 512, 4096, "auto", None),
     "gated-512x4096": ("gated", 512, 4096, "dense", None),
@@ -46,7 +52,18 @@ CASES = {
 CROSSOVER = {f"gated-{kernel}-768x16384-L0_{l0}": ("gated", 768, 16384, kernel, l0)
              for l0 in (256, 1024, 2048) for kernel in ("sparse", "dense")}
 CASES.update(CROSSOVER)
-MAIN = [name for name in CASES if name not in CROSSOVER]
+# The selection SAEs as their ablations train them (no penalty, AuxK on; no latent is dead
+# within the timed steps, so AuxK adds only its residual-variance sum), and once with every
+# latent that missed the last batch counted dead (dead_tokens=1): AuxK's worst case.
+SELECTION = {f"{arch}-768x16384-k{k}": (arch, 768, 16384, "auto", None, (
+    f"sae.k={k}", "loss.sparsity.enabled=false", "loss.auxk.enabled=true"))
+    for arch in ("topk", "batchtopk") for k in (32, 64)}
+SELECTION["topk-768x16384-k32-all_dead_auxk"] = (
+    "topk", 768, 16384, "auto", None, ("sae.k=32", "loss.sparsity.enabled=false",
+                                       "loss.auxk.enabled=true", "loss.auxk.dead_tokens=1"))
+CASES.update(SELECTION)
+MAIN = [name for name in CASES if name not in CROSSOVER and name not in SELECTION]
+GROUPS = {"crossover": list(CROSSOVER), "selection": list(SELECTION)}
 
 
 class _Stream(IterableDataset):
@@ -104,12 +121,13 @@ def matmul_rate(batch: int, d_in: int, d_sae: int, device: str, dtype=torch.floa
 
 
 def make_module(arch: str, d_in: int, d_sae: int, kernel: str, batch: int,
-                sample: torch.Tensor, compile_mode: str = "auto") -> SAEModule:
+                sample: torch.Tensor, compile_mode: str = "auto",
+                overrides: tuple = ()) -> SAEModule:
     cfg = load_config(ROOT / "configs/base.yaml", [
         f"sae.architecture={arch}", f"sae.d_sae={d_sae}", f"sae.kernel={kernel}",
         f"sae.compile={compile_mode}", f"loss.aux.enabled={arch == 'gated'}",
         "optim.lr=3e-4", "optim.warmup_steps=1", f"data.batch_size={batch}",
-        "data.source=synthetic", f"data.synthetic.d_in={d_in}"])
+        "data.source=synthetic", f"data.synthetic.d_in={d_in}", *overrides])
     module = SAEModule(OmegaConf.to_container(cfg), d_in)
     module.prepare_from_sample(sample)
     return module
@@ -129,10 +147,11 @@ def time_steps(module: SAEModule, loader, steps: int, warmup: int, accelerator: 
 
 def run_case(name: str, batch: int, steps: int, warmup: int, compile_mode: str,
              accelerator: str, precision: str) -> dict:
-    arch, d_in, d_sae, kernel, target_l0 = CASES[name]
+    arch, d_in, d_sae, kernel, target_l0, *overrides = CASES[name]
     torch.manual_seed(0)
     x = torch.randn(batch, d_in)  # Gaussian inputs, E||x||^2 = d_in as after normalisation
-    module = make_module(arch, d_in, d_sae, kernel, batch, x, compile_mode)
+    module = make_module(arch, d_in, d_sae, kernel, batch, x, compile_mode,
+                         overrides[0] if overrides else ())
     if target_l0:  # shut all but ~target_l0 gates: pre-activations are ~N(0, 1) here
         z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(1 - target_l0 / d_sae))
         with torch.no_grad():
@@ -156,7 +175,8 @@ def run_case(name: str, batch: int, steps: int, warmup: int, compile_mode: str,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=",".join(MAIN),
-                        help="comma-separated case names; 'crossover' for the L0 sweep")
+                        help="comma-separated case names; 'crossover' for the L0 sweep, "
+                        "'selection' for the topk and batchtopk cases")
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
@@ -172,7 +192,7 @@ def main() -> None:
     results = []
     print(f"{'case':<32}{'ms/step':>10}{'tokens/s':>10}{'L0':>8}{'GFLOP/s':>9}"
           f"{'bound ms':>10}{'of bound':>9}")
-    names = list(CROSSOVER) if args.cases == "crossover" else args.cases.split(",")
+    names = GROUPS.get(args.cases) or args.cases.split(",")
     for name in names:
         r = run_case(name, args.batch, args.steps, args.warmup, args.compile,
                      args.accelerator, args.precision)

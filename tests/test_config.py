@@ -70,7 +70,7 @@ def test_ablation_deltas_merge_over_base():
     (["sae.d_sae=abc"], "bad value for config key sae.d_sae"),
     (["loss.l1_coefficient=-0.1"], "loss.sparsity.coefficient=-0.1 must be >= 0"),
     (["sae.d_sae=0"], "sae.d_sae=0 must be > 0"),
-    (["sae.architecture=topk"], "sae.architecture=topk is not one of: relu, gated"),
+    (["sae.architecture=crosscoder"], "sae.architecture=crosscoder is not one of: relu, gated"),
     (["data.source=hub"], "data.source=hub is not one of"),
     (["data.source=file"], "data.source=file needs data.path"),
     (["sae.architecture=relu"], "loss.aux needs a gate"),

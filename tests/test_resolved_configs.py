@@ -47,6 +47,15 @@ ADDED: dict[str, object] = {
     "loss.orthogonality.shape": "power",
     "loss.orthogonality.eps": 0.01,
     "eval.soft_gate.enabled": True,
+    # The selection SAEs' fields (gsae_pl/saes/topk.py, batchtopk.py) and the AuxK term
+    # (gsae_pl/losses/auxk.py), off: read by no shipped run of the snapshot.
+    "sae.k": 32,
+    "sae.threshold_rate": 0.01,
+    "loss.auxk.enabled": False,
+    "loss.auxk.coefficient": 0.03125,
+    "loss.auxk.warmup_steps": 0,
+    "loss.auxk.k_aux": 0,
+    "loss.auxk.dead_tokens": 256000,
 }
 
 

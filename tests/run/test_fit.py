@@ -159,7 +159,7 @@ BAD = {
     "wrong type": (["sae.d_sae=wide"], "bad value for config key sae.d_sae"),
     "negative coefficient": (["loss.l1_coefficient=-1"], "must be >= 0"),
     "d_sae < 1": (["sae.d_sae=0"], "sae.d_sae=0 must be > 0"),
-    "unknown architecture": (["sae.architecture=topk"], "not one of"),
+    "unknown architecture": (["sae.architecture=crosscoder"], "not one of"),
     "unknown source": (["data.source=web"], "not one of"),
     "wrong shape": (["data.source=file", "data.path={shape}"], "[N, d_in]"),
     "nan": (["data.source=file", "data.path={nan}"], "row 700"),

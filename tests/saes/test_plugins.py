@@ -66,6 +66,9 @@ def scaled_relu(tmp_path, monkeypatch):
     folder = tmp_path / "plugins"
     folder.mkdir()
     (folder / "scaled_relu.py").write_text(ARCH_FILE)
+    # The package's own files first: imported once, they would not register again in the
+    # entries restored after the test.
+    ARCHITECTURES.names()
     monkeypatch.setattr(gsae_pl.saes, "__path__", [*gsae_pl.saes.__path__, str(folder)])
     monkeypatch.setattr(ARCHITECTURES, "_entries", dict(ARCHITECTURES._entries))
     monkeypatch.setattr(ARCHITECTURES, "_loaded", False)  # the next lookup imports the file

@@ -152,4 +152,5 @@ def test_b_dec_init(how):
 
 
 def test_registry_names():
-    assert set(ARCHITECTURES) == {"relu", "gated", "prolu", "rescale_shift", "jumprelu"}
+    assert set(ARCHITECTURES) == {"relu", "gated", "prolu", "rescale_shift", "jumprelu",
+                                  "topk", "batchtopk"}
