@@ -35,6 +35,9 @@ ADDED: dict[str, object] = {
     "eval.ground_truth.enabled": True,
     "eval.loss_recovered.enabled": True,
     "eval.reconstruction.enabled": True,
+    # the linear probes (eval/probes.py): off unless a config turns them on
+    "eval.probes.enabled": False,
+    "eval.probes.rows": 4096,
 }
 
 
