@@ -26,6 +26,7 @@ from torch import Tensor
 
 CATEGORIES = ("string", "comment", "keyword", "name", "number", "operator")
 OTHER, AMBIGUOUS = len(CATEGORIES), -1
+NARROW_MIN_TOKENS = 10  # of each category in the narrow slice's file: a probe task's minimum
 _BY_TYPE = {tokenize.STRING: "string", tokenize.COMMENT: "comment",
             tokenize.NUMBER: "number", tokenize.OP: "operator"}
 # Python 3.12 splits f-strings into pieces: each is still inside a string.
@@ -95,14 +96,31 @@ def labelled_windows(texts: list[str], tokenizer, bos_id: int, context_size: int
     return torch.tensor(windows, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
 
 
+def narrow_document(texts: list[str], tokenizer, n_tokens: int) -> list[str]:
+    """[the first document whose `labelled_windows` give every category at least
+    NARROW_MIN_TOKENS tokens], else [the longest valid-Python one] ([] for none). Not
+    simply the longest: in the standard library that is pydoc_data/topics.py, one dict of
+    strings, and a codec's table holds little but strings and comments."""
+    longest = None
+    for text in texts:
+        made = labelled_windows([text], tokenizer, 0, n_tokens + 1, n_tokens)
+        if made is None:
+            continue
+        counts = torch.bincount(made[1][made[1] >= 0], minlength=OTHER + 1)
+        if (counts[:OTHER] >= NARROW_MIN_TOKENS).all():
+            return [text]
+        longest = text if longest is None or len(text) > len(longest) else longest
+    return [] if longest is None else [longest]
+
+
 def code_probe_sets(texts: list[str], tokenizer, bos_id: int, context_size: int,
                     n_tokens: int, activations: Callable[[Tensor], Tensor]
                     ) -> dict[str, tuple[Tensor, Tensor]]:
     """`<slice>_<category>` -> (activations [n, d_in] of the labelled tokens, whether each is
-    of the category [n]). Slices: `file`, the longest document (a narrow set: one file),
+    of the category [n]). Slices: `file`, one document (a narrow set: `narrow_document`),
     and `all`, an equal share of every document (a broad one); `n_tokens` tokens each.
     `activations` maps windows [B, T] to [B, T, d_in]."""
-    slices = {"file": [max(texts, key=len)] if texts else [], "all": texts}
+    slices = {"file": narrow_document(texts, tokenizer, n_tokens), "all": texts}
     sets = {}
     for name, docs in slices.items():
         made = labelled_windows(docs, tokenizer, bos_id, context_size, n_tokens)

