@@ -56,6 +56,9 @@ ADDED: dict[str, object] = {
     "loss.auxk.warmup_steps": 0,
     "loss.auxk.k_aux": 0,
     "loss.auxk.dead_tokens": 256000,
+    # the linear probes (eval/probes.py): off unless a config turns them on
+    "eval.probes.enabled": False,
+    "eval.probes.rows": 4096,
 }
 
 

@@ -77,6 +77,9 @@ class ActivationSource(Protocol):
 
     # Optional: `prepare()`, making what the source needs on first use (an activation
     # cache: data/cache.py) before any rows are read; the DataModule's prepare_data calls it.
+    # Optional: `probe_sets(n)`, labelled held-out rows for the linear probes (task ->
+    # (rows [m, d_in], bool labels [m]); gsae_pl/eval/probes.py), which run only on sources
+    # that have it (synthetic.py, transformer_lens.py).
 
 
 class PerProcessSource(Protocol):

@@ -126,6 +126,17 @@ class SyntheticSource:
             self._eval = torch.cat([self._eval, rows])
         return self._eval[:n_rows].clone()
 
+    def probe_sets(self, n_rows: int) -> dict[str, tuple[Tensor, Tensor]]:
+        """Held-out rows (a stream of their own) labelled by whether a true feature fired,
+        for the linear probes (gsae_pl/eval/probes.py): `feature_frequent`, the most
+        frequent feature that fires on at most half the rows (so both classes are large),
+        and `feature_rare`, the least frequent one."""
+        rows, coeff = self.sample(n_rows, _generator(self.seed, "probe", 0))
+        p = self.frequencies
+        frequent = int(torch.where(p <= 0.5, p, -1.0).argmax())
+        return {"feature_frequent": (rows, coeff[:, frequent] > 0),
+                "feature_rare": (rows, coeff[:, int(p.argmin())] > 0)}
+
     def describe(self) -> dict:
         return {"source": "synthetic", **self.settings}
 

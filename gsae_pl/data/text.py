@@ -104,6 +104,15 @@ class TextWindows:
         return (torch.stack([window for _, window in picked]),
                 torch.tensor([docs - 1 for docs, _ in picked], dtype=torch.long))
 
+    def heldout_texts(self, n_docs: int) -> list[str]:
+        """The held-out documents' text: all of a held-out dataset of its own, else the
+        stream's first `n_docs` (those `heldout` kept from training); [] when the column
+        holds token ids."""
+        separate = self.heldout_dataset is not None
+        docs = iter(self.heldout_dataset) if separate else itertools.islice(self.dataset,
+                                                                             n_docs)
+        return [text for row in docs if isinstance(text := row.get(self.column), str)]
+
     def train(self, skip_docs: int, rank: int, world: int) -> Iterator[Tensor]:
         """Endless windows of this process's shard of the documents after the held-out
         ones; the shard is read again from its start when it runs out (a new epoch)."""

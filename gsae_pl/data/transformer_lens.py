@@ -210,6 +210,19 @@ class TransformerLensSource:
         """The windows of `heldout_windows` alone."""
         return self.heldout_windows(n_windows)[0]
 
+    def probe_sets(self, n_tokens: int) -> dict[str, tuple[Tensor, Tensor]]:
+        """Held-out tokens labelled from Python's `tokenize`, for the linear probes
+        (gsae_pl/eval/probes.py): `<slice>_<category>` -> (activations [n, d_in], whether
+        each token is of the category [n]); data/code_labels.py. {} for text that is not
+        Python."""
+        from gsae_pl.data.code_labels import code_probe_sets
+
+        texts = self.text.heldout_texts(self.heldout_docs)
+        return code_probe_sets(texts, self.bridge.tokenizer, self.bos_id,
+                               self.text.context_size, n_tokens,
+                               lambda w: torch.cat([self.activations(c).cpu() for c in
+                                                    w.split(self.lm_batch_size)]))
+
     def describe(self) -> dict:
         """What made these activations; also the key of a disk cache (data/cache.py)."""
         data = self.settings

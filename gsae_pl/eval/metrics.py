@@ -22,6 +22,9 @@ class ReconstructionMetrics(Metric):
     mse   = E||x - x_hat||^2 / d_in   (the training loss's scale, docs/method.md sec. 4)
     fvu   = E||x - x_hat||^2 / E||x - mean(x)||^2
     gamma = E||x_hat||^2 / E[x_hat . x]   (corrected form, docs/method.md sec. 5; < 1 = shrinkage)
+    norm_ratio = E||x_hat||^2 / E||x||^2  (below 1 wherever x_hat is off x's direction, even
+                 at gamma = 1: the best x_hat on a line at an angle to x is shorter than x;
+                 docs/method.md sec. 6)
     l0    = mean number of non-zero features per row
     """
 
@@ -57,6 +60,7 @@ class ReconstructionMetrics(Metric):
             "mse": self.sq_err / (self.rows * self.d_in),
             "fvu": self.sq_err / total_variance,
             "relative_reconstruction_bias": self.x_hat_sq / self.x_hat_dot_x,
+            "norm_ratio": self.x_hat_sq / self.x_sq,
         }
 
 

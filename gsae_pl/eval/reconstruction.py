@@ -1,5 +1,6 @@
-"""Reconstruction on held-out rows (docs/method.md sec. 6): L0, MSE, FVU, gamma, the dead
-and dense fractions, and the log10 feature-density histogram (TensorBoard only)."""
+"""Reconstruction on held-out rows (docs/method.md sec. 6): L0, MSE, FVU, gamma, the norm
+ratio E||x_hat||^2 / E||x||^2, the dead and dense fractions, and the log10 feature-density
+histogram (TensorBoard only)."""
 
 from __future__ import annotations
 

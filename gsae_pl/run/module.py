@@ -19,6 +19,7 @@ from gsae_pl.eval.metrics import (
     log10_density,
 )
 from gsae_pl.losses import Objective
+from gsae_pl.run.bias_histograms import BiasHistograms
 from gsae_pl.run.resample import Resampler, lr_multiplier
 from gsae_pl.saes import build_sae
 
@@ -115,7 +116,8 @@ class SAEModule(L.LightningModule):
         resampler = [Resampler(self.cfg.resample, self.cfg.sae.d_sae, self.cfg.seed)] \
             if self.cfg.resample.enabled else []
         # Then the architecture's own (a stage switch), so a revival precedes the switch.
-        return resampler + self.sae.callbacks(self.cfg)
+        return resampler + self.sae.callbacks(self.cfg) + \
+            [BiasHistograms(self.cfg.log.histogram_every_n_steps)]
 
     # ---- held-out evaluation --------------------------------------------------------
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:

@@ -13,6 +13,7 @@ it declares, as class attributes and class methods (defaults below):
   provides        the Encoding fields its reference path fills (what loss terms may read)
   has_gate        whether the aux term applies (it decodes ReLU(pi_gate), docs/method.md sec. 2)
   resample_roles  its per-feature parameters and how a resample re-initialises each
+  bias_parameters its per-feature bias / threshold vectors, whose distributions are logged
   saelens         its SAELens architecture name, or None: export refuses it
   saelens_weights the checkpoint tensors SAELens's format holds, or a refusal
   saelens_cfg(sae_cfg)  cfg.json fields its SAELens form needs beyond the common ones
@@ -75,6 +76,10 @@ class SAE(nn.Module):
     # := the direction, scaled like the alive columns; "zero" its entry := 0; "init" its
     # entry := initial_entry(name), the value it started training with (a threshold).
     resample_roles: ClassVar[dict[str, str]] = {"W_dec": "direction"}
+    # Per-feature bias / threshold vectors [d_sae], whose histograms and negative fraction
+    # gsae_pl/run/bias_histograms.py logs (docs/method.md sec. 6). None: the "zero" entries
+    # of resample_roles (b_enc, b_gate, ...); name them when those hold a non-bias too.
+    bias_parameters: ClassVar[Optional[tuple[str, ...]]] = None
     saelens: ClassVar[Optional[str]] = None
 
     def __init__(self, d_in: int, d_sae: int, unit_norm_decoder: bool = True):

@@ -63,6 +63,7 @@ class GatedSAE(SAE):
     has_gate = True
     resample_roles = {**SAE.resample_roles, "W_enc": "encoder", "W_mag": "encoder",
                       "b_gate": "zero", "b_mag": "zero", "r_mag": "zero"}
+    bias_parameters = ("b_gate", "b_mag")  # r_mag is a log scale, not a bias
     saelens = "gated"
 
     def __init__(self, d_in: int, d_sae: int, unit_norm_decoder: bool = True,

@@ -27,6 +27,8 @@ def test_reconstruction_metrics_by_hand():
     # gamma = E||x_hat||^2 / E[x_hat . x] = (.25 + 1) / (.5 + 2) = .5: shrinkage shows as < 1
     gamma = out["relative_reconstruction_bias"]
     assert torch.isclose(gamma, torch.tensor(0.5, dtype=torch.float64))
+    # norm ratio = E||x_hat||^2 / E||x||^2 = (.25 + 1) / (1 + 4) = .25
+    assert torch.isclose(out["norm_ratio"], torch.tensor(0.25, dtype=torch.float64))
     assert torch.isclose(out["l0"], torch.tensor(1.5, dtype=torch.float64))
 
 
@@ -41,6 +43,19 @@ def test_gamma_is_scale_of_best_rescaling_not_norm_ratio():
     grid = torch.linspace(0.5, 4, 3501, dtype=torch.float64)
     losses = [((x_hat.double() / g - x.double()) ** 2).sum() for g in grid]
     assert abs(grid[int(torch.stack(losses).argmin())].item() - gamma) < 1e-3
+
+
+def test_norm_ratio_is_below_one_where_gamma_is_one():
+    """x_hat = the projection of x on a line at 45 degrees: no shrinkage along x_hat
+    (gamma = 1), yet ||x_hat||^2 = cos^2(45) ||x||^2, so the norm ratio is 1/2."""
+    x = torch.tensor([[1.0, 0.0], [0.0, -2.0]])
+    x_hat = torch.tensor([[0.5, 0.5], [-1.0, -1.0]])
+    metric = ReconstructionMetrics(d_in=2)
+    metric.update(x, x_hat, torch.ones(1))
+    out = metric.compute()
+    # gamma = (.5 + 2) / (.5 + 2) = 1; norm ratio = (.5 + 2) / (1 + 4) = .5
+    assert out["relative_reconstruction_bias"].item() == 1.0
+    assert out["norm_ratio"].item() == 0.5
 
 
 def test_feature_density_dead_and_dense():
