@@ -56,6 +56,11 @@ ADDED: dict[str, object] = {
     "loss.auxk.warmup_steps": 0,
     "loss.auxk.k_aux": 0,
     "loss.auxk.dead_tokens": 256000,
+    # Matryoshka BatchTopK (saes/matryoshka_batchtopk.py, losses/matryoshka.py): off.
+    "sae.matryoshka_widths": [],
+    "loss.matryoshka.enabled": False,
+    "loss.matryoshka.coefficient": 1.0,
+    "loss.matryoshka.warmup_steps": 0,
     # the linear probes (eval/probes.py): off unless a config turns them on
     "eval.probes.enabled": False,
     "eval.probes.rows": 4096,

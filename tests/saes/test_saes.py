@@ -153,4 +153,4 @@ def test_b_dec_init(how):
 
 def test_registry_names():
     assert set(ARCHITECTURES) == {"relu", "gated", "prolu", "rescale_shift", "jumprelu",
-                                  "topk", "batchtopk"}
+                                  "topk", "batchtopk", "matryoshka_batchtopk"}
