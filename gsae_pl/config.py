@@ -381,14 +381,50 @@ def _explain(err: OmegaConfBaseException, source: str) -> str:
     key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
     msg = str(err).splitlines()[0]
     if "not in" in msg or "Key '" in msg and "not" in msg:
-        parent, _, leaf = str(key).rpartition(".")
+        parent = str(key).rpartition(".")[0]
         valid = _keys_under(parent)
-        hint = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.5)
-        near = f"; did you mean {'.'.join(filter(None, [parent, hint[0]]))}?" if hint else ""
+        hints = suggest_keys(str(key))
+        near = f"; did you mean {' or '.join(hints)}?" if hints else ""
         where = f" under {parent}" if parent else ""
         return f"unknown config key {key} in {source}{near} (valid keys{where}: {', '.join(valid)})"
     target = f"config key {key}" if key != "?" else "a config value"
     return f"bad value for {target} in {source}: {msg}"
+
+
+def suggest_keys(key: str) -> list[str]:
+    """What an unknown dotted `key` most likely meant, best first: keys with the same last
+    part in any section (`l1_coefficient` -> `loss.sparsity.coefficient`, its old name
+    shown too: a missing section is the commonest slip), else the nearest spelling under the
+    same parent (`sae.d_sea` -> `sae.d_sae`) or of a last part in any section."""
+    parent, _, leaf = key.rpartition(".")
+    schema = _all_keys(OmegaConf.structured(Config))
+    renamed = [f"{new} (old name {old})" for old, new in ALIASES.items()
+               if old.rpartition(".")[2] == leaf and old != key]
+    same_leaf = [k for k in schema if k.rpartition(".")[2] == leaf and k != key]
+    if renamed or same_leaf:
+        return (renamed + same_leaf)[:4]
+    # The nearest spelling: under the same parent (from 0.5 similar; it wins a tie) or in
+    # any section (from 0.75): `dsae` -> `sae.d_sae`, not the section `sae`.
+    scored = [(_similar(leaf, name), 1, ".".join(filter(None, [parent, name])))
+              for name in _keys_under(parent) if _similar(leaf, name) >= 0.5]
+    scored += [(_similar(leaf, k.rpartition(".")[2]), 0, k) for k in schema
+               if _similar(leaf, k.rpartition(".")[2]) >= 0.75]
+    return [max(scored)[2]] if scored else []
+
+
+def _similar(a: str, b: str) -> float:
+    return difflib.SequenceMatcher(None, a, b).ratio()
+
+
+def _all_keys(node: DictConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema, blocks and leaves, in schema order."""
+    out = []
+    for name in node.keys():
+        out.append(f"{prefix}{name}")
+        child = node.get(name)
+        if isinstance(child, DictConfig):
+            out += _all_keys(child, f"{prefix}{name}.")
+    return out
 
 
 def _keys_under(dotted: str) -> list[str]:

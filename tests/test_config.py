@@ -67,6 +67,15 @@ def test_ablation_deltas_merge_over_base():
     (["sae.d_sea=3"], "unknown config key sae.d_sea in the command line; did you mean sae.d_sae?"),
     (["loss.aux.decoderr=x"], "did you mean loss.aux.decoder?"),
     (["trainer.max_step=5"], "did you mean trainer.max_steps?"),
+    # A key written without its section: the same last part anywhere, an old name's new place.
+    (["l1_coefficient=0.1"], "unknown config key l1_coefficient in the command line; did you "
+     "mean loss.sparsity.coefficient (old name loss.l1_coefficient)? (valid keys: seed,"),
+    (["d_sae=3"], "; did you mean sae.d_sae? (valid keys: seed,"),
+    (["loss.coefficient=1"], "did you mean loss.reconstruction.coefficient or "
+     "loss.sparsity.coefficient or loss.aux.coefficient or loss.orthogonality.coefficient?"),
+    (["dsae=3"], "did you mean sae.d_sae?"),  # a leaf's spelling, not the section `sae`
+    (["maxsteps=3"], "did you mean trainer.max_steps?"),
+    (["sed=1"], "did you mean seed?"),
     (["sae.d_sae=abc"], "bad value for config key sae.d_sae"),
     (["loss.l1_coefficient=-0.1"], "loss.sparsity.coefficient=-0.1 must be >= 0"),
     (["sae.d_sae=0"], "sae.d_sae=0 must be > 0"),

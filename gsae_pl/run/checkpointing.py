@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from gsae_pl.config import migrate
 from gsae_pl.errors import UserError
 from gsae_pl.run.io import atomic_write, sweep_stale_temporaries
+from gsae_pl.run.run_dir import suggested_name
 
 # Resuming reuses the checkpoint directory on purpose; Lightning would warn about it.
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
@@ -172,9 +173,10 @@ def check_same_run(checkpoint: Path, cfg: DictConfig) -> None:
     if changed:
         shown = shown_keys(changed)
         run_dir = checkpoint.parent.parent
+        other = suggested_name(run_dir, {k: OmegaConf.select(cfg, k) for k in changed})
         raise UserError(f"{run_dir} holds an unfinished run with a different config ({shown}): "
                         "rerun with its config to resume, pass --force to start afresh, or "
-                        "set output.name to start another run")
+                        f"set output.name={other} to start another run")
 
 
 def finished_run_changes(run_dir: Path, cfg: DictConfig) -> list[str]:

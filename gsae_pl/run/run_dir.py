@@ -2,11 +2,16 @@
 
 The name becomes one path component, so it may not point anywhere else: `..` or `a/../..`
 would put a run (and `--force`'s deletions) outside output.dir. And `--force` deletes only
-what a run writes, never the folder wholesale, so a user's own file kept beside a run stays.
+what a run writes, never the folder wholesale, so a user's own file kept beside a run stays;
+metrics.json (the mark of a finished run) goes first, so a --force stopped part-way leaves an
+unfinished run, never a folder that reads as finished with half its files gone.
+A folder that holds a run with another config is refused with a name to use instead
+(`suggested_name`): the default name says architecture, lambda and seed, not d_sae.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from gsae_pl.errors import UserError
@@ -47,9 +52,26 @@ def check_name(name: str, what: str, advice: str = "e.g. gated_l1-0.05_seed0") -
                         f"leading '-'), {advice}")
 
 
+def suggested_name(run_dir: Path, changed: dict) -> str:
+    """A free folder name beside `run_dir` for a run that differs from it in `changed`
+    (dotted key -> new value): `<name>_<leaf>-<value>` for the first two keys, as suite run
+    names show a swept value (`gated_l1-0.05_seed0_d_sae-2048`), `-2`, `-3`, ... if taken."""
+    parts = [re.sub(r"[^A-Za-z0-9._+-]", "-", f"{key.rpartition('.')[2]}-{value}")
+             for key, value in list(changed.items())[:2]]
+    stem = "_".join([run_dir.name, *parts]).encode("utf-8", "surrogateescape")
+    stem = stem[:MAX_NAME_BYTES - 8].decode("utf-8", "surrogateescape")  # room for -N
+    name, n = stem, 1
+    while (run_dir.parent / name).exists():
+        n += 1
+        name = f"{stem}-{n}"
+    return name
+
+
 def remove_run_outputs(run_dir: Path) -> None:
     """`--force`: delete what an earlier run wrote here, and nothing else; then the
-    checkpoints folder and the run folder themselves if that left them empty."""
+    checkpoints folder and the run folder themselves if that left them empty. metrics.json
+    first: from then on the folder holds an unfinished run, whatever stops the deletion."""
+    (run_dir / "metrics.json").unlink(missing_ok=True)
     checkpoints = run_dir / "checkpoints"
     for pattern in CHECKPOINT_FILES:
         for path in checkpoints.glob(pattern):

@@ -23,7 +23,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
-from gsae_pl.cli import ArgumentParser, add_config_arguments, parse_config_arguments, run_main
+from gsae_pl.cli import run_main
 from gsae_pl.config import load_config, to_yaml
 from gsae_pl.data.datamodule import SAEDataModule
 from gsae_pl.errors import UserError
@@ -40,24 +40,13 @@ from gsae_pl.run.checkpointing import (
     shown_keys,
 )
 from gsae_pl.run.faults import NonFiniteMonitor, check_final_metrics, ends_other_processes_on_error
+from gsae_pl.run.fit_args import parse_args
 from gsae_pl.run.io import atomic_write_json, atomic_write_text
 from gsae_pl.run.lock import RUN_LOCK, FolderLock, takes_run_lock
 from gsae_pl.run.memory import check_run_fits
 from gsae_pl.run.module import SAEModule
 from gsae_pl.run.preemption import Preemption, sigterm_as_preempted
-from gsae_pl.run.run_dir import check_name, remove_run_outputs
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = ArgumentParser(prog="python -m gsae_pl.fit", description=__doc__)
-    add_config_arguments(parser)
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config and exit")
-    parser.add_argument("--force", action="store_true",
-                        help="start afresh: delete what an earlier run wrote in the run "
-                             "directory (a finished run, or checkpoints it would resume "
-                             "from); other files there stay")
-    return parse_config_arguments(parser, argv)
+from gsae_pl.run.run_dir import check_name, remove_run_outputs, suggested_name
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -265,9 +254,11 @@ def _train(cfg: DictConfig, run_dir: Path, force: bool) -> int:
     if (run_dir / "metrics.json").exists() and not force:
         changed = finished_run_changes(run_dir, cfg)
         if changed:  # not this run: skipping it would pass another run's results off as its
+            other = suggested_name(run_dir, {k: OmegaConf.select(cfg, k) for k in changed})
             raise UserError(f"{run_dir} holds a finished run with a different config "
-                            f"({shown_keys(changed)}): set output.name=NAME to train this one "
-                            "beside it, or pass --force to replace it")
+                            f"({shown_keys(changed)}): set output.name={other} to train this "
+                            "one beside it, or pass --force to replace it (its results are "
+                            "deleted)")
         print(f"{run_dir} already holds a finished run (metrics.json); "
               "pass --force to train it again, or set output.name to start another")
         return 0

@@ -1,5 +1,6 @@
 """Run an ablation suite: `python -m gsae_pl.ablate --suite FILE [--devices N]
-[--strategy parallel|ddp] [key=value ...]`, then write its report.
+[--strategy parallel|ddp] [--output-dir DIR] [--dry-run] [key=value ...]`, then write its
+report.
 
 Every run is `python -m gsae_pl.fit` in its own process, its output in
 `<output_dir>/logs/<run>.log`, its results in `<output_dir>/runs/<run>/` (gsae_pl/suite/spec.py):
@@ -12,10 +13,12 @@ Every run is `python -m gsae_pl.fit` in its own process, its output in
 A run that fails is recorded in `<output_dir>/failed/<run>.json` and the suite goes on;
 rerunning the command skips finished runs (those with metrics.json, trained with the config
 the suite gives them today: a changed one is refused) and retries the rest, which resume
-from their checkpoints. Before any run, LM activations that runs read from
-the disk cache (`data.cache=true`) are written once, so the LM runs once per token for the
-whole suite rather than once per run. Bad input is refused before anything runs (exit 2);
-a suite with failed runs exits 3 after its report is written.
+from their checkpoints; `--dry-run` lists what it would do. The report's wall time is the
+sum over the invocations that trained runs (<output_dir>/wall_time.json). Before any run,
+LM activations that runs read from the disk cache (`data.cache=true`) are written once, so
+the LM runs once per token for the whole suite rather than once per run. Bad input is
+refused before anything runs (exit 2); a suite with failed runs exits 3 after its report
+is written.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from gsae_pl.run.io import atomic_write_json, atomic_write_text, sweep_stale_tem
 from gsae_pl.run.lock import SUITE_LOCK, FolderLock
 from gsae_pl.suite.children import die_with_parent, stop
 from gsae_pl.suite.rendezvous import RunStores, is_first_process, launcher_rank
-from gsae_pl.suite.spec import Run, Suite, load_suite
+from gsae_pl.suite.spec import Run, Suite, load_suite, sweep_label
 
 STRATEGIES = ("parallel", "ddp")
 
@@ -53,6 +56,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="devices to use: GPUs, or CPU processes where there is no GPU")
     parser.add_argument("--strategy", choices=STRATEGIES, default="parallel",
                         help="parallel: one SAE per device at once; ddp: each SAE over all")
+    parser.add_argument("--output-dir", metavar="DIR",
+                        help="put the suite's runs, logs and report in DIR instead of the "
+                             "suite file's output_dir (the file stays as it is)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the runs the suite would start (name, variant, swept "
+                             "value, seed) and which are already finished, then exit 0 "
+                             "without training or writing anything")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     return parser.parse_intermixed_args(argv)
 
@@ -233,8 +243,35 @@ def _on_sigterm(signum, frame) -> None:
     raise stopped
 
 
+def run_state(run: Run) -> str:
+    """What ablate would do with `run`: train it, resume it, skip it as finished, or refuse."""
+    if (run.run_dir / "metrics.json").is_file():
+        changed = finished_run_changes(run.run_dir, run.cfg)
+        return (f"finished with a different config ({shown_keys(changed)}): ablate would "
+                "refuse" if changed else "finished: skipped")
+    if list((run.run_dir / "checkpoints").glob("*.ckpt")):
+        return "unfinished: resumes from its checkpoint"
+    return "to train"
+
+
+def print_plan(suite: Suite) -> None:
+    """--dry-run: one line per run, nothing written."""
+    states = [run_state(run) for run in suite.runs]
+    finished = sum(state.startswith("finished: ") for state in states)
+    print(f"suite {suite.name}: {len(suite.runs)} runs ({len(suite.variants)} variants), "
+          f"{finished} already finished, {len(suite.runs) - finished} to run; output in "
+          f"{suite.output_dir} (dry run: nothing started)")
+    width = max(len(run.name) for run in suite.runs)
+    for run, state in zip(suite.runs, states):
+        swept = f"{sweep_label(run.sweep_key)}={run.sweep_value}"
+        print(f"  {run.name:<{width}}  {run.variant}  {swept}  seed {run.seed}  {state}")
+
+
 def _main(args: argparse.Namespace) -> int:
-    suite = load_suite(args.suite, args.overrides)
+    suite = load_suite(args.suite, args.overrides, args.output_dir)
+    if args.dry_run:
+        print_plan(suite)
+        return 0
     kind = check_devices(suite, args.devices)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
@@ -267,9 +304,11 @@ def _run_suite(suite: Suite, kind: str, args: argparse.Namespace) -> int:
         run_all(launcher, todo)
     wall = time.perf_counter() - start
     if is_first_process():  # multi-node: one process writes the report
-        from gsae_pl.suite.report import write_report
+        from gsae_pl.suite.report import add_wall_time, write_report
 
-        report = write_report(suite.output_dir, wall_seconds=wall if todo else None)
+        if todo:  # the report sums the invocations that trained (a rerun keeps the figure)
+            add_wall_time(suite.output_dir, wall)
+        report = write_report(suite.output_dir)
         print(f"report: {report} ({wall:.0f} s for {len(todo)} runs)")
     if launcher.failures:
         raise RunFailed(f"{len(launcher.failures)} of {len(todo)} runs failed "

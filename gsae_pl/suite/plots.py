@@ -1,13 +1,21 @@
 """The suite report's figures: each plotted metric against L0 (log axis; which metrics: the
-suite file's `metrics:`, else DEFAULT_METRICS), one colour and marker per
-variant, a point per run and a line through the seed means (gsae_pl/suite/report.py). Error bars:
-on the line, the sample SD over seeds at each swept value (where there are 2 or more); on
-each loss-recovered point, its held-out standard error. Gamma plots mark gamma = 1 (no
-shrinkage).
+suite file's `metrics:`, else DEFAULT_METRICS), one style per variant, a point per run and a
+line through the seed means, each mean labelled with its swept value (gsae_pl/suite/report.py).
+Error bars: on the line, the sample SD over seeds at each swept value (where there are 2 or
+more); on each loss-recovered point, its held-out standard error. Gamma plots mark gamma = 1
+(no shrinkage) with a dashed line.
 
-A bare matplotlib Figure renders with Agg and touches no global pyplot state. Colours and
-markers follow a variant's place among ALL the suite's variants, so a variant looks the
-same in every figure, including the focused ones a suite names under `figures:`.
+Styles: a variant gets a colour from PALETTE (10 distinct hues, black, grey), a line style and
+a marker, fixed by its place among ALL the suite's variants, so a variant looks the same in
+every figure, including the focused ones a suite names under `figures:`; neighbours differ
+in line style too, and no two of any number of variants share all three.
+
+The y axis spans the band that matters: a point beyond Tukey's far-out fences (3 IQR past
+the quartiles, from 5 points on), such as a collapsed no-aux run at loss recovered 0.32
+among runs at 0.8-0.99, is left off the axis and marked at its edge by an arrow with its
+variant and value, so it cannot squash the other curves into a line.
+
+A bare matplotlib Figure renders with Agg and touches no global pyplot state.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import io
 import statistics
 from pathlib import Path
 
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from gsae_pl.run.io import atomic_write
@@ -35,6 +44,14 @@ DEFAULT_METRICS = ("loss_recovered", "fvu", "relative_reconstruction_bias", "mmc
 # A plot's file is l0_vs_<metric>.png, except these (gamma_vs_l0 keeps the issue's name).
 STEMS = {"relative_reconstruction_bias": "gamma_vs_l0"}
 MARKERS = "osD^vP*X<>hp"
+# Ten hues at least 20 degrees apart in CIELAB hue angle (so no two blues, no red beside a
+# brown), then black and grey; ordered so that neighbouring variants contrast.
+PALETTE = ("#0072b2", "#ff7f00", "#33a02c", "#d62728", "#6a3d9a", "#17becf", "#e7298a",
+           "#000000", "#bcbd22", "#009e73", "#e6ab02", "#999999")
+LINESTYLES = ("-", "--", "-.", ":")
+FENCE = 3.0  # Tukey's far-out fence, in interquartile ranges
+MIN_POINTS_TO_CLIP = 5  # with fewer, the quartiles say little about what is an outlier
+GAMMA = "relative_reconstruction_bias"
 
 
 def _seed_groups(rows: list[dict], metric: str) -> list[list[dict]]:
@@ -46,14 +63,19 @@ def _seed_groups(rows: list[dict], metric: str) -> list[list[dict]]:
     return list(groups.values())
 
 
-def variant_curve(rows: list[dict], metric: str) -> list[tuple[float, float]]:
-    """One variant's (L0, metric) points, the mean over seeds at each swept value, by L0.
-    L0 is clipped at L0_FLOOR so the curve can live on a log axis."""
+def labelled_curve(rows: list[dict], metric: str) -> list[tuple[float, float, object]]:
+    """`variant_curve`'s points with the swept value each is the mean at: (L0, y, value)."""
     curve = []
     for group in _seed_groups(rows, metric):
         l0 = sum(max(r["l0"], L0_FLOOR) for r in group) / len(group)
-        curve.append((l0, sum(r[metric] for r in group) / len(group)))
-    return sorted(curve)
+        curve.append((l0, sum(r[metric] for r in group) / len(group), group[0]["value"]))
+    return sorted(curve, key=lambda point: point[:2])
+
+
+def variant_curve(rows: list[dict], metric: str) -> list[tuple[float, float]]:
+    """One variant's (L0, metric) points, the mean over seeds at each swept value, by L0.
+    L0 is clipped at L0_FLOOR so the curve can live on a log axis."""
+    return [(l0, y) for l0, y, _ in labelled_curve(rows, metric)]
 
 
 def seed_sd_curve(rows: list[dict], metric: str) -> list[float]:
@@ -75,48 +97,98 @@ def by_variant(rows: list[dict]) -> dict[str, list[dict]]:
 
 
 def styles(variants: list[str]) -> dict[str, tuple]:
-    """variant -> (colour, marker), fixed by the variant's place among all of the suite's:
-    20 colours and 12 markers, so no two of up to 20 variants look alike."""
-    import matplotlib
-
-    # tab20 pairs a dark and a light shade of each hue: take the 10 dark ones first, so
-    # suites of up to 10 variants never put two shades of one hue side by side.
-    colours = matplotlib.colormaps["tab20"]
-    return {v: (colours((2 * i + i // 10) % 20), MARKERS[i % len(MARKERS)])
+    """variant -> (colour, marker, line style), by the variant's place in sorted order: the
+    colour and marker cycle through 12, the line style through 4, shifted by one every 12
+    variants so that no two variants share all three."""
+    return {v: (PALETTE[i % len(PALETTE)], MARKERS[i % len(MARKERS)],
+                LINESTYLES[(i + i // len(PALETTE)) % len(LINESTYLES)])
             for i, v in enumerate(sorted(variants))}
 
 
-def plot_metric(rows: list[dict], metric: str, title: str, style: dict[str, tuple]) -> bytes:
-    """PNG bytes of `metric` against L0 for the variants in `rows`."""
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
+def y_band(values: list[float], keep: tuple[float, ...] = ()) -> tuple[float, float] | None:
+    """The y limits that leave out far-out points (beyond FENCE interquartile ranges past
+    the quartiles), padded by 8% and stretched over `keep` (gamma's reference line);
+    None when no point is far out, or there are too few points to tell."""
+    if len(values) < MIN_POINTS_TO_CLIP:
+        return None
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    low, high = q1 - FENCE * (q3 - q1), q3 + FENCE * (q3 - q1)
+    inside = [v for v in values if low <= v <= high]
+    if len(inside) == len(values):
+        return None
+    lo, hi = min(inside + list(keep)), max(inside + list(keep))
+    pad = 0.08 * (hi - lo) or 0.05 * max(abs(hi), 1e-3)
+    return lo - pad, hi + pad
+
+
+def _mark_off_axis(ax: Axes, points: list[tuple[float, float, str, str]],
+                   band: tuple[float, float]) -> None:
+    """An arrow at the axis edge for each (x, y, variant, colour) outside `band`."""
+    lo, hi = band
+    for x, y, variant, colour in points:
+        if lo <= y <= hi:
+            continue
+        edge, offset = (lo, 22) if y < lo else (hi, -22)
+        ax.annotate(f"{variant} {y:.3g}", xy=(x, edge), xytext=(0, offset),
+                    textcoords="offset points", ha="center", fontsize=7, color=colour,
+                    arrowprops={"arrowstyle": "->", "color": colour})
+
+
+def _shown(value) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) \
+        else str(value)
+
+
+def metric_figure(rows: list[dict], metric: str, title: str, style: dict[str, tuple]) -> Figure:
+    """The Figure of `metric` against L0 for the variants in `rows` (one Axes)."""
+    fig = Figure(figsize=(8.5, 4.5), layout="constrained")
     ax = fig.add_subplot()
+    ys, off_axis = [], []
     for variant, group in by_variant(rows).items():
         points = [(max(r["l0"], L0_FLOOR), r[metric]) for r in group
                   if r.get(metric) is not None and r["l0"] is not None]
         if not points:
             continue
-        colour, marker = style[variant]
+        colour, marker, linestyle = style[variant]
         ax.scatter(*zip(*points), color=colour, marker=marker, s=18, alpha=0.6)
+        ys += [y for _, y in points]
+        off_axis += [(x, y, variant, colour) for x, y in points]
         se_key = f"{metric}_se"
         with_se = [(max(r["l0"], L0_FLOOR), r[metric], r[se_key]) for r in group
                    if r.get(se_key) is not None and r[metric] is not None and r["l0"] is not None]
         if with_se:  # held-out standard error of each run's value
             x, y, se = zip(*with_se)
             ax.errorbar(x, y, yerr=se, fmt="none", ecolor=colour, alpha=0.6, capsize=2)
-        x, y = zip(*variant_curve(group, metric))
+        curve = labelled_curve(group, metric)
+        x, y, values = zip(*curve)
         ax.errorbar(x, y, yerr=seed_sd_curve(group, metric), color=colour, marker=marker,
-                    capsize=3, label=variant)
-    if metric == "relative_reconstruction_bias":
+                    linestyle=linestyle, capsize=3, label=variant)
+        for px, py, value in curve:  # the swept value beside each seed-mean point
+            ax.annotate(_shown(value), (px, py), xytext=(3, 3), textcoords="offset points",
+                        fontsize=6, color=colour, alpha=0.9)
+    if metric == GAMMA:
         ax.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="gamma = 1")
+    band = y_band(ys, keep=(1.0,) if metric == GAMMA else ())
+    if band:
+        ax.set_ylim(*band)
+        _mark_off_axis(ax, off_axis, band)
+        ax.text(0.99, 0.01, "arrows: points beyond the axis", transform=ax.transAxes,
+                ha="right", va="bottom", fontsize=7, color="grey")
     ax.set_xscale("log")
     clipped = any(r["l0"] is not None and r["l0"] < L0_FLOOR for r in rows)
     ax.set_xlabel(LABELS["l0"] + (f"; L0 < {L0_FLOOR} drawn at {L0_FLOOR}" if clipped else ""))
     ax.set_ylabel(LABELS.get(metric, metric))
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    # Beside the axes, not on them: with ten variants a legend inside hides a curve.
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return fig
+
+
+def plot_metric(rows: list[dict], metric: str, title: str, style: dict[str, tuple]) -> bytes:
+    """PNG bytes of `metric` against L0 for the variants in `rows`."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
+    metric_figure(rows, metric, title, style).savefig(buffer, format="png", dpi=110)
     return buffer.getvalue()
 
 

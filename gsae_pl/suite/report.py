@@ -24,7 +24,7 @@ from gsae_pl.cli import ArgumentParser, run_main
 from gsae_pl.config import migrate
 from gsae_pl.errors import UserError
 from gsae_pl.run import provenance
-from gsae_pl.run.io import atomic_write_text
+from gsae_pl.run.io import atomic_write_json, atomic_write_text
 from gsae_pl.suite import uncertainty
 from gsae_pl.suite.curves import common_l0s, interpolate_at_l0, l0_needed
 from gsae_pl.suite.plots import (
@@ -277,12 +277,41 @@ def _tokens_text(rows: list[dict]) -> str:
     return f"{tokens[0]:,} - {tokens[-1]:,} tokens per run"
 
 
-def _intro(rows, failures, unfinished, wall_seconds) -> str:
+# ablate's wall time, summed over its invocations that trained runs: a rerun that finds
+# every run finished adds nothing, and the report keeps the figure (`python -m gsae_pl.report`
+# too). Whether to sum or keep the last: sum, the cost of the whole suite.
+WALL_FILE = "wall_time.json"
+
+
+def add_wall_time(suite_dir: Path, seconds: float) -> None:
+    seconds_so_far, invocations = read_wall_time(suite_dir) or (0.0, 0)
+    atomic_write_json(Path(suite_dir) / WALL_FILE, {"seconds": round(seconds_so_far + seconds, 1),
+                                                    "invocations": invocations + 1})
+
+
+def read_wall_time(suite_dir: Path) -> tuple[float, int] | None:
+    """(seconds, invocations) recorded by ablate; None without a readable record."""
+    try:
+        record = json.loads((Path(suite_dir) / WALL_FILE).read_text())
+        return float(record["seconds"]), int(record["invocations"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def table_columns(rows: list[dict]) -> list[str]:
+    """report.md's table: results.csv's columns less those no run has a value for (mmcs on
+    an LM suite, loss recovered on a synthetic one); results.csv keeps them all."""
+    shown = columns(rows)
+    return [c for c in shown if any(r.get(c) is not None for r in rows)] if rows else shown
+
+
+def _intro(rows, failures, unfinished, wall_seconds, invocations: int = 1) -> str:
     text = (f"Made by `python -m gsae_pl.report` from the runs under `runs/`: {len(rows)} "
             f"finished, {len(failures)} failed")
     text += f", {len(unfinished)} unfinished ({', '.join(unfinished)})" if unfinished else ""
     text += f"; {_tokens_text(rows)}"
-    text += f"; suite wall time {wall_seconds:.0f} s." if wall_seconds is not None else "."
+    over = f" over {invocations} invocations of ablate" if invocations > 1 else ""
+    text += f"; suite wall time {wall_seconds:.0f} s{over}." if wall_seconds is not None else "."
     clipped = sum(1 for r in rows if r["l0"] is not None and r["l0"] < L0_FLOOR)
     text += (f" L0 axes are logarithmic; L0 below {L0_FLOOR} is drawn at {L0_FLOOR} "
              f"({clipped} run(s) affected). Metrics are defined in docs/method.md and "
@@ -306,8 +335,12 @@ def _failures_section(suite_dir: Path, failures: list[dict]) -> list[str]:
 
 
 def write_report(suite_dir: Path, wall_seconds: float | None = None) -> Path:
-    """results.csv, plots/*.png and report.md for the suite; returns report.md's path."""
+    """results.csv, plots/*.png and report.md for the suite; returns report.md's path.
+    The wall time shown: `wall_seconds` if given, else ablate's record (WALL_FILE)."""
     suite_dir = Path(suite_dir)
+    invocations = 1
+    if wall_seconds is None:
+        wall_seconds, invocations = read_wall_time(suite_dir) or (None, 1)
     if not suite_dir.is_dir():
         raise UserError(f"{suite_dir} is not a directory (expected an ablation suite's output)")
     rows, unfinished = load_rows(suite_dir)
@@ -321,10 +354,11 @@ def write_report(suite_dir: Path, wall_seconds: float | None = None) -> Path:
     title = f"{suite_dir.resolve().name}: {_tokens_text(rows)}"
     plots = write_plots(suite_dir, rows, title, figures, plotted)
     lines = [f"# Ablation suite `{suite_dir.resolve().name}`", "",
-             _intro(rows, failures, unfinished, wall_seconds), "", "## Provenance", ""]
+             _intro(rows, failures, unfinished, wall_seconds, invocations), "",
+             "## Provenance", ""]
     lines += provenance.suite_header(provenance.read_records(suite_dir, [r["run"] for r in rows]))
     lines += ["", "## Results", ""]
-    shown = columns(rows)
+    shown = table_columns(rows)
     lines += _markdown_table(shown, [[fmt(r.get(c)) for c in shown] for r in rows])
     lines += ["", "## Seed spread"] + seed_spread_section(rows)
     lines += ["", "## Pareto summary"] + (pareto_summary(rows) or ["", "no curve to read"])

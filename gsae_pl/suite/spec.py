@@ -12,8 +12,8 @@ on which shared settings.
     grids:                              # named sweeps; a list sweeps the sparsity coefficient
       gated: [0.02, 0.05, 0.1]          #   (the gated and baseline lambdas live on different
       ks: {sae.k: [16, 32, 64]}         #   scales); a mapping sweeps its one dotted key
-    variants:                           # name -> <name>.yaml beside this file (or `config:`,
-      gated: {grid: gated}              #   one file or a list, merged in order)
+    variants:                           # name -> <name>.yaml (or `config:`, one file or a
+      gated: {grid: gated}              #   list, merged in order): see "Files" below
       baseline: {l1_coefficient: [0.005, 0.01], presets: [baseline_family], seeds: [0, 1]}
       orth: {config: gated.yaml, sweep: {loss.orthogonality.coefficient: [0.1, 1.0]}}
     figures:                            # optional: focused report plots, name -> variants
@@ -24,6 +24,12 @@ A variant sweeps exactly one key: `grid: NAME`, `l1_coefficient: [...]` (the spa
 coefficient) or `sweep: {dotted.key: [...]}`. Its runs are named
 `<variant>_<label>-<value>_seed<seed>`, the label being `l1` for the sparsity coefficient and
 the key without its section otherwise (`sae.k` -> `k`), and `output.sweep` records the key.
+
+Files (`configs:`, `config:`, and the `<variant>.yaml` a variant without `config:` names)
+are relative to the suite file; one not found there is looked up relative to the project's
+ablations/ folder (PROJECT_ABLATIONS), so a suite kept anywhere (a copy of
+ablations/quick.yaml in a scratch folder) names the shipped variants and recipes as the
+shipped suites do, and a file beside the suite wins over the shipped one of that name.
 
 Precedence, last wins: the suite's `configs`, the variant's YAML(s) (each file merged once,
 gsae_pl/config.py), the suite's `overrides`, the variant's `presets` in order, the variant's
@@ -51,6 +57,8 @@ SUITE_KEYS = {"name", "output_dir", "seeds", "configs", "overrides", "presets", 
 VARIANT_KEYS = {"config", "grid", "l1_coefficient", "sweep", "seeds", "presets", "overrides"}
 # The key a plain list of values sweeps, and its label in run names (`gated_l1-0.05_seed0`).
 SPARSITY_KEY, SPARSITY_LABEL = "loss.sparsity.coefficient", "l1"
+# The shipped variant YAMLs, where a suite's file names fall back to (see "Files" above).
+PROJECT_ABLATIONS = Path(__file__).resolve().parents[2] / "ablations"
 # Keys that make one run differ from another: the suite owns them (and each variant's swept key).
 RUN_KEYS = ("seed", "output.dir", "output.name", "output.variant", "output.sweep")
 
@@ -96,10 +104,12 @@ def is_suite_file(path: Path) -> bool:
     return isinstance(spec, dict) and "variants" in spec
 
 
-def load_suite(path: str | Path, cli_overrides: list[str] = ()) -> Suite:
+def load_suite(path: str | Path, cli_overrides: list[str] = (),
+               output_dir: str | Path | None = None) -> Suite:
+    """The suite in `path`; `output_dir` (ablate --output-dir) replaces its `output_dir`."""
     path = Path(path)
     spec = _read(path)
-    output_dir = Path(spec.get("output_dir") or f"tensorboard_logs/{path.stem}")
+    output_dir = Path(output_dir or spec.get("output_dir") or f"tensorboard_logs/{path.stem}")
     for item in cli_overrides:
         key = item.partition("=")[0]
         if key in RUN_KEYS:
@@ -262,19 +272,27 @@ def _variant_files(path: Path, where: str, variant: str, entry: dict) -> list[Pa
     files = _files(path, named if isinstance(named, list) else [named], f"{where}: config")
     for file in files:
         if not file.is_file():
-            known = sorted(p.stem for p in path.parent.glob("*.yaml") if not is_suite_file(p))
-            raise UserError(f"{where}: unknown variant, no file {file} (variants beside the "
-                            f"suite: {', '.join(known)}); add the file or set `config:`")
+            folders = dict.fromkeys([path.parent, PROJECT_ABLATIONS])
+            known = sorted({p.stem for folder in folders for p in folder.glob("*.yaml")
+                            if not is_suite_file(p)})
+            raise UserError(f"{where}: unknown variant, no file {file.name} beside the suite "
+                            f"or in {PROJECT_ABLATIONS} (variants there: {', '.join(known)}); "
+                            "add the file or set `config:`")
     return files
 
 
 def _files(path: Path, names, where: str) -> list[Path]:
-    """File names relative to the suite file."""
+    """File names relative to the suite file, else to the project's ablations/ folder (a
+    missing file keeps the suite-relative name, for the caller's error)."""
     if names is None:
         return []
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise UserError(f"{where} must be a list of YAML file names relative to {path.parent}")
-    return [path.parent / name for name in names]
+    return [_located(path.parent / name, PROJECT_ABLATIONS / name) for name in names]
+
+
+def _located(beside: Path, shipped: Path) -> Path:
+    return shipped if not beside.is_file() and shipped.is_file() else beside
 
 
 def _suite_configs(path: Path, names) -> list[Path]:

@@ -64,14 +64,14 @@ def recorded_config(suite_dir: Path, run: str, configs: Path | None):
     saved = suite_dir / "runs" / run / "config.yaml"
     if saved.is_file():
         return load_config(saved)
-    from gsae_pl.suite.spec import load_suite
+    from gsae_pl.suite.spec import PROJECT_ABLATIONS, load_suite
 
     spec_path = suite_dir / "suite.yaml"
     if not spec_path.is_file():
         raise UserError(f"{suite_dir} has neither runs/{run}/config.yaml nor suite.yaml: "
                         "cannot tell how the run was made")
     spec = yaml.safe_load(spec_path.read_text()) or {}
-    configs = Path(configs) if configs else Path(__file__).resolve().parents[1] / "ablations"
+    configs = Path(configs) if configs else PROJECT_ABLATIONS
     # The copy lives away from the variant YAMLs it names: point each variant at its file.
     for variant, entry in (spec.get("variants") or {}).items():
         entry = entry if isinstance(entry, dict) else {}

@@ -156,6 +156,12 @@ def _bad_file(tmp_path, kind):
 BAD = {
     "missing config": (["--config", "nope.yaml"], "not found"),
     "unknown key": (["sae.dsae=4"], "did you mean sae.d_sae"),
+    "key without its section": (["l1_coefficient=0.1"],
+                                "did you mean loss.sparsity.coefficient (old name "
+                                "loss.l1_coefficient)?"),
+    "a suite file": (["--config", str(ROOT / "ablations/quick.yaml")],
+                     "quick.yaml is a suite file (it lists variants), not a run config: run "
+                     "python -m gsae_pl.ablate --suite "),
     "wrong type": (["sae.d_sae=wide"], "bad value for config key sae.d_sae"),
     "negative coefficient": (["loss.l1_coefficient=-1"], "must be >= 0"),
     "d_sae < 1": (["sae.d_sae=0"], "sae.d_sae=0 must be > 0"),

@@ -119,6 +119,7 @@ def test_resume_with_another_config_is_refused(tmp_path, capsys):
     assert main(args(tmp_path, "run", "sae.d_sae=16", "optim.lr=0.01")) == 2
     err = capsys.readouterr().err
     assert "different config (sae.d_sae, optim.lr)" in err and err.count("\n") == 1
+    assert "set output.name=run_d_sae-16_lr-0.01 to start another run" in err
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
 
 

@@ -131,7 +131,10 @@ def test_refusals_exit_2_before_anything_is_written(tmp_path):
         ["--suite", str(tmp_path / "missing.yaml")],
         ["--suite", write_suite(tmp_path, ok), "--devices", "512"],
         ["--suite", write_suite(tmp_path, ok), "seed=3"],
-        ["--suite", write_suite(tmp_path, {"gated": {"grid": "gated"}})],  # no gated.yaml here
+        # no such YAML beside the suite nor in the project's ablations/
+        ["--suite", write_suite(tmp_path, {"nonesuch": {"grid": "gated"}})],
+        ["--suite", write_suite(tmp_path, ok), "--output-dir"],  # DIR missing
+        ["--suite", str(ABLATIONS / "gated.yaml"), "--dry-run"],  # a variant, not a suite
         # it trained in <output_dir>/small_l1-0.01_seed0, outside runs/
         ["--suite", write_suite(tmp_path, {"../small": {"config": config("gated"),
                                                         "grid": "gated"}})],
@@ -251,3 +254,63 @@ def test_ddp_strategy_runs_each_sae_over_both_processes(tmp_path):
             for d in ("out", "one"))
     for key in ("l0", "fvu", "mse", "relative_reconstruction_bias"):
         assert a[key] == pytest.approx(b[key], rel=1e-4), key
+
+
+def _files_under(folder) -> dict:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
+def test_dry_run_lists_each_run_and_its_state_and_writes_nothing(tmp_path):
+    """Variants named by their name alone come from the project's ablations/ (the suite
+    lives elsewhere); --output-dir moves the suite's folder; --dry-run only prints."""
+    from gsae_pl.config import to_yaml
+
+    path = write_suite(tmp_path, {"gated": {"grid": "gated"}, "baseline": {"grid": "relu"}})
+    elsewhere = tmp_path / "elsewhere"
+    suite = load_suite(path, output_dir=elsewhere)
+    assert suite.output_dir == elsewhere and suite.runs[0].run_dir.parent == elsewhere / "runs"
+    assert suite.runs[0].cfg.sae.architecture == "gated"  # ablations/gated.yaml
+    assert suite.runs[-1].cfg.sae.architecture == "relu"  # ablations/baseline.yaml
+    finished, resumable = suite.runs[0].run_dir, suite.runs[1].run_dir
+    (finished / "checkpoints").mkdir(parents=True)
+    (finished / "config.yaml").write_text(to_yaml(suite.runs[0].cfg))
+    (finished / "metrics.json").write_text("{}")
+    (resumable / "checkpoints").mkdir(parents=True)
+    (resumable / "checkpoints" / "last.ckpt").write_text("x")
+    before = _files_under(tmp_path)
+    done = ablate("--suite", path, "--output-dir", str(elsewhere), "--dry-run", timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == (f"suite t: 4 runs (2 variants), 1 already finished, 3 to run; output "
+                        f"in {elsewhere} (dry run: nothing started)")
+    assert lines[1].split() == ["gated_l1-0.01_seed0", "gated", "l1=0.01", "seed", "0",
+                                "finished:", "skipped"]
+    assert lines[2].split()[:3] == ["gated_l1-0.1_seed0", "gated", "l1=0.1"]
+    assert lines[2].endswith("unfinished: resumes from its checkpoint")
+    assert lines[3].endswith("to train") and lines[4].startswith("  baseline_l1-0.05_seed0")
+    assert len(lines) == 5
+    assert _files_under(tmp_path) == before  # no log, no suite.yaml copy, no report
+
+
+def test_a_suite_elsewhere_finds_shipped_recipes_and_prefers_its_own_files(tmp_path):
+    path = write_suite(tmp_path, {"gated": {"grid": "gated"}},
+                       configs=["../configs/recipes/quick.yaml"])  # as ablations/quick.yaml
+    assert load_suite(path).runs[0].cfg.eval.loss_recovered.contexts == 256  # the recipe's
+    (tmp_path / "gated.yaml").write_text("defaults: [" + str(ROOT / "configs/base.yaml") +
+                                         "]\noptim: {lr: 0.002}\n")
+    assert load_suite(path).runs[0].cfg.optim.lr == 0.002  # the file beside the suite wins
+
+
+@pytest.mark.slow
+def test_output_dir_and_a_rerun_keeps_the_wall_time(tmp_path):
+    path = write_suite(tmp_path, {"gated": {"grid": "gated"}}, grids={"gated": [0.1]})
+    out = tmp_path / "moved"
+    first = ablate("--suite", path, "--output-dir", str(out))
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert (out / "runs/gated_l1-0.1_seed0/metrics.json").is_file()
+    assert not (tmp_path / "out").exists()  # the suite file's output_dir stays unused
+    seconds = json.loads((out / "wall_time.json").read_text())["seconds"]
+    assert seconds > 0 and f"suite wall time {seconds:.0f} s." in (out / "report.md").read_text()
+    again = ablate("--suite", path, "--output-dir", str(out), timeout=120)
+    assert again.returncode == 0 and "1 already finished" in again.stdout
+    assert f"suite wall time {seconds:.0f} s." in (out / "report.md").read_text()

@@ -113,10 +113,13 @@ def test_report_md_has_table_plots_pareto_and_failure(lm_suite):
     assert text.startswith("# Ablation suite `suite_lm`")
     assert "6 finished, 1 failed" in text and "25,600 tokens per run" in text
     assert "wall time 123 s" in text and "unfinished" not in text
-    assert "| " + " | ".join(HEAD) + " | ce_clean | ce_spliced | ce_zero | dense_fraction | " \
+    # The table leaves out the columns no run has (mmcs, fraction_recovered: synthetic only).
+    lm_head = [c for c in HEAD if c not in ("mmcs", "fraction_recovered")]
+    assert "| " + " | ".join(lm_head) + " | ce_clean | ce_spliced | ce_zero | dense_fraction | " \
         "mse | norm_scale | run |" in text
     assert "| baseline | l1 | 0.01 | 0 | 80 | 0.2625 | 0.95 | 0.004 | 0.05 | 0.01 | 0.995 | 0 |" \
-        " 100 | 1.5 |  |  | 25600 | 3 | 3.05 | 4 | 0 | 0.1 | 1 | baseline_l1-0.01_seed0 |" in text
+        " 100 | 1.5 | 25600 | 3 | 3.05 | 4 | 0 | 0.1 | 1 | baseline_l1-0.01_seed0 |" in text
+    assert "mmcs" in (lm_suite / "results.csv").read_text().splitlines()[0]  # the CSV keeps it
     assert "(1 run(s) affected)" in text  # gated at 0.1 has L0 = 0
     for stem in ("l0_vs_loss_recovered", "l0_vs_fvu", "gamma_vs_l0"):
         assert f"(plots/{stem}.png)" in text
@@ -337,3 +340,28 @@ def test_rows_and_curves_follow_the_key_the_suite_swept(tmp_path):
     rows, _ = load_rows(suite)
     assert [(r["swept"], r["value"], r["l0"]) for r in rows] == [
         ("d_sae", 16, 14.0), ("d_sae", 32, 30.0), ("d_sae", 64, 60.0)]
+
+
+def test_the_wall_time_is_summed_over_invocations_and_kept_on_a_rerun(lm_suite):
+    from gsae_pl.suite.report import add_wall_time
+
+    assert "wall time" not in write_report(lm_suite).read_text()  # no record: not shown
+    add_wall_time(lm_suite, 100.4)
+    assert "; suite wall time 100 s." in write_report(lm_suite).read_text()
+    assert "; suite wall time 100 s." in write_report(lm_suite).read_text()  # a rerun keeps it
+    add_wall_time(lm_suite, 20.2)
+    text = write_report(lm_suite).read_text()
+    assert "; suite wall time 121 s over 2 invocations of ablate." in text
+    assert json.loads((lm_suite / "wall_time.json").read_text()) == {"seconds": 120.6,
+                                                                      "invocations": 2}
+    (lm_suite / "wall_time.json").write_text("{broken")  # unreadable: left out, not fatal
+    assert "wall time" not in write_report(lm_suite).read_text()
+
+
+def test_the_table_drops_only_columns_empty_in_every_row():
+    from gsae_pl.suite.report import table_columns
+
+    rows = [{**dict.fromkeys(HEAD), "variant": "g", "l0": 1.0, "run": "a", "extra": None},
+            {**dict.fromkeys(HEAD), "variant": "g", "mmcs": 0.5, "run": "b", "extra": None}]
+    assert table_columns(rows) == ["variant", "l0", "mmcs", "run"]
+    assert table_columns([]) == [*HEAD, "run"]  # no rows: the header as results.csv's

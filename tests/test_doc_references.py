@@ -1,0 +1,49 @@
+"""What the repository cites exists: the method document is docs/method.md (no private
+notes file), and every `docs/method.md sec. N` names one of its numbered sections.
+Committed reports under tensorboard_logs/ name the commit that made them and are left as
+written."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTES = "PAPER" + ".md"  # spelled apart, so this file does not mention it itself
+
+
+def _tracked() -> list[Path]:
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True,
+                                check=True).stdout.decode()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    return [ROOT / name for name in listed.split("\0")
+            if name and not name.startswith("tensorboard_logs/")]
+
+
+def _texts():
+    for path in _tracked():
+        try:
+            yield path, path.read_text()
+        except (UnicodeDecodeError, FileNotFoundError, IsADirectoryError):
+            continue  # a binary file (a plot), or one deleted in the working tree
+
+
+def test_no_tracked_file_cites_the_private_notes():
+    citing = [str(path.relative_to(ROOT)) for path, text in _texts() if NOTES in text]
+    assert not citing, f"cite docs/method.md instead of {NOTES} in: {citing}"
+
+
+def test_every_method_section_cited_exists():
+    method = (ROOT / "docs/method.md").read_text()
+    sections = {int(n) for n in re.findall(r"^## (\d+)\. ", method, re.M)}
+    assert sections == {1, 2, 3, 4, 5, 6}
+    cited = {(str(path.relative_to(ROOT)), m.group(0))
+             for path, text in _texts()
+             for m in re.finditer(r"method\.md,? secs?\. ?(\d+)(\.\d+)?", text)
+             if int(m.group(1)) not in sections or m.group(2)}
+    assert not cited, f"no such section (method.md numbers 1-6, no subsections): {cited}"
