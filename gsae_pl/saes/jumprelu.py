@@ -109,6 +109,7 @@ class JumpReLUSAE(SAE):
     provides = ("f", "gate_acts", "fired", "pi_gate")
     resample_roles = {**SAE.resample_roles, "W_enc": "encoder", "b_enc": "zero",
                       "threshold": "init"}
+    bias_parameters = ("b_enc", "threshold")  # histograms (run/bias_histograms.py)
     saelens = "jumprelu"
 
     def __init__(self, d_in: int, d_sae: int, unit_norm_decoder: bool = True,
