@@ -77,6 +77,8 @@ class GatedSAE(SAE):
         self.b_gate = nn.Parameter(torch.zeros(d_sae))
         if weight_sharing != "no_shift":  # no_shift: b_mag is tied (`magnitude_bias`)
             self.b_mag = nn.Parameter(torch.zeros(d_sae))
+        else:  # only b_gate is learnt: the tied b_mag has its signs
+            self.bias_parameters = ("b_gate",)
         if weight_sharing in ("r_mag", "no_shift"):
             self.r_mag = nn.Parameter(torch.zeros(d_sae))
         else:
