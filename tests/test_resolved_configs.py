@@ -35,6 +35,10 @@ ADDED: dict[str, object] = {
     "eval.ground_truth.enabled": True,
     "eval.loss_recovered.enabled": True,
     "eval.reconstruction.enabled": True,
+    # progress lines and the optional W&B logger (gsae_pl/run/progress.py, wandb_logger.py)
+    "log.progress_every_n_steps": 100,
+    "log.wandb": "off",
+    "log.wandb_project": "gsae_pl",
 }
 
 
