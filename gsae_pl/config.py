@@ -163,6 +163,11 @@ class LogConfig:
     every_n_steps: int = 50
     histogram_every_n_steps: int = 500
     dense_threshold: float = 0.1
+    # a plain progress line every this many steps where stdout is no terminal (run/progress.py)
+    progress_every_n_steps: int = field(default=100, metadata={"range": "positive"})
+    # Weights & Biases beside TensorBoard (run/wandb_logger.py)
+    wandb: str = field(default="off", metadata={"choices": ("off", "offline", "online")})
+    wandb_project: str = "gsae_pl"
 
 
 @dataclass

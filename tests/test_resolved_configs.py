@@ -64,6 +64,10 @@ ADDED: dict[str, object] = {
     # the linear probes (eval/probes.py): off unless a config turns them on
     "eval.probes.enabled": False,
     "eval.probes.rows": 4096,
+    # progress lines and the optional W&B logger (gsae_pl/run/progress.py, wandb_logger.py)
+    "log.progress_every_n_steps": 100,
+    "log.wandb": "off",
+    "log.wandb_project": "gsae_pl",
 }
 
 

@@ -17,7 +17,8 @@ def _at_least_fp32(t: Tensor) -> Tensor:
 
 
 class ReconstructionMetrics(Metric):
-    """L0, MSE, FVU and the relative reconstruction bias gamma over everything seen.
+    """L0, MSE, FVU and the relative reconstruction bias gamma over everything seen (logged
+    as `gamma`; metrics.json keeps the key `relative_reconstruction_bias`).
 
     mse   = E||x - x_hat||^2 / d_in   (the training loss's scale, docs/method.md sec. 4)
     fvu   = E||x - x_hat||^2 / E||x - mean(x)||^2
@@ -59,7 +60,7 @@ class ReconstructionMetrics(Metric):
             "l0": self.active / self.rows,
             "mse": self.sq_err / (self.rows * self.d_in),
             "fvu": self.sq_err / total_variance,
-            "relative_reconstruction_bias": self.x_hat_sq / self.x_hat_dot_x,
+            "gamma": self.x_hat_sq / self.x_hat_dot_x,
             "norm_ratio": self.x_hat_sq / self.x_sq,
         }
 

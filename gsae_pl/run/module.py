@@ -79,8 +79,6 @@ class SAEModule(L.LightningModule):
         # re-emit the cached value at every later logging step.
         if step % self.cfg.log.every_n_steps == 0:
             values = {f"train/{k}": v for k, v in self.train_recon.compute().items()}
-            values.update({f"coefficient/{k}": c
-                           for k, c in self.objective.coefficients(step).items()})
             values["lr"] = self.optimizers().param_groups[0]["lr"]
             self._write(values)
             self.train_recon.reset()
@@ -144,8 +142,9 @@ class SAEModule(L.LightningModule):
         return max(0, self.global_step - 1)
 
     def _write(self, values: dict) -> None:
-        if self.logger is not None:  # metrics are still computed without a logger
-            self.logger.log_metrics({k: float(v) for k, v in values.items()}, self._log_step())
+        values = {k: float(v) for k, v in values.items()}
+        for logger in self.loggers:  # TensorBoard, and W&B when on; none: computed anyway
+            logger.log_metrics(values, self._log_step())
 
     def _log_histogram(self, prefix: str, density: Tensor) -> dict[str, Tensor]:
         """Log the log10 feature-density histogram; return the dead/dense summary."""

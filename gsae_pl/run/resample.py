@@ -34,6 +34,8 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from gsae_pl.run.progress import announce, tokens
+
 # The axis that indexes features, by a parameter's resample role (SAE.resample_roles).
 ROLE_AXIS = {"direction": 0, "encoder": 1, "zero": 0, "init": 0}
 POOL_ROWS_PER_FEATURE = 2  # the draw's pool holds this many rows per feature (Resampler)
@@ -207,10 +209,15 @@ class Resampler(L.Callback):
         self.pending = {"dead": dead, "rows": rows}
         self.fired.zero_()
         self.pool = []
-        if trainer.logger is not None and trainer.is_global_zero:
-            trainer.logger.log_metrics({"resample/dead_fraction": float(dead.float().mean()),
-                                        "resample/revived_fraction": len(rows) / len(dead)},
-                                       max(0, step - 1))
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({"resample/dead_fraction": float(dead.float().mean()),
+                                    "resample/revived_fraction": len(rows) / len(dead)},
+                                   max(0, step - 1))
+        window = tokens(self.cfg.window_steps * rows_per_step)
+        announce(trainer, f"resample at step {step}: {int(dead.sum())} of {len(dead)} features "
+                          f"dead (fired on none of the last {window} training tokens), "
+                          f"{len(rows)} revived")
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         # Each process counted only its own rows, and only process 0's state is written:

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
@@ -46,7 +45,17 @@ from gsae_pl.run.lock import RUN_LOCK, FolderLock, takes_run_lock
 from gsae_pl.run.memory import check_run_fits
 from gsae_pl.run.module import SAEModule
 from gsae_pl.run.preemption import Preemption, sigterm_as_preempted
+from gsae_pl.run.progress import Progress, dead_windows
+from gsae_pl.run.quiet import silence_startup_noise
 from gsae_pl.run.run_dir import check_name, remove_run_outputs, suggested_name
+from gsae_pl.run.tensorboard import Coefficients, RunLogger, RunSummaries, write_end
+from gsae_pl.run.wandb_logger import wandb_logger, wandb_where
+
+# metrics.json keeps the names its readers (reports, plots, --verify, results.csv) know:
+# the metric TensorBoard and the progress lines call gamma is stored under its long name.
+METRICS_JSON_NAMES = {"gamma": "relative_reconstruction_bias"}
+DEAD_WARNING = 0.5  # the summary warns when more than this share of features ended dead
+
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -72,14 +81,18 @@ class EvaluatedStep(L.Callback):
 
 
 def held_out(logged) -> dict[str, float]:
-    """The held-out metrics among Lightning's logged ones: `val/<name>` -> name."""
-    return {key.removeprefix("val/"): float(value) for key, value in logged.items()
-            if key.startswith("val/")}
+    """The held-out metrics among Lightning's logged ones, under their metrics.json names:
+    `val/<name>` -> name (METRICS_JSON_NAMES.get(name, name))."""
+    found = {key.removeprefix("val/"): float(value) for key, value in logged.items()
+             if key.startswith("val/")}
+    return {METRICS_JSON_NAMES.get(name, name): value for name, value in found.items()}
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
-    logger = TensorBoardLogger(save_dir=str(run_dir.parent), name=run_dir.name, version="",
-                               default_hp_metric=False)
+    silence_startup_noise()  # before Lightning's constructor prints its device census
+    logger = RunLogger(save_dir=str(run_dir.parent), name=run_dir.name, version="",
+                       default_hp_metric=False)
+    loggers = [logger, *filter(None, [wandb_logger(cfg, run_dir)])]
     # monitor="step", mode="max" keeps the newest `keep` checkpoints; "last.ckpt" as well.
     checkpoints = StepCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step}",
                                  auto_insert_metric_name=False, monitor="step", mode="max",
@@ -92,10 +105,12 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     slurm = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
     try:
         return L.Trainer(
-            **OmegaConf.to_container(cfg.trainer),
+            # gsae_pl's progress bar and lines (gsae_pl/run/progress.py) replace Lightning's
+            **{**OmegaConf.to_container(cfg.trainer), "enable_progress_bar": False},
             default_root_dir=run_dir,  # not the cwd, which a suite's runs share
-            logger=logger,
-            callbacks=[checkpoints, monitor, RNGState(), preemption, EvaluatedStep()],
+            logger=loggers,
+            callbacks=[checkpoints, monitor, RNGState(), preemption, EvaluatedStep(), Progress(cfg),
+                       RunSummaries(cfg, to_yaml(cfg)), Coefficients(cfg.log.every_n_steps)],
             plugins=[AtomicCheckpointIO(), *slurm],
             val_check_interval=min(cfg.eval.every_n_steps, cfg.trainer.max_steps),
             check_val_every_n_epoch=None,
@@ -158,6 +173,9 @@ def fit(cfg: DictConfig, fresh: bool = False, resume_from: Path | None = None) -
         if resume_from:
             print(f"resuming {run_dir} from step {checkpoint_step(resume_from)} "
                   f"({resume_from.relative_to(run_dir)})", flush=True)
+        else:
+            print(f"run directory: {run_dir}", flush=True)
+        print(f"watch it: tensorboard --logdir {run_dir.parent}", flush=True)
     start = time.perf_counter()
     with sigterm_as_preempted(trainer), ends_other_processes_on_error(trainer):
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
@@ -168,14 +186,14 @@ def fit(cfg: DictConfig, fresh: bool = False, resume_from: Path | None = None) -
                    norm_scale=float(module.norm_scale))
     check_final_metrics(metrics)
     if trainer.is_global_zero:
-        trainer.logger.log_hyperparams(_flat(cfg), {f"final/{k}": v for k, v in metrics.items()},
-                                       step=trainer.global_step)
         # What made these numbers (commit, versions, data, device), beside metrics.json and
         # before it, so a finished run always has one (gsae_pl/run/provenance.py).
         atomic_write_json(run_dir / "provenance.json",
                           provenance.collect(datamodule.source, trainer.strategy.root_device))
         atomic_write_json(run_dir / "metrics.json", metrics)
+        write_end(trainer.logger, trainer.global_step)  # the HParams session: finished
         print(summary_table(run_dir, metrics))
+        print(closing_lines(cfg, run_dir, metrics, trainer.loggers[1:]), flush=True)
     leave_process_group()
     return metrics
 
@@ -207,20 +225,20 @@ def leave_process_group() -> None:
         dist.destroy_process_group()
 
 
-def _flat(cfg: DictConfig) -> dict:
-    """Config as flat `a.b.c: value` pairs, the shape TensorBoard's HParams tab wants."""
-    out = {}
-
-    def walk(node, prefix):
-        for key, value in node.items():
-            if isinstance(value, dict):
-                walk(value, f"{prefix}{key}.")
-            else:
-                out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) \
-                    else str(value)
-
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
-    return out
+def closing_lines(cfg: DictConfig, run_dir: Path, metrics: dict, others=()) -> str:
+    """A warning when most features ended dead, then what to run next."""
+    lines = []
+    dead = metrics.get("dead_fraction")
+    if dead is not None and dead > DEAD_WARNING:
+        lines.append(f"warning: {dead:.0%} of the {cfg.sae.d_sae} features are dead (fired on "
+                     f"none of the {dead_windows(cfg)['val']:,} held-out tokens): try "
+                     "resample.enabled=true, a smaller loss.sparsity.coefficient or more "
+                     "trainer.max_steps")
+    lines += ["next steps:",
+              f"  tensorboard --logdir {run_dir.parent}   # curves; HParams tab: compare runs",
+              f"  python -m gsae_pl.export {run_dir} {run_dir}_saelens   # SAELens format"]
+    lines += [f"  {wandb_where(logger)}" for logger in others]
+    return "\n".join(lines)
 
 
 def summary_table(run_dir: Path, metrics: dict) -> str:

@@ -25,7 +25,7 @@ def test_reconstruction_metrics_by_hand():
     # mean x = [.5, 1]; E||x - mean||^2 = ((.25 + 1) + (.25 + 1)) / 2 = 1.25; FVU = .625/1.25
     assert torch.isclose(out["fvu"], torch.tensor(0.5, dtype=torch.float64))
     # gamma = E||x_hat||^2 / E[x_hat . x] = (.25 + 1) / (.5 + 2) = .5: shrinkage shows as < 1
-    gamma = out["relative_reconstruction_bias"]
+    gamma = out["gamma"]
     assert torch.isclose(gamma, torch.tensor(0.5, dtype=torch.float64))
     # norm ratio = E||x_hat||^2 / E||x||^2 = (.25 + 1) / (1 + 4) = .25
     assert torch.isclose(out["norm_ratio"], torch.tensor(0.25, dtype=torch.float64))
@@ -38,7 +38,7 @@ def test_gamma_is_scale_of_best_rescaling_not_norm_ratio():
     x_hat = torch.tensor([[1.0, 1.0]])  # same direction error, larger norm
     metric = ReconstructionMetrics(d_in=2)
     metric.update(x, x_hat, torch.ones(1))
-    gamma = metric.compute()["relative_reconstruction_bias"].item()
+    gamma = metric.compute()["gamma"].item()
     assert abs(gamma - 2.0) < 1e-12  # ||x_hat||^2 / (x_hat . x) = 2 / 1
     grid = torch.linspace(0.5, 4, 3501, dtype=torch.float64)
     losses = [((x_hat.double() / g - x.double()) ** 2).sum() for g in grid]

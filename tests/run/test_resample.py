@@ -129,7 +129,7 @@ def test_same_generator_seed_same_resample():
 def _fake_trainer(sae, adam, step):
     strategy = SimpleNamespace(reduce=lambda t, reduce_op: t, all_gather=lambda t: t)
     return SimpleNamespace(global_step=step, strategy=strategy, optimizers=[adam], logger=None,
-                           is_global_zero=True, world_size=1)
+                           loggers=[], callbacks=[], is_global_zero=True, world_size=1)
 
 
 def _run_callback(callback, sae, adam, module, steps, fired_of, batch_of):

@@ -32,12 +32,14 @@ OVERRIDES = [
 ]
 LOSS_TAGS = ["loss/reconstruction", "loss/sparsity", "loss/aux", "loss/total"]
 SCALAR_TAGS = LOSS_TAGS + [
-    "train/l0", "train/mse", "train/fvu", "train/relative_reconstruction_bias",
-    "train/dead_fraction", "train/dense_fraction", "lr", "coefficient/sparsity",
-    "val/l0", "val/fvu", "val/mmcs",
+    "train/l0", "train/mse", "train/fvu", "train/gamma",
+    "train/dead_fraction", "train/dense_fraction", "lr", "schedule/sparsity_coefficient",
+    "val/l0", "val/fvu", "val/gamma", "val/mmcs",
 ]
 HISTOGRAM_TAGS = ["train/log10_feature_density", "val/log10_feature_density"]
-FINAL_METRICS = ["l0", "fvu", "mmcs", "steps"]
+# HParams metrics: the held-out scalars themselves (their latest value), metrics.json's keys
+FINAL_METRICS = {"val/l0": "l0", "val/fvu": "fvu", "val/mmcs": "mmcs",
+                 "val/gamma": "relative_reconstruction_bias"}
 SERVER_TIMEOUT_S, POLL_S = 60.0, 0.25
 
 
@@ -134,9 +136,9 @@ def server(run_dir, tmp_path):
 
 def test_server_serves_scalars_and_hparams(server, run_dir):
     final = json.loads((run_dir / "metrics.json").read_text())
-    wanted = set(SCALAR_TAGS) | {f"final/{name}" for name in FINAL_METRICS}
+    wanted = set(SCALAR_TAGS)
 
-    def tags_loaded():  # every event file read, the last one (final/*) included
+    def tags_loaded():  # every event file read
         tags = server.get("/data/plugin/scalars/tags").get(RUN, {})
         return tags if wanted <= set(tags) else None
 
@@ -156,23 +158,28 @@ def test_server_serves_scalars_and_hparams(server, run_dir):
 
     # HParams tab: /experiment and /session_groups take a JSON request body by POST.
     experiment = server.post("/data/plugin/hparams/experiment", {"experimentName": ""})
-    metric_tags = {info["name"]["tag"] for info in experiment["metricInfos"]}
-    assert {f"final/{name}" for name in FINAL_METRICS} <= metric_tags
-    hparam_names = {info["name"] for info in experiment["hparamInfos"]}
-    assert {"sae.d_sae", "sae.architecture", "loss.sparsity.coefficient"} <= hparam_names
+    metric_tags = [info["name"]["tag"] for info in experiment["metricInfos"]]
+    assert metric_tags[:3] == ["val/l0", "val/fvu", "val/gamma"]
+    assert set(FINAL_METRICS) <= set(metric_tags)
+    hparam_names = [info["name"] for info in experiment["hparamInfos"]]
+    assert {"sae.d_sae", "sae.architecture", "loss.sparsity.coefficient"} <= set(hparam_names)
+    # The keys that tell runs apart come first in the tab's columns (the server lists the
+    # differing ones first, by name)
+    assert hparam_names[:4] == ["output.variant", "sae.architecture", "sae.d_sae", "seed"]
 
     groups = server.post("/data/plugin/hparams/session_groups", {
         "experimentName": "", "startIndex": 0, "sliceSize": 10,
         "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE",
                             "STATUS_RUNNING"],
-        "colParams": [{"metric": {"group": "", "tag": f"final/{name}"}}
-                      for name in FINAL_METRICS] + [{"hparam": "sae.d_sae"}],
+        "colParams": [{"metric": {"group": "", "tag": tag}}
+                      for tag in FINAL_METRICS] + [{"hparam": "sae.d_sae"}],
     })["sessionGroups"]
     assert [group["name"] for group in groups] == [RUN]
     assert groups[0]["hparams"]["sae.d_sae"] == 64
     values = {m["name"]["tag"]: m["value"] for m in groups[0]["metricValues"]}
-    for name in FINAL_METRICS:
-        assert values[f"final/{name}"] == pytest.approx(final[name], rel=1e-5), name
+    for tag, name in FINAL_METRICS.items():
+        assert values[tag] == pytest.approx(final[name], rel=1e-5), name
+    assert groups[0]["sessions"][0]["status"] == "STATUS_SUCCESS"
 
 
 # ---- the event files, read directly -------------------------------------------------------
@@ -217,5 +224,8 @@ def test_event_files_hold_histograms_windows_and_losses(run_dir):
     experiment = hparams_metadata.parse_experiment_plugin_data(
         content[hparams_metadata.EXPERIMENT_TAG])
     metric_tags = {info.name.tag for info in experiment.metric_infos}
-    assert {f"final/{name}" for name in FINAL_METRICS} <= metric_tags
-    assert {f"final/{name}" for name in FINAL_METRICS} <= set(tags["scalars"])
+    assert set(FINAL_METRICS) <= metric_tags
+    assert set(FINAL_METRICS) <= set(tags["scalars"])
+    # No duplicate charts of the final values, no `epoch` line
+    assert "epoch" not in tags["scalars"]
+    assert not [tag for tag in tags["scalars"] if tag.startswith("final/")]
