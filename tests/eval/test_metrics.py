@@ -54,7 +54,7 @@ def test_norm_ratio_is_below_one_where_gamma_is_one():
     metric.update(x, x_hat, torch.ones(1))
     out = metric.compute()
     # gamma = (.5 + 2) / (.5 + 2) = 1; norm ratio = (.5 + 2) / (1 + 4) = .5
-    assert out["relative_reconstruction_bias"].item() == 1.0
+    assert out["gamma"].item() == 1.0
     assert out["norm_ratio"].item() == 0.5
 
 
