@@ -14,7 +14,8 @@ decoder and aux decoder forwards, four backward products), 5 for the baseline an
 selection SAEs topk and batchtopk (encoder forward, decoder forward, two decoder backward
 products, encoder weight gradient: what the same step costs with dense codes), whose sparse
 path (saes/selection.py) runs only the encoder forward densely: their fraction of the bound
-above 1 is the sparse speed-up over that dense step.
+above 1 is the sparse speed-up over that dense step. Matryoshka BatchTopK adds one sparse
+decode per nested level; JumpReLU is dense (plain autograd) against the same 5-matmul bound.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from gsae_pl.run import allocator
 from gsae_pl.run.module import SAEModule
 
 ROOT = Path(__file__).resolve().parents[1]
-BOUND_MATMULS = {"gated": 7, "relu": 5, "topk": 5, "batchtopk": 5}
+BOUND_MATMULS = {"gated": 7, "relu": 5, "topk": 5, "batchtopk": 5,
+                 "matryoshka_batchtopk": 5, "jumprelu": 5}
 # name: (architecture, d_in, d_sae, kernel, target L0 or None for the init's natural L0,
 #        and optionally a tuple of config overrides)
 CASES = {
@@ -61,6 +63,13 @@ SELECTION = {f"{arch}-768x16384-k{k}": (arch, 768, 16384, "auto", None, (
 SELECTION["topk-768x16384-k32-all_dead_auxk"] = (
     "topk", 768, 16384, "auto", None, ("sae.k=32", "loss.sparsity.enabled=false",
                                        "loss.auxk.enabled=true", "loss.auxk.dead_tokens=1"))
+SELECTION["matryoshka_batchtopk-768x16384-k32"] = (
+    "matryoshka_batchtopk", 768, 16384, "auto", None, (
+        "sae.k=32", "loss.sparsity.enabled=false", "loss.auxk.enabled=true",
+        "loss.matryoshka.enabled=true"))
+# JumpReLU runs plain autograd (dense codes): its fraction of the 5-matmul bound shows what
+# its dense step costs (autograd adds a sixth product, the centring's b_dec gradient).
+SELECTION["jumprelu-768x16384"] = ("jumprelu", 768, 16384, "auto", None, ())
 CASES.update(SELECTION)
 MAIN = [name for name in CASES if name not in CROSSOVER and name not in SELECTION]
 GROUPS = {"crossover": list(CROSSOVER), "selection": list(SELECTION)}
