@@ -43,6 +43,11 @@ CASES = {
     "gated_no_r_mag": ("no_r_mag.yaml", ["loss.sparsity.coefficient=0.01"]),
     "rescale_shift": ("baseline_rescale_shift.yaml",
                       ["loss.sparsity.coefficient=0.01", "sae.rescale_shift_steps=20"]),
+    "gated_no_shift": ("no_shift.yaml", ["loss.sparsity.coefficient=0.01"]),
+    "jumprelu": ("jumprelu.yaml", ["loss.sparsity.coefficient=0.01"]),
+    "topk": ("topk.yaml", ["sae.k=4"]),
+    "batchtopk": ("batchtopk.yaml", ["sae.k=4"]),        # as SAELens: a jumprelu SAE
+    "matryoshka_batchtopk": ("matryoshka_batchtopk.yaml", ["sae.k=4"]),  # the same
 }
 TOLERANCE = 1e-5  # max |difference| relative to the largest |value|, float32 maths
 
