@@ -42,6 +42,7 @@ from gsae_pl.run.checkpointing import finished_run_changes, shown_keys
 from gsae_pl.run.io import atomic_write_json, atomic_write_text, sweep_stale_temporaries
 from gsae_pl.run.lock import SUITE_LOCK, FolderLock
 from gsae_pl.suite.children import die_with_parent, stop
+from gsae_pl.suite.progress import SuiteProgress
 from gsae_pl.suite.rendezvous import RunStores, is_first_process, launcher_rank
 from gsae_pl.suite.spec import Run, Suite, load_suite, sweep_label
 
@@ -164,7 +165,8 @@ class Launcher:
         log.close()  # the child holds its own copy of the descriptor
         return process
 
-    def finish(self, run: Run, returncode: int, seconds: float, index: int) -> None:
+    def finish(self, run: Run, returncode: int, seconds: float, index: int) -> bool:
+        """Print how the run ended (a failure is also recorded); True if it finished."""
         where = f"[{index}/{len(self.suite.runs)}] {run.name}"
         metrics_path = run.run_dir / "metrics.json"
         if returncode == 0 and metrics_path.is_file():
@@ -172,7 +174,7 @@ class Launcher:
             shown = ", ".join(f"{k} {m[k]:.4g}" for k in ("l0", "loss_recovered", "fvu", "mmcs")
                               if k in m)
             print(f"{where}: done in {seconds:.0f} s ({shown})", flush=True)
-            return
+            return True
         log = self.log_of(run)
         error = last_error_line(log)
         atomic_write_json(self.failed_dir / f"{run.name}.json", {
@@ -181,6 +183,7 @@ class Launcher:
             "seed": run.seed, "returncode": returncode, "log": str(log), "error": error})
         self.failures.append(run.name)
         print(f"{where}: FAILED (exit {returncode}): {error} (log: {log})", flush=True)
+        return False
 
 
 def last_error_line(log: Path) -> str:
@@ -192,10 +195,13 @@ def last_error_line(log: Path) -> str:
 
 
 def run_all(launcher: Launcher, todo: list[tuple[int, Run]]) -> None:
-    """Parallel: keep one run per device going. DDP: one run at a time over every device."""
+    """Parallel: keep one run per device going. DDP: one run at a time over every device.
+    After each run ends, a line with the suite's progress and ETA (gsae_pl/suite/progress.py)."""
     slots = launcher.devices if launcher.strategy == "parallel" else 1
     free, busy = list(range(slots)), {}
     pending = list(todo)
+    total = len(launcher.suite.runs)
+    progress = SuiteProgress(total, total - len(todo), slots)
     try:
         while pending or busy:
             while pending and free:
@@ -208,7 +214,12 @@ def run_all(launcher: Launcher, todo: list[tuple[int, Run]]) -> None:
                 if process.poll() is not None:
                     del busy[slot]
                     free.append(slot)
-                    launcher.finish(run, process.returncode, time.perf_counter() - began, index)
+                    seconds = time.perf_counter() - began
+                    progress.ended(seconds, launcher.finish(run, process.returncode, seconds,
+                                                            index))
+                    now = time.perf_counter()
+                    print(progress.line([now - b for *_, b in busy.values()], len(pending)),
+                          flush=True)
     finally:  # Ctrl-C, SIGTERM or an error here: no orphaned training processes
         stop([process for _, _, process, _ in busy.values()])
 

@@ -1,7 +1,8 @@
 """The ablation suite's report: `python -m gsae_pl.report SUITE_DIR` (ablate calls `write_report`).
 
 Reads what the runs left (runs/<name>/{config.yaml,metrics.json}, failed/<name>.json) and writes,
-each file whole or not at all, results.csv, plots/*.png and report.md beside them. It only reads
+each file whole or not at all, results.csv, plots/*.png and report.md beside them, and the
+plots again as TensorBoard images under report/ (gsae_pl/suite/report_images.py). It only reads
 run outputs, so it can be rerun at any time, e.g. while a suite is still going.
 Metric names follow docs/method.md; seed spread, standard errors and what counts as a
 resolved difference: gsae_pl/suite/uncertainty.py; each run's provenance.json:
@@ -34,6 +35,7 @@ from gsae_pl.suite.plots import (
     variant_curve,
     write_plots,
 )
+from gsae_pl.suite.report_images import write_images
 from gsae_pl.suite.spec import SPARSITY_KEY, check_metrics, sweep_label
 
 # Table and results.csv columns: HEAD (the ones a reader compares first, then those only some
@@ -353,6 +355,7 @@ def write_report(suite_dir: Path, wall_seconds: float | None = None) -> Path:
     write_results_csv(suite_dir, rows)
     title = f"{suite_dir.resolve().name}: {_tokens_text(rows)}"
     plots = write_plots(suite_dir, rows, title, figures, plotted)
+    write_images(suite_dir, [p for paths in plots.values() for p in paths])  # TensorBoard
     lines = [f"# Ablation suite `{suite_dir.resolve().name}`", "",
              _intro(rows, failures, unfinished, wall_seconds, invocations), "",
              "## Provenance", ""]

@@ -189,6 +189,40 @@ def test_parallel_runs_see_one_gpu_each_and_ddp_runs_see_all(monkeypatch, tmp_pa
     assert "trainer.devices=2" in ddp and "trainer.strategy=ddp" in ddp
 
 
+def test_progress_line_after_each_run_with_an_eta(monkeypatch, tmp_path, capsys):
+    """4 runs of 100 s (a fake clock: each poll interval is 50 s) on 2 slots, one of them
+    finished before: after each run ends, the counts and the ETA from the mean time."""
+    from gsae_pl.suite import launcher as ablate
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(ablate.time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr(ablate.time, "sleep", lambda _: clock.update(now=clock["now"] + 50))
+
+    class Process:  # ends 100 s after it starts
+        def __init__(self):
+            self.end, self.returncode = clock["now"] + 100, 0
+
+        def poll(self):
+            return 0 if clock["now"] >= self.end else None
+
+    path = write_suite(tmp_path, {"gated": {"config": config("gated"),
+                                            "l1_coefficient": [0.1, 0.2, 0.3, 0.4, 0.5]}})
+    launcher = ablate.Launcher(load_suite(path), "cpu", 2, "parallel")
+    monkeypatch.setattr(launcher, "start", lambda run, slot, index: Process())
+    monkeypatch.setattr(launcher, "finish", lambda run, code, seconds, index: seconds == 100)
+    ablate.run_all(launcher, list(enumerate(launcher.suite.runs, 1))[1:])
+    assert capsys.readouterr().out.splitlines() == [
+        # t = 100: runs 2 and 3 end; the second still counts as running when the first is
+        # read (0 s left of its mean), then 2 left of 100 s each over 2 slots
+        "suite: 2 of 5 runs done, 1 running, 2 left; ETA 1 min 40 s (mean 1 min 40 s per run, "
+        "2 at a time)",
+        "suite: 3 of 5 runs done, 0 running, 2 left; ETA 1 min 40 s (mean 1 min 40 s per run, "
+        "2 at a time)",
+        "suite: 4 of 5 runs done, 1 running, 0 left; ETA 0 s (mean 1 min 40 s per run, "
+        "1 at a time)",
+        "suite: 5 of 5 runs done, 0 running, 0 left"]
+
+
 def test_each_ddp_run_under_torchrun_meets_on_its_own_store(monkeypatch):
     from torch.distributed import TCPStore
 

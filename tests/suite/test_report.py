@@ -108,6 +108,24 @@ def test_plots_are_valid_pngs_and_mmcs_plot_skipped_without_mmcs(lm_suite):
     assert not list(lm_suite.rglob(".*.tmp*"))  # every write went through a temporary
 
 
+def test_plots_go_to_tensorboard_as_images_one_event_file(lm_suite):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    write_report(lm_suite)
+    write_report(lm_suite)  # a rewrite replaces the event file: no stale copies of the plots
+    [events] = (lm_suite / "report").glob("events.out.tfevents.*")
+    assert [p.name for p in (lm_suite / "report").iterdir()] == [events.name]
+    accumulator = EventAccumulator(str(lm_suite / "report"), size_guidance={"images": 0})
+    accumulator.Reload()
+    tags = {"pareto/l0_vs_loss_recovered", "pareto/l0_vs_fvu", "pareto/gamma_vs_l0"}
+    assert set(accumulator.Tags()["images"]) == tags
+    for tag in tags:
+        [image] = accumulator.Images(tag)
+        png = (lm_suite / "plots" / f"{tag.removeprefix('pareto/')}.png").read_bytes()
+        assert image.encoded_image_string == png and image.step == 0
+        assert image.width > 100 and image.height > 100
+
+
 def test_report_md_has_table_plots_pareto_and_failure(lm_suite):
     text = write_report(lm_suite, wall_seconds=123.4).read_text()
     assert text.startswith("# Ablation suite `suite_lm`")
