@@ -37,7 +37,8 @@ STEP_LINE = re.compile(
     rf"^step (\d+)/40 \((\d+)%\) \| ({NUMBER}k?) tok/s \| ETA (\d+:\d\d) \| loss ({NUMBER}) "
     rf"\| L0 ({NUMBER}) \| FVU ({NUMBER})(?: \| dead ({NUMBER}) \(last 2\.56k tokens\))?$")
 EVAL_LINE = re.compile(rf"^eval at step (\d+): L0 ({NUMBER}) \| FVU ({NUMBER}) \| gamma "
-                       rf"({NUMBER}) \| dead ({NUMBER}) \(of 512 held-out tokens\) \| mmcs ")
+                       rf"({NUMBER}) \| norm_ratio {NUMBER} \| dead ({NUMBER}) "
+                       rf"\(of 512 held-out tokens\) \| mmcs ")
 RESAMPLE_LINE = re.compile(r"^resample at step 20: (\d+) of 32 features dead \(fired on none "
                            r"of the last 1\.28k training tokens\), (\d+) revived$")
 NOISE = ("GPU available", "TPU available", "💡", "LeafSpec", "Epoch 0/")
@@ -112,7 +113,7 @@ def test_a_killed_run_shows_and_its_resume_reports_global_steps(tmp_path):
     assert start.hparams["sae.d_sae"].number_value == 32
     assert not ended  # killed: the session never ended
     tags = [m.name.tag for m in experiment.metric_infos]
-    assert tags[:3] == ["val/l0", "val/fvu", "val/gamma"] and "val/mmcs" in tags
+    assert tags[:4] == ["val/l0", "val/fvu", "val/mmcs", "val/gamma"]  # headline first
 
     # The same command resumes from step 20; its lines count global steps from there.
     code, lines = fit_to_file(tmp_path, "resumed.log")

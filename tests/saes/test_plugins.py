@@ -236,6 +236,9 @@ def test_architectures_contribute_their_callbacks_after_the_resampler():
     staged = SAEModule(OmegaConf.to_container(make_cfg(
         "sae.architecture=rescale_shift", "loss.aux.enabled=false", "resample.enabled=false",
         "trainer.max_steps=20", "sae.rescale_shift_steps=10")), d_in=4)
-    assert [type(cb).__name__ for cb in staged.configure_callbacks()] == ["RescaleShiftStage"]
+    # the architecture's own, then the bias histograms every run gets
+    assert [type(cb).__name__ for cb in staged.configure_callbacks()] == [
+        "RescaleShiftStage", "BiasHistograms"]
     gated = SAEModule(OmegaConf.to_container(make_cfg()), d_in=4)
-    assert [type(cb).__name__ for cb in gated.configure_callbacks()] == ["Resampler"]
+    assert [type(cb).__name__ for cb in gated.configure_callbacks()] == [
+        "Resampler", "BiasHistograms"]
