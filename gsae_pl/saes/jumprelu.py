@@ -49,14 +49,20 @@ def rectangle(u: Tensor) -> Tensor:
     return ((u > -0.5) & (u < 0.5)).to(u.dtype)
 
 
+def _save(ctx, z: Tensor, threshold: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """What both Functions' backward passes read: z and theta in fp32, and eps."""
+    z, threshold = _fp32(z), _fp32(threshold)
+    ctx.save_for_backward(z, threshold)
+    ctx.eps = eps
+    return z, threshold
+
+
 class JumpReLU(Function):
     """(z, theta, eps) -> z * H(z - theta), with the paper's pseudo-derivative for theta."""
 
     @staticmethod
     def forward(ctx, z: Tensor, threshold: Tensor, eps: float) -> Tensor:
-        z, threshold = _fp32(z), _fp32(threshold)
-        ctx.save_for_backward(z, threshold)
-        ctx.eps = eps
+        z, threshold = _save(ctx, z, threshold, eps)
         return z * (z > threshold).to(z.dtype)
 
     @staticmethod
@@ -74,9 +80,7 @@ class Step(Function):
 
     @staticmethod
     def forward(ctx, z: Tensor, threshold: Tensor, eps: float) -> Tensor:
-        z, threshold = _fp32(z), _fp32(threshold)
-        ctx.save_for_backward(z, threshold)
-        ctx.eps = eps
+        z, threshold = _save(ctx, z, threshold, eps)
         return (z > threshold).to(z.dtype)
 
     @staticmethod
