@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from step import batch_loader, make_module, time_steps
 
+from gsae_pl import allocator
 from gsae_pl.data.file import FileSource
-from gsae_pl.run import allocator
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/data_path.json"))
     args = parser.parse_args()
-    allocator.configure()  # as every gsae_pl command does (gsae_pl/run/allocator.py)
+    allocator.configure()  # as every gsae_pl command does (gsae_pl/allocator.py)
     rows = args.batch * (args.steps + args.warmup + 2)  # one epoch covers every round
     torch.manual_seed(0)
     data = torch.randn(rows + 4096, args.d_in)

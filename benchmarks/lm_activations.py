@@ -87,7 +87,7 @@ def peak_memory(batches: int) -> dict:
 
 def cache_throughput(rows: int) -> dict:
     from gsae_pl.data.cache import CachedSource, write_cache
-    from gsae_pl.run.io import atomic_save_npy
+    from gsae_pl.io import atomic_save_npy
 
     cfg = _cfg(f"data.cache_rows={rows}")
     lm = build_lm_source(cfg)

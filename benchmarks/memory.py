@@ -2,7 +2,7 @@
 
     python benchmarks/memory.py               # gated 768 x 16384, sparse path, L0 ~64
 
-gsae_pl/run/allocator.py keeps freed memory for reuse and never trims the heap. The risk is
+gsae_pl/allocator.py keeps freed memory for reuse and never trims the heap. The risk is
 creep: if allocation sizes vary from step to step, the heap might fragment and grow. The
 sparse path is where they vary most (the gate's support changes size with each batch), so
 this runs it on a fresh random batch every step and reads the resident set size
@@ -34,7 +34,7 @@ def measure(steps: int, every: int, batch: int, d_in: int, d_sae: int, l0: int) 
     import torch
     from step import make_module
 
-    from gsae_pl.run import allocator
+    from gsae_pl import allocator
 
     allocator.configure()  # a no-op where GLIBC_TUNABLES is set: the baseline child
 

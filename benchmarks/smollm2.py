@@ -33,10 +33,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from gsae_pl import allocator  # noqa: E402
 from gsae_pl.config import load_config  # noqa: E402
 from gsae_pl.data.transformer_lens import build_lm_source  # noqa: E402
 from gsae_pl.eval.lm_eval import ce_sums  # noqa: E402
-from gsae_pl.run import allocator  # noqa: E402
 
 
 class _Stop(Exception):
@@ -91,7 +91,7 @@ def main() -> int:
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
 
-    allocator.configure()  # as every gsae_pl command does (gsae_pl/run/allocator.py)
+    allocator.configure()  # as every gsae_pl command does (gsae_pl/allocator.py)
     start = time.perf_counter()
     cfg = load_config(ROOT / "configs/data/smollm2.yaml",
                       ["trainer.accelerator=cpu", f"eval.loss_recovered.contexts={args.windows}",

@@ -33,8 +33,8 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, IterableDataset
 
+from gsae_pl import allocator
 from gsae_pl.config import load_config
-from gsae_pl.run import allocator
 from gsae_pl.run.module import SAEModule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,7 +194,7 @@ def main() -> None:
     parser.add_argument("--precision", default="32-true", help="32-true | bf16-mixed")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/step.json"))
     args = parser.parse_args()
-    allocator.configure()  # as every gsae_pl command does (gsae_pl/run/allocator.py)
+    allocator.configure()  # as every gsae_pl command does (gsae_pl/allocator.py)
     if args.accelerator == "gpu" and not torch.cuda.is_available():
         parser.error("--accelerator gpu: this machine has no CUDA device; run it on one "
                      "(make bench-gpu)")

@@ -1,7 +1,7 @@
 """What every entry point shares: bad input is one line on stderr and exit code 2;
 a run that fails part-way (`RunFailed`) is one line and exit code 3, or 128 + the signal
 for one a signal stopped (`preemption.Preempted`: 143 for SIGTERM); the CPU allocator set
-up for training (gsae_pl/run/allocator.py)."""
+up for training (gsae_pl/allocator.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import os
 import sys
 from collections.abc import Callable
 
+from gsae_pl import allocator
 from gsae_pl.errors import RunFailed, UserError
-from gsae_pl.run import allocator
 
 
 def run_main(job: Callable[[], int]) -> int:
@@ -38,7 +38,7 @@ def run_main(job: Callable[[], int]) -> int:
 
 # A disk that fills up or turns read-only under a running command: the user's to fix, not
 # a bug, so one line (what and where) instead of a traceback. Writes are atomic
-# (gsae_pl/run/io.py), so the checkpoints already on disk are whole.
+# (gsae_pl/io.py), so the checkpoints already on disk are whole.
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
 
 

@@ -26,28 +26,14 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gsae_pl.config_checks import validate
+from gsae_pl.data.base import SOURCES, DataConfig
 from gsae_pl.errors import UserError
-from gsae_pl.losses import LOSS_TERMS
-from gsae_pl.run.run_dir import check_name
-from gsae_pl.saes import ARCHITECTURES
+from gsae_pl.eval.base import EvalConfig, eval_schema
+from gsae_pl.losses.base import LOSS_TERMS
+from gsae_pl.names import check_name
+from gsae_pl.ranges import NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, choices
+from gsae_pl.saes.base import ARCHITECTURES, SAECommon
 from gsae_pl.yaml_io import YAML_11_ONLY_BOOLEANS, DuplicateKeyError, safe_load_unique_keys
-
-
-@dataclass
-class SAECommon:
-    """The `sae:` fields every architecture shares; each architecture adds its own
-    (gsae_pl/saes/base.py), and `sae_schema` joins them into one flat block."""
-
-    # relu | gated (method sec. 1) | prolu (sec. 5) | rescale_shift | any registered name
-    architecture: str = field(default="gated", metadata={"choices": ARCHITECTURES.names})
-    d_sae: int = 512
-    unit_norm_decoder: bool = True  # project grads + renormalise W_dec rows each step
-    b_dec_init: str = field(default="mean",  # of a data sample
-                            metadata={"choices": ("zeros", "mean", "geometric_median")})
-    kernel: str = field(default="auto",  # saes/kernels.py
-                        metadata={"choices": ("auto", "reference", "dense", "sparse")})
-    # torch.compile the fused pointwise maths
-    compile: str = field(default="auto", metadata={"choices": ("auto", "always", "never")})
 
 
 def sae_schema() -> type:
@@ -83,51 +69,26 @@ def _loss_schema(terms: tuple) -> type:
         (name, spec.config, field(default_factory=spec.config)) for name, spec in terms])
 
 
-@dataclass
-class SyntheticConfig:
-    seed: int = 0  # the data's own seed: true features and the sample stream
-    d_in: int = 64
-    n_features: int = 256
-    avg_active: float = 5.0
-    frequency_exponent: float = 1.0
-    min_frequency_ratio: float = 0.02
-    magnitude_noise: float = 0.25
-    correlated_groups: int = 0
-    group_size: int = 4
-    co_fire_prob: float = 0.8
+def data_schema() -> type:
+    """The `data:` block: the fields every source shares, then a block per source that
+    declares settings of its own (`build.Settings`, gsae_pl/data/base.py)."""
+    return _data_schema(tuple(SOURCES.items()))
 
 
-@dataclass
-class DataConfig:
-    source: str = "tiny_lm"  # tiny_lm | transformer_lens | synthetic | file
-    path: Optional[str] = None  # file: .npy | .safetensors | .pt array [N, d_in]
-    batch_size: int = 1024
-    normalize: bool = True  # scale x by one scalar so E||x||^2 = d_in (docs/method.md sec. 4)
-    normalize_rows: int = 16384
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    # Language-model sources (tiny_lm, transformer_lens): data/transformer_lens.py.
-    model: Optional[str] = None  # transformer_lens: hub name or local HF model directory
-    hook: str = "blocks.0.mlp.hook_post"  # the SAE site: a TransformerLens hook name
-    dtype: str = "float32"  # the LM's weights: float32 | bfloat16 | float16
-    dataset: Optional[str] = None  # hub name (streamed) or local .txt/.jsonl/.parquet
-    split: str = "train"
-    column: str = "text"  # text, or token ids (a pre-tokenized dataset)
-    context_size: int = 128  # tokens per window, BOS first
-    exclude_bos: bool = True  # leave BOS positions out of the SAE's rows
-    buffer_size: int = 131072  # shuffle buffer, in activation rows
-    lm_batch_size: int = 32  # windows per LM forward pass
-    cache: bool = False  # train from a disk cache of the activations (data/cache.py)
-    cache_dir: Optional[str] = None  # null: $GSAE_PL_CACHE/activations/<key>
-    cache_rows: Optional[int] = None  # null: trainer.max_steps * data.batch_size
-    cache_dtype: str = "float32"  # float16: half the bytes, results moved (benchmarks/RESULTS.md)
+@functools.cache
+def _data_schema(sources: tuple) -> type:
+    own = {name: build.Settings for name, build in sources if hasattr(build, "Settings")}
+    return dataclasses.make_dataclass("DataConfig", [
+        (name, settings, field(default_factory=settings)) for name, settings in own.items()],
+        bases=(DataConfig,))
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 3.0e-3
-    beta1: float = 0.0
-    beta2: float = 0.999
-    warmup_steps: int = 100
+    lr: float = field(default=3.0e-3, metadata=POSITIVE)
+    beta1: float = field(default=0.0, metadata=UNIT_INTERVAL)
+    beta2: float = field(default=0.999, metadata=UNIT_INTERVAL)
+    warmup_steps: int = field(default=100, metadata=NON_NEGATIVE)
 
 
 @dataclass
@@ -135,48 +96,36 @@ class ResampleConfig:
     # Dead-feature resampling (Bricken et al.; docs/method.md sec. 4). The defaults scale the
     # paper's recipe (25000 / 12500 / 1000 steps) down to the 4000-step default run.
     enabled: bool = True
-    every_n_steps: int = 500
-    max_resamples: int = 4
-    window_steps: int = 250  # dead = fired on no row over this many steps before a resample
-    encoder_scale: float = 0.2  # new encoder column norm / mean alive encoder column norm
-    lr_drop: float = 0.1  # lr multiplier just after a resample
-    lr_return_steps: int = 200  # cosine return to 1x over these steps
-
-
-@dataclass
-class EvalConfig:
-    """What every evaluation shares. Each registered evaluation adds its block `eval.<name>`
-    (gsae_pl/eval/), so the schema is assembled when a config is made, not here."""
-
-    rows: int = 16384
-    every_n_steps: int = 1000
-
-
-def _eval_config() -> EvalConfig:
-    from gsae_pl.eval import eval_schema  # here: the evaluations import this module
-
-    return eval_schema(EvalConfig)()
+    every_n_steps: int = field(default=500, metadata=POSITIVE)
+    max_resamples: int = field(default=4, metadata=NON_NEGATIVE)
+    # dead = fired on no row over this many steps before a resample
+    window_steps: int = field(default=250, metadata=POSITIVE)
+    # new encoder column norm / mean alive encoder column norm
+    encoder_scale: float = field(default=0.2, metadata=POSITIVE)
+    lr_drop: float = field(default=0.1, metadata=UNIT_INTERVAL)  # lr x this after a resample
+    # cosine return to 1x over these steps
+    lr_return_steps: int = field(default=200, metadata=POSITIVE)
 
 
 @dataclass
 class LogConfig:
-    every_n_steps: int = 50
-    histogram_every_n_steps: int = 500
-    dense_threshold: float = 0.1
+    every_n_steps: int = field(default=50, metadata=POSITIVE)
+    histogram_every_n_steps: int = field(default=500, metadata=POSITIVE)
+    dense_threshold: float = field(default=0.1, metadata=UNIT_INTERVAL)
     # a plain progress line every this many steps where stdout is no terminal (run/progress.py)
-    progress_every_n_steps: int = field(default=100, metadata={"range": "positive"})
+    progress_every_n_steps: int = field(default=100, metadata=POSITIVE)
     # Weights & Biases beside TensorBoard (run/wandb_logger.py)
-    wandb: str = field(default="off", metadata={"choices": ("off", "offline", "online")})
+    wandb: str = field(default="off", metadata=choices("off", "offline", "online"))
     wandb_project: str = "gsae_pl"
 
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 4000
+    max_steps: int = field(default=4000, metadata=POSITIVE)
     accelerator: str = "auto"
     devices: Any = 1
     strategy: str = "auto"
-    num_nodes: int = 1
+    num_nodes: int = field(default=1, metadata=POSITIVE)
     precision: str = "32-true"
     gradient_clip_val: Optional[float] = None
     enable_progress_bar: bool = True
@@ -185,8 +134,8 @@ class TrainerConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_n_steps: int = 1000
-    keep: int = 3
+    every_n_steps: int = field(default=1000, metadata=POSITIVE)
+    keep: int = field(default=3, metadata=POSITIVE)
 
 
 @dataclass
@@ -204,10 +153,10 @@ class Config:
     # fields are in the schema without an edit here.
     sae: Any = field(default_factory=lambda: sae_schema()())
     loss: Any = field(default_factory=lambda: loss_schema()())
-    data: DataConfig = field(default_factory=DataConfig)
+    data: Any = field(default_factory=lambda: data_schema()())
     optim: OptimConfig = field(default_factory=OptimConfig)
     resample: ResampleConfig = field(default_factory=ResampleConfig)
-    eval: EvalConfig = field(default_factory=_eval_config)
+    eval: Any = field(default_factory=lambda: eval_schema(EvalConfig)())
     log: LogConfig = field(default_factory=LogConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -268,12 +217,37 @@ def load_config(paths: str | Path | list | tuple | None,
                             overrides)
     cfg = _merge(cfg, migrate(cli, "the command line"), source="the command line")
     _resolve(cfg)
-    validate(cfg)
+    check(cfg)
     _check_seed(cfg.seed)
     if cfg.output.name is None:
         cfg.output.name = default_run_name(cfg)
     check_name(cfg.output.name, "output.name=")  # one folder inside output.dir, nowhere else
     return cfg
+
+
+def check(cfg: DictConfig) -> None:
+    """Every range, choice and combination check of a merged config (config_checks.py)."""
+    validate(cfg, declared_metadata())
+
+
+def declared_metadata() -> dict[str, dict]:
+    """Dotted key -> field metadata (gsae_pl/ranges.py), for every schema field that
+    declares some: what the config checks hold each value to."""
+    out: dict[str, dict] = {}
+
+    def walk(schema: type, prefix: str) -> None:
+        hints = get_type_hints(schema)
+        for f in dataclasses.fields(schema):
+            kind = hints[f.name]
+            if kind is Any and f.default_factory is not dataclasses.MISSING:
+                kind = type(f.default_factory())  # a block built from a registry
+            if dataclasses.is_dataclass(kind):
+                walk(kind, f"{prefix}{f.name}.")
+            elif f.metadata:
+                out[f"{prefix}{f.name}"] = dict(f.metadata)
+
+    walk(Config, "")
+    return out
 
 
 def _words_stay_words(tree: dict, overrides) -> dict:

@@ -2,58 +2,37 @@
 combinations of settings that cannot work together (gsae_pl/config.py calls `validate`).
 
 Each refusal is a `UserError` naming the key, its value and what to do instead. Choices
-and ranges of the `sae:` and `loss:` fields come from the schema's field metadata
-(`choices`: a tuple or a function returning one, e.g. the architecture registry's names;
+and ranges come from the schema's field metadata, handed in by gsae_pl/config.py
+(gsae_pl/ranges.py: `choices`, a tuple or a function returning one, e.g. a registry's names;
 `range`), combination checks from the architecture and the loss terms themselves.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import typing
 
 from omegaconf import DictConfig, OmegaConf
 
-from gsae_pl.data.base import SOURCES
+from gsae_pl.data.local_models import MODELS, lookup
 from gsae_pl.errors import UserError
-
-CHOICES = {
-    "data.source": SOURCES,  # the registered sources (gsae_pl/data/base.py)
-    "data.dtype": ("float32", "bfloat16", "float16"),
-    "data.cache_dtype": ("float32", "float16"),
-}
-POSITIVE = ("sae.d_sae", "data.batch_size", "data.normalize_rows", "eval.rows",
-            "data.buffer_size", "data.lm_batch_size",
-            "trainer.max_steps", "log.every_n_steps", "log.histogram_every_n_steps",
-            "eval.every_n_steps", "checkpoint.every_n_steps", "checkpoint.keep",
-            "optim.lr", "data.synthetic.d_in", "data.synthetic.n_features",
-            "data.synthetic.avg_active", "data.synthetic.group_size", "trainer.num_nodes",
-            "resample.every_n_steps", "resample.window_steps", "resample.encoder_scale",
-            "resample.lr_return_steps")
-NON_NEGATIVE = ("eval.loss_recovered.contexts", "optim.warmup_steps",
-                "data.synthetic.magnitude_noise",
-                "data.synthetic.frequency_exponent", "data.synthetic.correlated_groups",
-                "resample.max_resamples")
-UNIT_INTERVAL = ("optim.beta1", "optim.beta2", "log.dense_threshold",
-                 "data.synthetic.co_fire_prob", "data.synthetic.min_frequency_ratio",
-                 "resample.lr_drop")
+from gsae_pl.losses.base import LOSS_TERMS
+from gsae_pl.resample_schedule import resample_steps
+from gsae_pl.saes.base import ARCHITECTURES
 
 
-def validate(cfg: DictConfig) -> None:
-    """Ranges and choices the schema's types cannot express."""
+def validate(cfg: DictConfig, declared: dict[str, dict]) -> None:
+    """Ranges and choices the schema's types cannot express, as its fields declare them in
+    `declared` (dotted key -> field metadata, gsae_pl/ranges.py), then the combinations."""
     get = lambda key: OmegaConf.select(cfg, key)
-    declared = declared_metadata()
-    choices = {**{key: meta["choices"] for key, meta in declared.items() if "choices" in meta},
-               **CHOICES}
+    choices = {key: meta["choices"] for key, meta in declared.items() if "choices" in meta}
     for key, allowed in choices.items():
         allowed = allowed() if callable(allowed) else allowed
         if get(key) not in allowed:
             shown = ", ".join("null" if a is None else a for a in allowed)
             raise UserError(f"{key}={get(key)} is not one of: {shown}")
     ranged = lambda kind: tuple(k for k, meta in declared.items() if meta.get("range") == kind)
-    positive, non_negative = POSITIVE + ranged("positive"), NON_NEGATIVE + ranged("non_negative")
-    unit_interval = UNIT_INTERVAL + ranged("unit_interval")
+    positive, non_negative = ranged("positive"), ranged("non_negative")
+    unit_interval = ranged("unit_interval")
     for key in positive + non_negative + unit_interval:  # nan passes no comparison below
         if not math.isfinite(get(key)):
             raise UserError(f"{key}={get(key)} must be a finite number")
@@ -69,31 +48,7 @@ def validate(cfg: DictConfig) -> None:
     _validate_combinations(cfg)
 
 
-def declared_metadata() -> dict[str, dict]:
-    """Dotted key -> field metadata, for every schema field that declares some."""
-    from gsae_pl.config import Config  # here: config.py imports this module
-
-    out: dict[str, dict] = {}
-
-    def walk(schema: type, prefix: str) -> None:
-        hints = typing.get_type_hints(schema)
-        for f in dataclasses.fields(schema):
-            kind = hints[f.name]
-            if kind is typing.Any and f.default_factory is not dataclasses.MISSING:
-                kind = type(f.default_factory())  # a block built from a registry
-            if dataclasses.is_dataclass(kind):
-                walk(kind, f"{prefix}{f.name}.")
-            elif f.metadata:
-                out[f"{prefix}{f.name}"] = dict(f.metadata)
-
-    walk(Config, "")
-    return out
-
-
 def _validate_combinations(cfg: DictConfig) -> None:
-    from gsae_pl.losses import LOSS_TERMS
-    from gsae_pl.saes import ARCHITECTURES
-
     architecture = ARCHITECTURES[cfg.sae.architecture]
     for name, term in LOSS_TERMS.items():
         missing = [f for f in term.reads if f not in architecture.provides]
@@ -123,8 +78,6 @@ def _validate_resample_end(cfg: DictConfig) -> None:
     have trained as long as the recipe lets them settle; a resample later than that leaves
     the final metrics measuring half-trained, freshly re-initialised features.
     """
-    from gsae_pl.run.resample import resample_steps  # here: it brings lightning, only needed now
-
     max_steps, margin = cfg.trainer.max_steps, cfg.resample.lr_return_steps
     inside = [step for step in resample_steps(cfg.resample) if step <= max_steps]
     fit = [step for step in inside if step + margin <= max_steps]
@@ -136,8 +89,6 @@ def _validate_resample_end(cfg: DictConfig) -> None:
 
 
 def _validate_lm_data(data: DictConfig) -> None:
-    from gsae_pl.data.local_models import MODELS, lookup
-
     # A named local model brings its own text. Whether its package is installed is checked
     # when the source is built, so its config still loads (and prints) on any machine.
     named = data.source == "transformer_lens" and lookup(data.model) is not None

@@ -21,8 +21,11 @@ class Registry(Generic[T]):
     """name -> plug-in, for the config key `key` (e.g. "sae.architecture"), filled by the
     modules of `package` as they are imported."""
 
-    def __init__(self, key: str, package: str):
-        self.key, self.package = key, package
+    def __init__(self, key: str, package: str, order: tuple[str, ...] = ()):
+        """`order`: the names that come first, in this order, wherever entries are listed
+        (choice lists, schema blocks, the sum of the loss terms); the others follow by name.
+        So the order is declared, never the order files happen to be imported in."""
+        self.key, self.package, self.order = key, package, tuple(order)
         self._entries: dict[str, T] = {}
         self._loaded = False
 
@@ -42,13 +45,15 @@ class Registry(Generic[T]):
         for module in pkgutil.iter_modules(package.__path__):
             importlib.import_module(f"{self.package}.{module.name}")
 
+    def _rank(self, name: str) -> tuple[int, str]:
+        return (self.order.index(name) if name in self.order else len(self.order), name)
+
     def names(self) -> tuple[str, ...]:
         self._load()
-        return tuple(self._entries)
+        return tuple(sorted(self._entries, key=self._rank))
 
     def items(self) -> Iterator[tuple[str, T]]:
-        self._load()
-        return iter(list(self._entries.items()))
+        return iter([(name, self._entries[name]) for name in self.names()])
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())  # like the name -> plug-in dict it replaces
@@ -59,5 +64,5 @@ class Registry(Generic[T]):
     def __getitem__(self, name: str) -> T:
         self._load()
         if name not in self._entries:
-            raise UserError(f"{self.key}={name} is not one of: {', '.join(self._entries)}")
+            raise UserError(f"{self.key}={name} is not one of: {', '.join(self.names())}")
         return self._entries[name]

@@ -51,13 +51,10 @@ from gsae_pl.run.checkpointing import (
     latest_checkpoint,
     read_checkpoint,
 )
-from gsae_pl.run.writable import check_writable_dir
-from gsae_pl.saes import ARCHITECTURES
+from gsae_pl.saes.base import ARCHITECTURES, ENCODER_PARAMS
+from gsae_pl.writable import check_writable_dir
 
 CFG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"
-# SAELens architecture name -> its parameters beyond W_enc, W_dec, b_dec (all [d_sae]).
-ENCODER_PARAMS = {"gated": ("b_gate", "r_mag", "b_mag"), "standard": ("b_enc",),
-                  "jumprelu": ("b_enc", "threshold"), "topk": ("b_enc",)}
 # cfg.json fields a form needs, as gsae_pl writes them (SAELens's defaults for the rest).
 FORM_CFG = {"topk": {"rescale_acts_by_decoder_norm": False}}
 

@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def is_selection(architecture: str) -> bool:
     """Whether the architecture sets L0 by `sae.k` rather than by a penalty."""
-    from gsae_pl.saes import ARCHITECTURES
+    from gsae_pl.saes.base import ARCHITECTURES
     from gsae_pl.saes.selection import SelectionSAE
 
     return issubclass(ARCHITECTURES[architecture], SelectionSAE)
@@ -118,7 +118,7 @@ def short_overrides(cfg, steps: int, out_dir: str) -> list[str]:
     """What makes the config a short, quiet fit into `out_dir` measuring held-out L0 once:
     one evaluation at the end, no LM splicing or probes (L0 does not need them), and only
     the resamples that fit into `steps` with their lr return (gsae_pl/config_checks.py)."""
-    from gsae_pl.run.resample import resample_steps
+    from gsae_pl.resample_schedule import resample_steps
 
     warmup = cfg.loss.sparsity.warmup_steps
     if warmup >= steps:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from gsae_pl.config import Config, migrate, validate
+from gsae_pl.config import Config, check, migrate
 
 
 def make_cfg(*overrides: str):
@@ -19,7 +19,7 @@ def make_cfg(*overrides: str):
     for item in dotlist:  # one at a time: the last wins, under an old key name or its new one
         tree = OmegaConf.to_container(OmegaConf.from_dotlist([item]))
         cfg = OmegaConf.merge(cfg, migrate(tree, "the overrides"))  # config.ALIASES
-    validate(cfg)
+    check(cfg)
     return cfg
 
 

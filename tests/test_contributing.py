@@ -15,8 +15,8 @@ import sys
 import pytest
 
 from gsae_pl.eval.base import EVALUATORS
-from gsae_pl.losses import LOSS_TERMS
-from gsae_pl.saes import ARCHITECTURES
+from gsae_pl.losses.base import LOSS_TERMS
+from gsae_pl.saes.base import ARCHITECTURES
 from tests.tiny_run import ROOT
 
 BLOCK = re.compile(r"```(?:python|yaml)\n# (\S+) \(new file\)\n(.*?)```", re.S)
@@ -82,3 +82,35 @@ def test_each_example_works_dropped_in(layout_copy, tmp_path):
     assert len(ran) == 6
     # nothing of the package was edited: the plug-ins live only in the copy
     assert not [p for p in example_files() if (ROOT / p).exists()]
+
+
+@pytest.mark.slow
+def test_the_whole_suite_passes_with_the_examples_added(tmp_path):
+    """A plug-in with fields of its own (the tied ReLU SAE's sae.tied_scale), a loss term
+    and an evaluation, added as their files alone: every other test of the repository still
+    passes (the config snapshot, base.yaml, the registries' lists, the floors)."""
+    import os
+    import subprocess
+
+    tree = tmp_path / "repo"
+    tracked = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.split("\n")
+    for name in filter(None, tracked):
+        if (ROOT / name).is_file() and not name.startswith("tensorboard_logs/"):
+            (tree / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, tree / name)
+    for path, text in example_files().items():
+        (tree / path).parent.mkdir(parents=True, exist_ok=True)
+        (tree / path).write_text(text)
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    env.pop("PYTEST_XDIST_WORKER", None)
+    # The inner suite less this file (which would start it again), on both cores.
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-m", "not slow", "-p",
+         "no:cacheprovider", "-n", "2", "--dist", "loadfile",
+         "--deselect", "tests/test_contributing.py"],
+        cwd=tree, env=env, capture_output=True, text=True)
+    tail = "\n".join(done.stdout.splitlines()[-15:])
+    assert done.returncode == 0, tail
+    assert " passed" in tail and "tied_relu" in "".join(
+        p.name for p in (tree / "gsae_pl" / "saes").iterdir())

@@ -10,23 +10,57 @@ normalisation and the loaders.
 A source is one file in this package that registers a builder under its `data.source`
 name: `@SOURCES.register("name")` on `def build(cfg) -> ActivationSource` (`cfg` is the
 whole run config). The choice list config_checks.py checks `data.source` against is read
-from the same registry.
+from the same registry. A builder with settings of its own names their dataclass in
+`build.Settings`: the config gets the block `data.<name>` (data/synthetic.py does).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Optional, Protocol
 
 import torch
 from torch import Tensor
 
 from gsae_pl.errors import UserError
+from gsae_pl.ranges import POSITIVE, choices
 from gsae_pl.registry import Registry
 
 # data.source name -> build(cfg) -> ActivationSource; filled by this package's modules.
-SOURCES: Registry[Callable[[Any], ActivationSource]] = Registry("data.source", "gsae_pl.data")
+SOURCES: Registry[Callable[[Any], ActivationSource]] = Registry(
+    "data.source", "gsae_pl.data", order=("tiny_lm", "transformer_lens", "synthetic", "file"))
+
+
+@dataclass
+class DataConfig:
+    """The `data:` fields every source shares; a source's own block joins them
+    (`build.Settings`, above)."""
+
+    # tiny_lm | transformer_lens | synthetic | file | any registered name
+    source: str = field(default="tiny_lm", metadata=choices(SOURCES.names))
+    path: Optional[str] = None  # file: .npy | .safetensors | .pt array [N, d_in]
+    batch_size: int = field(default=1024, metadata=POSITIVE)
+    normalize: bool = True  # scale x by one scalar so E||x||^2 = d_in (docs/method.md sec. 4)
+    normalize_rows: int = field(default=16384, metadata=POSITIVE)
+    # Language-model sources (tiny_lm, transformer_lens): data/transformer_lens.py.
+    model: Optional[str] = None  # transformer_lens: hub name or local HF model directory
+    hook: str = "blocks.0.mlp.hook_post"  # the SAE site: a TransformerLens hook name
+    # the LM's weights
+    dtype: str = field(default="float32", metadata=choices("float32", "bfloat16", "float16"))
+    dataset: Optional[str] = None  # hub name (streamed) or local .txt/.jsonl/.parquet
+    split: str = "train"
+    column: str = "text"  # text, or token ids (a pre-tokenized dataset)
+    context_size: int = 128  # tokens per window, BOS first
+    exclude_bos: bool = True  # leave BOS positions out of the SAE's rows
+    buffer_size: int = field(default=131072, metadata=POSITIVE)  # shuffle buffer, in rows
+    lm_batch_size: int = field(default=32, metadata=POSITIVE)  # windows per LM forward pass
+    cache: bool = False  # train from a disk cache of the activations (data/cache.py)
+    cache_dir: Optional[str] = None  # null: $GSAE_PL_CACHE/activations/<key>
+    cache_rows: Optional[int] = None  # null: trainer.max_steps * data.batch_size
+    # float16: half the bytes, results moved (benchmarks/RESULTS.md)
+    cache_dtype: str = field(default="float32", metadata=choices("float32", "float16"))
 
 
 class LanguageModel(Protocol):

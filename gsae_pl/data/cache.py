@@ -1,5 +1,5 @@
 """The activation cache: LM activations written to disk once, then read by every run whose
-key matches (`data.cache=true`; `python -m gsae_pl.data.cache --config FILE [key=value ...]`
+key matches (`data.cache=true`; `python -m gsae_pl.cache --config FILE [key=value ...]`
 writes one ahead of the runs).
 
 A cache is a folder of .npy shards plus `metadata.json`, which holds the key (what made
@@ -38,7 +38,6 @@ is kept in its `reference_ce/` subfolder, written by the first run that needs it
 
 from __future__ import annotations
 
-import argparse
 import errno
 import fcntl
 import json
@@ -55,13 +54,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from gsae_pl.cli import ArgumentParser, add_config_arguments, parse_config_arguments, run_main
-from gsae_pl.config import load_config
-from gsae_pl.data.base import epoch_batches, train_stream
-from gsae_pl.data.synthetic import stream_seed
+from gsae_pl.data.base import SOURCES, epoch_batches, train_stream
 from gsae_pl.errors import UserError
-from gsae_pl.run.io import atomic_save_npy, atomic_write_json, sweep_stale_temporaries
-from gsae_pl.suite.rendezvous import is_first_process
+from gsae_pl.io import atomic_save_npy, atomic_write_json, sweep_stale_temporaries
+from gsae_pl.processes import is_first_process
+from gsae_pl.seeds import stream_seed
 
 METADATA = "metadata.json"
 REFERENCE_CE = "reference_ce"  # a subfolder: lm_eval's clean / zero-ablated CE per window
@@ -83,7 +80,7 @@ def cache_key(lm, cfg) -> dict:
 def default_cache_dir(key: dict) -> Path:
     from hashlib import blake2b
 
-    from gsae_pl.data.tiny_lm import cache_root
+    from gsae_pl.cache_root import cache_root
 
     digest = blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=8).hexdigest()
     return cache_root() / "activations" / digest
@@ -113,7 +110,7 @@ def check_key(directory: Path, meta: dict, key: dict) -> None:
 def check_cache_dir(cfg) -> None:
     """Before the LM runs: a cache folder that cannot be written would otherwise fail after
     the first shard's worth of LM passes. A complete cache is only read."""
-    from gsae_pl.run.writable import check_writable_dir
+    from gsae_pl.writable import check_writable_dir
 
     data = cfg.data
     if data.cache and data.cache_dir and read_metadata(data.cache_dir) is None:
@@ -170,7 +167,7 @@ def _flock(fd: int, directory: Path) -> None:
 def _refuse_unlockable(err: OSError, directory: Path) -> None:
     reason = err.strerror or errno.errorcode.get(err.errno, type(err).__name__)
     raise UserError(f"cannot lock the activation cache in {directory} ({reason}): write it "
-                    "first with python -m gsae_pl.data.cache --config FILE") from None
+                    "first with python -m gsae_pl.cache --config FILE") from None
 
 
 def write_cache(lm, directory: Path, cfg, progress: bool = True) -> dict:
@@ -324,35 +321,13 @@ class _RowReader:
         return torch.from_numpy(np.concatenate(parts).astype(np.float32, copy=False))
 
 
-# ---- the command line ------------------------------------------------------------------
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = ArgumentParser(prog="python -m gsae_pl.data.cache", description=__doc__)
-    add_config_arguments(parser)
-    return parse_config_arguments(parser, argv)
+@SOURCES.register("tiny_lm")
+@SOURCES.register("transformer_lens")
+def build(cfg):
+    """The LM source (data/transformer_lens.py), or with data.cache=true the disk cache of its
+    activations (written by the DataModule's prepare_data)."""
+    from gsae_pl.data.transformer_lens import build_lm_source  # here: torch-heavy, at use
 
-
-def _main(args: argparse.Namespace) -> int:
-    from gsae_pl.data.transformer_lens import build_lm_source
-
-    cfg = load_config(args.config, args.overrides)
-    if cfg.data.source not in ("tiny_lm", "transformer_lens"):
-        raise UserError(f"data.source={cfg.data.source} is read directly, not cached: the "
-                        "cache is for data.source=tiny_lm or transformer_lens")
+    check_cache_dir(cfg)  # before the LM loads and runs
     lm = build_lm_source(cfg)
-    directory = cache_dir(lm, cfg)
-    meta, wrote = ensure_cache(lm, directory, cfg)
-    if not wrote:
-        print(f"{directory}: already holds this cache ({meta['rows']} rows); reusing it")
-        return 0
-    gb = meta["rows"] * meta["d_in"] * torch.finfo(getattr(torch, meta["dtype"])).bits / 8e9
-    print(f"{directory}: {meta['rows']} rows x {meta['d_in']} ({gb:.2f} GB) in "
-          f"{meta['seconds']} s; norm_scale {meta['normalisation']['norm_scale']:.4g}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_main(lambda: _main(parse_args(argv)))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return CachedSource(lm, cfg) if cfg.data.cache else lm

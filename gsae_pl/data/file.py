@@ -19,8 +19,8 @@ from safetensors import safe_open
 from torch import Tensor
 
 from gsae_pl.data.base import SOURCES, epoch_batches
-from gsae_pl.data.synthetic import stream_seed
 from gsae_pl.errors import UserError
+from gsae_pl.seeds import stream_seed
 
 SUFFIXES = (".npy", ".safetensors", ".pt")
 _SCAN_ROWS = 65536  # rows per chunk of the NaN/Inf scan: bounded memory on a big memmap

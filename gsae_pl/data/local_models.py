@@ -89,7 +89,8 @@ def installed_gguf(model: LocalModel) -> Path:
 
 def model_dir(model: LocalModel, gguf: Path) -> Path:
     """Where the conversion of `gguf` lives: a new key, a new directory (never a stale one)."""
-    from gsae_pl.data.tiny_lm import Recipe, cache_root
+    from gsae_pl.cache_root import cache_root
+    from gsae_pl.data.tiny_lm import Recipe
 
     recipe = Recipe()  # the corpus and its split are the tiny LM's: see corpus()
     key = json.dumps({"model": model.name, "package": _version(model), "gguf": gguf.name,
@@ -115,7 +116,7 @@ def write_corpus(out: Path) -> dict:
 def ensure_local_model(name: str) -> Path:
     """The converted model directory of the named model, converted first if missing."""
     from gsae_pl.data.gguf_to_hf import convert
-    from gsae_pl.run.io import atomic_write_json, sweep_stale_temporaries
+    from gsae_pl.io import atomic_write_json, sweep_stale_temporaries
 
     model = MODELS[name]
     gguf = installed_gguf(model)

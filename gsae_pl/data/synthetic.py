@@ -14,29 +14,37 @@ each global batch out to the processes).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gsae_pl.config import SyntheticConfig
 from gsae_pl.data.base import SOURCES
 from gsae_pl.errors import UserError
+from gsae_pl.ranges import NON_NEGATIVE, POSITIVE, UNIT_INTERVAL
+from gsae_pl.seeds import stream_seed
+
 
 # Held-out rows are made in fixed-size chunks so eval_rows(n) is a prefix of eval_rows(m > n).
+@dataclass
+class SyntheticConfig:
+    """The block `data.synthetic`: sparse non-negative mixtures of known unit directions."""
+
+    seed: int = 0  # the data's own seed: true features and the sample stream
+    d_in: int = field(default=64, metadata=POSITIVE)
+    n_features: int = field(default=256, metadata=POSITIVE)
+    avg_active: float = field(default=5.0, metadata=POSITIVE)
+    frequency_exponent: float = field(default=1.0, metadata=NON_NEGATIVE)
+    min_frequency_ratio: float = field(default=0.02, metadata=UNIT_INTERVAL)
+    magnitude_noise: float = field(default=0.25, metadata=NON_NEGATIVE)
+    correlated_groups: int = field(default=0, metadata=NON_NEGATIVE)
+    group_size: int = field(default=4, metadata=POSITIVE)
+    co_fire_prob: float = field(default=0.8, metadata=UNIT_INTERVAL)
+
+
 _EVAL_CHUNK = 4096
-
-
-def stream_seed(seed: int, stream: str, index: int) -> int:
-    """A 64-bit generator seed for item `index` of a named stream.
-
-    A hash (not e.g. seed + index) so that neighbouring seeds, steps and ranks never
-    collide, and streams with different names are disjoint.
-    """
-    digest = hashlib.blake2b(f"{seed}/{stream}/{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
 
 
 def _generator(seed: int, stream: str, index: int) -> torch.Generator:
@@ -144,6 +152,9 @@ class SyntheticSource:
 @SOURCES.register("synthetic")
 def build(cfg) -> SyntheticSource:
     return SyntheticSource(cfg.data.synthetic)
+
+
+build.Settings = SyntheticConfig  # its block of the config: data.synthetic
 
 
 def _max_cosine(true_features: Tensor, W_dec: Tensor) -> Tensor:

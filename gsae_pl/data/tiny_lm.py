@@ -34,8 +34,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from gsae_pl.cache_root import cache_root
 from gsae_pl.data.text import pack_windows
-from gsae_pl.run.io import atomic_write_json, sweep_stale_temporaries
+from gsae_pl.io import atomic_write_json, sweep_stale_temporaries
 
 BOS = "<|endoftext|>"  # GPT-2's one special token: BOS, EOS and the document separator
 CORPUS = "corpus.jsonl"  # the files the LM trained on: the SAE's training text
@@ -58,10 +59,6 @@ class Recipe:
     seed: int = 0
     max_corpus_chars: int = 8_000_000  # keeps tokenizer training and encoding fast
     heldout_fraction: float = 0.05  # files held out to report the LM's CE
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("GSAE_PL_CACHE") or Path.home() / ".cache" / "gsae_pl")
 
 
 def model_dir(recipe: Recipe = Recipe()) -> Path:

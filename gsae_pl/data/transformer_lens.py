@@ -32,11 +32,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from gsae_pl.data.base import SOURCES
 from gsae_pl.data.buffer import shuffled_batches
-from gsae_pl.data.synthetic import stream_seed
 from gsae_pl.data.text import TextWindows, open_dataset
 from gsae_pl.errors import UserError
+from gsae_pl.seeds import stream_seed
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -253,15 +252,3 @@ def build_lm_source(cfg) -> TransformerLensSource:
 
     model, dataset, heldout = resolve(cfg.data.model, cfg.data.dataset)
     return TransformerLensSource(cfg, model, dataset, heldout_dataset=heldout)
-
-
-@SOURCES.register("tiny_lm")
-@SOURCES.register("transformer_lens")
-def build(cfg):
-    """The LM source, or with data.cache=true the disk cache of its activations (written by
-    the DataModule's prepare_data: data/cache.py)."""
-    from gsae_pl.data.cache import CachedSource, check_cache_dir
-
-    check_cache_dir(cfg)  # before the LM loads and runs
-    lm = build_lm_source(cfg)
-    return CachedSource(lm, cfg) if cfg.data.cache else lm

@@ -10,18 +10,36 @@ so it yields nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, make_dataclass
-from typing import TYPE_CHECKING
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from gsae_pl.ranges import POSITIVE
 from gsae_pl.registry import Registry
+from gsae_pl.saes.base import SAE, Encoding
 
-if TYPE_CHECKING:
-    from gsae_pl.run.module import SAEModule
-    from gsae_pl.saes.base import Encoding
+
+@dataclass
+class EvalContext:
+    """What an evaluation's `compute` is handed: the trained SAE and where it runs, never the
+    training stack (gsae_pl/run/module.py builds one per evaluation)."""
+
+    sae: SAE
+    norm_scale: Tensor  # x * norm_scale is the SAE's scale (docs/method.md sec. 4)
+    device: torch.device
+    rank: int  # this process, of world_size
+    world_size: int
+    reduce_sum: Callable[[Tensor], Tensor]  # the sum over processes (identity in one)
+    # (prefix, per-feature density) -> its dead / dense summary, the histogram logged
+    log_histogram: Callable[[str, Tensor], dict]
+
+    def reconstruct_raw(self, x: Tensor) -> Tensor:
+        """The SAE's reconstruction of raw activations x, on the raw scale."""
+        return self.sae(x.to(self.device) * self.norm_scale)[0] / self.norm_scale
 
 
 @dataclass
@@ -52,9 +70,9 @@ class Evaluator(nn.Module):
     def update(self, x: Tensor, x_hat: Tensor, enc: Encoding) -> None:
         """One held-out batch on the SAE's scale (x * norm_scale) and the SAE's output."""
 
-    def compute(self, module: SAEModule) -> dict[str, Tensor | float]:
+    def compute(self, ctx: EvalContext) -> dict[str, Tensor | float]:
         """The metrics after the last batch, equal on every process (reduce across them
-        here). `module` gives the SAE, its scale and the trainer."""
+        here, with `ctx.reduce_sum`)."""
         raise NotImplementedError
 
     def reset(self) -> None:
@@ -65,6 +83,15 @@ class Evaluator(nn.Module):
 
 
 EVALUATORS: Registry[type[Evaluator]] = Registry("eval", "gsae_pl.eval")
+
+
+@dataclass
+class EvalConfig:
+    """What every evaluation shares. Each registered evaluation adds its block `eval.<name>`
+    (`eval_schema`), so the schema is assembled when a config is made."""
+
+    rows: int = field(default=16384, metadata=POSITIVE)
+    every_n_steps: int = field(default=1000, metadata=POSITIVE)
 
 
 def eval_schema(shared: type) -> type:

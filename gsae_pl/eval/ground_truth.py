@@ -18,7 +18,7 @@ class GroundTruth(Evaluator):
         # A plain attribute, not a buffer: the source makes it, checkpoints need not hold it.
         self.true_features = source.true_features
 
-    def compute(self, module) -> dict:
-        W_dec = module.sae.W_dec.detach()
+    def compute(self, ctx) -> dict:
+        W_dec = ctx.sae.W_dec.detach()
         truth = self.true_features.to(W_dec)
         return {"mmcs": mmcs(truth, W_dec), "fraction_recovered": fraction_recovered(truth, W_dec)}

@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from gsae_pl.run.io import atomic_write
+from gsae_pl.io import atomic_write
 
 # ce_sums' layout: [0:3] CE clean, spliced, zero summed over predicted tokens; [3] the token
 # count (the point estimates); then, for each document g, [n_g, sums of per-window mean CE

@@ -4,17 +4,18 @@ Only sources with a language model (`lm`) have it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gsae_pl.eval import lm_eval
 from gsae_pl.eval.base import EVALUATORS, Evaluator, Settings
+from gsae_pl.ranges import NON_NEGATIVE
 
 
 @dataclass
 class LossRecoveredSettings(Settings):
     # Held-out windows to splice into. 0 evaluates nothing, as enabled=false does: it is
     # what the former eval.lm_contexts=0 meant, so such configs keep their meaning.
-    contexts: int = 64
+    contexts: int = field(default=64, metadata=NON_NEGATIVE)
 
 
 @EVALUATORS.register("loss_recovered")
@@ -30,9 +31,8 @@ class LossRecovered(Evaluator):
         super().__init__(settings, cfg, d_in, source)
         self.lm = source.lm  # not an nn.Module: stays out of the SAE's state
 
-    def compute(self, module) -> dict:
-        trainer = module.trainer
-        rank, world = trainer.global_rank, trainer.world_size
+    def compute(self, ctx) -> dict:
+        rank, world = ctx.rank, ctx.world_size
         tokens, documents = self.lm.heldout_windows(self.settings.contexts)
         # One document numbering for every process, made before the windows are dealt out
         # (disjoint shares), so the processes' sums add up (lm_eval.py).
@@ -40,7 +40,6 @@ class LossRecovered(Evaluator):
         n_documents = int(documents.max()) + 1
         # The spliced activation is the reconstruction on the raw scale: x_hat / norm_scale.
         sums = lm_eval.ce_sums(self.lm, tokens[rank::world],
-                               lambda x: module(x.to(module.device))[0] / module.norm_scale,
-                               documents[rank::world], n_documents)
-        sums = trainer.strategy.reduce(sums.to(module.device), reduce_op="sum")
+                               ctx.reconstruct_raw, documents[rank::world], n_documents)
+        sums = ctx.reduce_sum(sums.to(ctx.device))
         return lm_eval.loss_recovered(sums.cpu())

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gsae_pl.data.synthetic import stream_seed
 from gsae_pl.eval.base import EVALUATORS, Evaluator, Settings
+from gsae_pl.seeds import stream_seed
 
 TOP_K = (1, 2, 5)  # SAEBench's sparse probing
 C = 1.0  # inverse L2 strength, sklearn's and SAEBench's default
@@ -67,7 +67,7 @@ class Probes(Evaluator):
         self.provider, self.seed = _provider(source), int(cfg.seed)
         self.sets: dict[str, tuple[Tensor, Tensor]] | None = None  # made at first use
 
-    def compute(self, module) -> dict:
+    def compute(self, ctx) -> dict:
         if self.sets is None:  # the source's LM is on this process's device by now
             self.sets = self.provider.probe_sets(self.settings.rows)
         out = {}
@@ -77,18 +77,18 @@ class Probes(Evaluator):
             if split is None:
                 continue
             index = torch.cat(split)  # train rows, then test rows
-            x = rows[index] * float(module.norm_scale)  # on the SAE's scale
-            metrics = probe_metrics(x, latents(module, x), labels[index], len(split[0]))
+            x = rows[index] * float(ctx.norm_scale)  # on the SAE's scale
+            metrics = probe_metrics(x, latents(ctx, x), labels[index], len(split[0]))
             out.update({f"probe/{task}/{name}": value for name, value in metrics.items()})
         return out
 
 
 @torch.no_grad()
-def latents(module, x: Tensor) -> Tensor:
+def latents(ctx, x: Tensor) -> Tensor:
     """The SAE's codes f of rows x (on its scale), dense float32 on the CPU."""
-    chunks, dtype = [], module.sae.W_dec.dtype  # bf16-true runs hold bf16 weights
+    chunks, dtype = [], ctx.sae.W_dec.dtype  # bf16-true runs hold bf16 weights
     for chunk in x.split(_ENCODE_ROWS):
-        f = module.sae.encode(chunk.to(module.device, dtype)).f
+        f = ctx.sae.encode(chunk.to(ctx.device, dtype)).f
         chunks.append((f if isinstance(f, Tensor) else f.csr().to_dense()).float().cpu())
     return torch.cat(chunks)
 

@@ -19,8 +19,8 @@ class Reconstruction(Evaluator):
         self.recon.update(x, x_hat, enc.fired)
         self.density.update(enc.fired, x.shape[0])
 
-    def compute(self, module) -> dict:
+    def compute(self, ctx) -> dict:
         values = dict(self.recon.compute())
         # The histogram goes where the training window's does; the summary is returned.
-        values.update(module._log_histogram("val", self.density.compute()))
+        values.update(ctx.log_histogram("val", self.density.compute()))
         return values

@@ -33,15 +33,15 @@ class SoftGate(Evaluator):
         self.rows, self.batch_size = cfg.eval.rows, cfg.data.batch_size
         self.recon = ReconstructionMetrics(d_in)
 
-    def compute(self, module) -> dict:
-        sae = module.sae
+    def compute(self, ctx) -> dict:
+        sae = ctx.sae
         if getattr(sae, "gate", None) != "sigmoid":
             return {}
-        rank, world = module.trainer.global_rank, module.trainer.world_size
+        rank, world = ctx.rank, ctx.world_size
         rows = self.source.eval_rows(self.rows)[rank::world]
         with torch.no_grad():
             for chunk in rows.split(self.batch_size):
-                x = chunk.to(module.device) * module.norm_scale
+                x = chunk.to(ctx.device) * ctx.norm_scale
                 enc = sae.encode_reference(x, soft=True)
                 self.recon.update(x, sae.decode(enc.f), enc.fired)
         return {"fvu_soft_gate": self.recon.compute()["fvu"]}

@@ -16,9 +16,8 @@ from typing import Optional
 from torch import Tensor
 
 from gsae_pl.errors import UserError
-from gsae_pl.losses import LOSS_TERMS
-from gsae_pl.losses.base import TermConfig, TermSpec, squared_error
-from gsae_pl.saes import ARCHITECTURES
+from gsae_pl.losses.base import LOSS_TERMS, TermConfig, TermSpec, squared_error
+from gsae_pl.saes.base import ARCHITECTURES
 from gsae_pl.saes.kernels import decode_codes
 
 

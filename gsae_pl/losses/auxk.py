@@ -35,9 +35,9 @@ from torch import Tensor
 
 from gsae_pl.collectives import all_sum, world_size
 from gsae_pl.errors import UserError
-from gsae_pl.losses import LOSS_TERMS
-from gsae_pl.losses.base import NON_NEGATIVE, TermConfig, TermSpec
-from gsae_pl.saes import ARCHITECTURES
+from gsae_pl.losses.base import LOSS_TERMS, TermConfig, TermSpec
+from gsae_pl.ranges import NON_NEGATIVE
+from gsae_pl.saes.base import ARCHITECTURES
 from gsae_pl.saes.kernels import SparseCodes, decode_sparse
 from gsae_pl.saes.selection import SelectionSAE, pattern_from_columns
 

@@ -1,7 +1,8 @@
 """A loss term: a function of one batch's tensors, a coefficient and an optional warm-up.
 
-A term is one file in gsae_pl/losses/ that registers a `TermSpec` in `LOSS_TERMS`
-(losses/__init__.py) under its YAML key `loss.<name>`. The spec declares:
+A term is one file in gsae_pl/losses/ that registers a `TermSpec` in `LOSS_TERMS` (below)
+under its YAML key `loss.<name>`; the registry imports every file of the package on first
+lookup, and the `loss:` schema is built from it. The spec declares:
   config  its `loss.<name>:` block, a `TermConfig` subclass (enabled, coefficient,
           warmup_steps, and its own fields; choices in field metadata)
   build   block -> the term's function (x, x_hat, enc, sae) -> scalar
@@ -17,10 +18,11 @@ from typing import Any
 
 from torch import Tensor
 
+from gsae_pl.ranges import NON_NEGATIVE
+from gsae_pl.registry import Registry
 from gsae_pl.saes.base import SAE, Encoding
 
 TermFn = Callable[[Tensor, Tensor, Encoding, SAE], Tensor]
-NON_NEGATIVE = {"range": "non_negative"}  # field metadata read by gsae_pl/config_checks.py
 
 
 @dataclass
@@ -58,3 +60,38 @@ class Term:
 def squared_error(x: Tensor, x_hat: Tensor) -> Tensor:
     """||x - x_hat||^2 divided by n = d_in, batch mean (docs/method.md sec. 4: L2 loss over n)."""
     return (x - x_hat).pow(2).mean()
+
+
+# The objective sums the enabled terms in this order (the total's rounding depends on it);
+# a term not listed here comes after these, by name.
+LOSS_TERMS: Registry[TermSpec] = Registry(
+    "loss", "gsae_pl.losses", order=("reconstruction", "sparsity", "aux", "orthogonality"))
+
+
+class Objective:
+    """The enabled terms of `loss:`. Switches are data: `loss.<name>.enabled` picks the terms,
+    and the objective treats every term the same way, never testing a term's name."""
+
+    def __init__(self, terms: dict[str, Term], reads: tuple[str, ...] = ()):
+        self.terms = terms
+        self.reads = reads  # the Encoding fields the terms read: the SAE must fill them
+
+    @classmethod
+    def from_config(cls, loss_cfg) -> Objective:
+        specs = {name: spec for name, spec in LOSS_TERMS.items() if loss_cfg[name].enabled}
+        terms = {name: Term(fn=spec.build(loss_cfg[name]),
+                            coefficient=loss_cfg[name].coefficient,
+                            warmup_steps=loss_cfg[name].warmup_steps)
+                 for name, spec in specs.items()}
+        reads = tuple(dict.fromkeys(field for spec in specs.values() for field in spec.reads))
+        return cls(terms, reads)
+
+    def coefficients(self, step: int) -> dict[str, float]:
+        return {name: term.coefficient_at(step) for name, term in self.terms.items()}
+
+    def __call__(self, x: Tensor, x_hat: Tensor, enc: Encoding, sae: SAE,
+                 step: int) -> dict[str, Tensor]:
+        """Each enabled term times its coefficient at `step`; the loss is their sum."""
+        coefs = self.coefficients(step)
+        return {name: coefs[name] * term.fn(x, x_hat, enc, sae)
+                for name, term in self.terms.items()}

@@ -44,8 +44,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from gsae_pl.errors import UserError
-from gsae_pl.losses import LOSS_TERMS
-from gsae_pl.losses.base import TermConfig, TermSpec
+from gsae_pl.losses.base import LOSS_TERMS, TermConfig, TermSpec
 
 TIE_TOLERANCE = 1e-6  # |cos| values this close to the maximum count as tied neighbours
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gsae_pl.losses import LOSS_TERMS
-from gsae_pl.losses.base import TermConfig, TermSpec, squared_error
+from gsae_pl.losses.base import LOSS_TERMS, TermConfig, TermSpec, squared_error
 
 
 @dataclass

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from gsae_pl.errors import UserError
-from gsae_pl.losses import LOSS_TERMS
-from gsae_pl.losses.base import NON_NEGATIVE, TermConfig, TermSpec
+from gsae_pl.losses.base import LOSS_TERMS, TermConfig, TermSpec
+from gsae_pl.ranges import NON_NEGATIVE
 from gsae_pl.saes.kernels import mean_row_sum
 
 

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gsae_pl.config import migrate
 from gsae_pl.errors import UserError
-from gsae_pl.run.io import atomic_write, sweep_stale_temporaries
+from gsae_pl.io import atomic_write, sweep_stale_temporaries
 from gsae_pl.run.run_dir import suggested_name
 
 # Resuming reuses the checkpoint directory on purpose; Lightning would warn about it.

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 
 from gsae_pl.errors import UserError
-from gsae_pl.suite.rendezvous import is_first_process
+from gsae_pl.processes import is_first_process
 
 RUN_LOCK = ".fit.lock"  # in <output.dir>/<output.name>/
 SUITE_LOCK = ".ablate.lock"  # in the suite's output_dir: another file, so ablate's fits run

@@ -23,7 +23,7 @@ import os
 import torch
 
 from gsae_pl.errors import UserError
-from gsae_pl.saes import ARCHITECTURES
+from gsae_pl.saes.base import ARCHITECTURES
 
 FLOAT_BYTES = 4
 STATE_COPIES = 4  # weights, gradients, Adam's exp_avg and exp_avg_sq

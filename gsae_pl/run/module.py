@@ -11,17 +11,18 @@ import torch
 from torch import Tensor
 
 from gsae_pl.config import from_saved
-from gsae_pl.eval import build_evaluators
+from gsae_pl.eval.base import EvalContext, build_evaluators
 from gsae_pl.eval.metrics import (
     FeatureDensity,
     ReconstructionMetrics,
     density_summary,
     log10_density,
 )
-from gsae_pl.losses import Objective
+from gsae_pl.losses.base import Objective
+from gsae_pl.resample_schedule import lr_multiplier
 from gsae_pl.run.bias_histograms import BiasHistograms
-from gsae_pl.run.resample import Resampler, lr_multiplier
-from gsae_pl.saes import build_sae
+from gsae_pl.run.resample import Resampler
+from gsae_pl.saes.base import build_sae
 
 
 class SAEModule(L.LightningModule):
@@ -125,9 +126,9 @@ class SAEModule(L.LightningModule):
             evaluator.update(x, x_hat, enc)
 
     def on_validation_epoch_end(self) -> None:
-        values = {}
+        values, ctx = {}, self.eval_context()
         for evaluator in self.evaluators.values():
-            values.update(evaluator.compute(self))
+            values.update(evaluator.compute(ctx))
         # Already reduced across processes by the evaluators: no sync_dist. float64, so the
         # values fit reads back from Lightning (trainer.callback_metrics, validate's return)
         # are the computed ones; TensorBoard stores float32 either way.
@@ -135,6 +136,16 @@ class SAEModule(L.LightningModule):
                        for k, v in values.items()})
         for evaluator in self.evaluators.values():
             evaluator.reset()
+
+    def eval_context(self) -> EvalContext:
+        """What the evaluations see of this run (gsae_pl/eval/base.py)."""
+        trainer = self._trainer  # None outside a Trainer (a module built to evaluate alone)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        reduce_sum = (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if trainer \
+            else (lambda t: t)
+        return EvalContext(sae=self.sae, norm_scale=self.norm_scale, device=self.device,
+                           rank=rank, world_size=world, reduce_sum=reduce_sum,
+                           log_histogram=self._log_histogram)
 
     # ---- logging helpers -------------------------------------------------------------
     def _log_step(self) -> int:

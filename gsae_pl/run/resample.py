@@ -34,6 +34,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from gsae_pl.resample_schedule import resample_steps
 from gsae_pl.run.progress import announce, tokens
 
 # The axis that indexes features, by a parameter's resample role (SAE.resample_roles).
@@ -45,23 +46,6 @@ def feature_axes(sae) -> dict[str, int]:
     """Parameter name -> the axis that indexes features, for the parameters a resample
     re-initialises."""
     return {name: ROLE_AXIS[role] for name, role in sae.resample_roles.items()}
-
-
-def resample_steps(resample_cfg) -> list[int]:
-    """The global steps after which a resample runs (none when resampling is off)."""
-    if not resample_cfg.enabled:
-        return []
-    return [resample_cfg.every_n_steps * j for j in range(1, resample_cfg.max_resamples + 1)]
-
-
-def lr_multiplier(step: int, resample_cfg) -> float:
-    """Factor on the lr of optimiser step `step` (0-based: the one after `step` steps)."""
-    since = [step - s for s in resample_steps(resample_cfg) if s <= step]
-    if not since or min(since) >= resample_cfg.lr_return_steps:
-        return 1.0
-    progress = min(since) / resample_cfg.lr_return_steps  # in [0, 1)
-    drop = resample_cfg.lr_drop
-    return drop + (1.0 - drop) * 0.5 * (1.0 - math.cos(math.pi * progress))
 
 
 def choose_rows(x: Tensor, x_hat: Tensor, n: int, generator: torch.Generator) -> Tensor:

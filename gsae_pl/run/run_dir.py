@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from gsae_pl.errors import UserError
+from gsae_pl.names import MAX_NAME_BYTES
 
 # What fit writes in a run folder: the config it trained with, TensorBoard's event files and
 # hparams.yaml, provenance.json, metrics.json (last); atomic writes' temporaries are
@@ -23,35 +23,6 @@ RUN_FILES = ("config.yaml", "metrics.json", "provenance.json", "hparams.yaml",
              "events.out.tfevents.*", ".config.yaml.tmp*", ".metrics.json.tmp*",
              ".provenance.json.tmp*")
 CHECKPOINT_FILES = ("*.ckpt", ".*.ckpt.tmp*")  # in checkpoints/ (gsae_pl/run/checkpointing.py)
-MAX_NAME_BYTES = 255  # the longest file name Linux file systems take
-
-
-def name_problem(name: str) -> str | None:
-    """Why `name` cannot be one folder's name, or None if it can."""
-    if not name:
-        return "is empty"
-    if name in (".", ".."):
-        return "would be output.dir itself or its parent, not a folder of its own"
-    if "/" in name or "\\" in name:
-        return "holds a path separator"
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
-        return "holds a control character"
-    if name.startswith("-"):
-        return "starts with '-' (shell tools would read it as an option)"
-    if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
-        return f"is longer than {MAX_NAME_BYTES} bytes"
-    return None
-
-
-def check_name(name: str, what: str, advice: str = "e.g. gated_l1-0.05_seed0") -> None:
-    """Refuse a name that is not one plain folder name; `what` says whose name it is."""
-    problem = name_problem(name)
-    if problem:
-        raise UserError(f"{what}{name!r} {problem}: it names one folder, so use one plain "
-                        "name (no '/', '\\' or control characters; not '.', '..' or a "
-                        f"leading '-'), {advice}")
-
-
 def suggested_name(run_dir: Path, changed: dict) -> str:
     """A free folder name beside `run_dir` for a run that differs from it in `changed`
     (dotted key -> new value): `<name>_<leaf>-<value>` for the first two keys, as suite run

@@ -24,8 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from gsae_pl.cli import run_main
 from gsae_pl.config import load_config, to_yaml
-from gsae_pl.data.datamodule import SAEDataModule
 from gsae_pl.errors import UserError
+from gsae_pl.io import atomic_write_json, atomic_write_text
+from gsae_pl.names import check_name
 from gsae_pl.run import provenance
 from gsae_pl.run.checkpointing import (
     AtomicCheckpointIO,
@@ -38,16 +39,16 @@ from gsae_pl.run.checkpointing import (
     remove_stale_temporaries,
     shown_keys,
 )
+from gsae_pl.run.datamodule import SAEDataModule
 from gsae_pl.run.faults import NonFiniteMonitor, check_final_metrics, ends_other_processes_on_error
 from gsae_pl.run.fit_args import parse_args
-from gsae_pl.run.io import atomic_write_json, atomic_write_text
 from gsae_pl.run.lock import RUN_LOCK, FolderLock, takes_run_lock
 from gsae_pl.run.memory import check_run_fits
 from gsae_pl.run.module import SAEModule
 from gsae_pl.run.preemption import Preemption, sigterm_as_preempted
 from gsae_pl.run.progress import Progress, dead_windows
 from gsae_pl.run.quiet import silence_startup_noise
-from gsae_pl.run.run_dir import check_name, remove_run_outputs, suggested_name
+from gsae_pl.run.run_dir import remove_run_outputs, suggested_name
 from gsae_pl.run.tensorboard import Coefficients, RunLogger, RunSummaries, write_end
 from gsae_pl.run.wandb_logger import wandb_logger, wandb_where
 

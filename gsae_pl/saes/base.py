@@ -5,7 +5,8 @@ Parameter names and shapes follow docs/method.md sec. 1 (the SAELens convention)
 W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_dec [d_in], per-feature vectors [d_sae].
 
 An architecture is one file in gsae_pl/saes/ with an `SAE` subclass registered in
-`ARCHITECTURES` (saes/__init__.py) under the name `sae.architecture` takes. Besides `encode`
+`ARCHITECTURES` (below) under the name `sae.architecture` takes; the registry imports every
+file of the package on first lookup, so a new file needs no edit elsewhere. Besides `encode`
 it declares, as class attributes and class methods (defaults below):
   Config          a dataclass of its own `sae.` fields (flat YAML keys; choices in field
                   metadata); the `sae:` schema is the common fields plus the union of these
@@ -24,19 +25,26 @@ it declares, as class attributes and class methods (defaults below):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from gsae_pl.errors import UserError
+from gsae_pl.registry import Registry
 from gsae_pl.saes.kernels import SparseCodes, decode_codes
 
 Codes = Union[Tensor, SparseCodes]
 # The Encoding fields the fast kernels of saes/kernels.py return (pi_gate, pi_mag stay inside
 # their backward): a loss term reading any other field makes `encode` take the reference path.
 FAST_FIELDS = ("f", "gate_acts", "fired")
+
+
+# SAELens architecture name -> its parameters beyond W_enc, W_dec, b_dec (all [d_sae]).
+ENCODER_PARAMS = {"gated": ("b_gate", "r_mag", "b_mag"), "standard": ("b_enc",),
+                  "jumprelu": ("b_enc", "threshold"), "topk": ("b_enc",)}
 
 
 @dataclass
@@ -141,8 +149,6 @@ class SAE(nn.Module):
         if cls.saelens is None:
             raise UserError(f"sae.architecture={sae_cfg['architecture']} has no SAELens "
                             "equivalent: nothing written")
-        from gsae_pl.saelens import ENCODER_PARAMS  # SAELens's parameter names per format
-
         names = ["W_enc", "W_dec", "b_dec", *ENCODER_PARAMS[cls.saelens]]
         return {name: weights[f"sae.{name}"] for name in names}
 
@@ -181,3 +187,49 @@ def geometric_median(points: Tensor, iters: int = 50, eps: float = 1e-6) -> Tens
             break
         median = new
     return median.float()
+
+
+# ---- the registry, the common `sae:` fields, and building an SAE from its block ----------
+# Choice lists read the shipped architectures in this order, then any other by name.
+ARCHITECTURES: Registry[type[SAE]] = Registry(
+    "sae.architecture", "gsae_pl.saes",
+    order=("relu", "gated", "prolu", "rescale_shift", "topk", "batchtopk", "jumprelu",
+           "matryoshka_batchtopk"))
+
+
+@dataclass
+class SAECommon:
+    """The `sae:` fields every architecture shares; each architecture adds its own `Config`,
+    and gsae_pl/config.py joins them into one flat block."""
+
+    # relu | gated (method sec. 1) | prolu (sec. 5) | rescale_shift | any registered name
+    architecture: str = field(default="gated", metadata={"choices": ARCHITECTURES.names})
+    d_sae: int = field(default=512, metadata={"range": "positive"})
+    unit_norm_decoder: bool = True  # project grads + renormalise W_dec rows each step
+    b_dec_init: str = field(default="mean",  # of a data sample
+                            metadata={"choices": ("zeros", "mean", "geometric_median")})
+    kernel: str = field(default="auto",  # saes/kernels.py
+                        metadata={"choices": ("auto", "reference", "dense", "sparse")})
+    # torch.compile the fused pointwise maths
+    compile: str = field(default="auto", metadata={"choices": ("auto", "always", "never")})
+
+
+# Settings of the common `sae:` fields, under the constructor argument that takes them.
+COMMON_ARGS = {"d_sae": "d_sae", "unit_norm_decoder": "unit_norm_decoder",
+               "kernel": "kernel", "compile_mode": "compile"}
+
+
+def build_sae(sae_cfg, d_in: int, reads=()) -> SAE:
+    """An SAE from the `sae:` config block that fills the Encoding fields `reads` (the loss
+    terms'). The architecture gets its own fields and the common ones its constructor names
+    (prolu has one path: no kernel, no compile)."""
+    cls = ARCHITECTURES[sae_cfg.architecture]
+    params = inspect.signature(cls).parameters.values()
+    open_ended = any(p.kind is p.VAR_KEYWORD for p in params)  # e.g. a wrapped constructor
+    takes = {p.name for p in params}
+    common = {arg: sae_cfg[key] for arg, key in COMMON_ARGS.items()
+              if open_ended or arg in takes}
+    own = {f.name: sae_cfg[f.name] for f in fields(cls.Config)}
+    sae = cls(d_in=d_in, **common, **own)
+    sae.serve(reads)
+    return sae

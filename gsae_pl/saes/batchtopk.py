@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from gsae_pl.collectives import all_gather_cat, world_size
-from gsae_pl.saes import ARCHITECTURES
+from gsae_pl.saes.base import ARCHITECTURES
 from gsae_pl.saes.kernels import Pattern
 from gsae_pl.saes.selection import SelectionSAE, pattern_from_mask
 from gsae_pl.saes.topk import TopKConfig, refuse_penalties
@@ -66,9 +66,10 @@ class BatchTopKSAE(SelectionSAE):
     saelens = "jumprelu"
 
     def __init__(self, d_in: int, d_sae: int, unit_norm_decoder: bool = True,
-                 kernel: str = "auto", k: int = 32, threshold_rate: float = 0.01):
+                 kernel: str = "auto", **own):
         super().__init__(d_in, d_sae, unit_norm_decoder, kernel)
-        self.k, self.threshold_rate = k, threshold_rate
+        own = self.Config(**own)  # the defaults of its sae. fields: there alone
+        self.k, self.threshold_rate = own.k, own.threshold_rate
         self.register_buffer("threshold", torch.tensor(0.0))  # theta
         self.register_buffer("threshold_batches", torch.tensor(0, dtype=torch.int64))
         self._batch_min = None  # this training batch's m_t, until `after_batch`

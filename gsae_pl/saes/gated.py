@@ -30,8 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from gsae_pl.errors import UserError
-from gsae_pl.saes import ARCHITECTURES
-from gsae_pl.saes.base import SAE, Encoding
+from gsae_pl.saes.base import ARCHITECTURES, SAE, Encoding
 from gsae_pl.saes.kernels import GatedEncodeDense, encode_gated_sparse
 
 # Below this share of active (feature, row) pairs the sparse path beats the dense one on
@@ -67,12 +66,13 @@ class GatedSAE(SAE):
     saelens = "gated"
 
     def __init__(self, d_in: int, d_sae: int, unit_norm_decoder: bool = True,
-                 weight_sharing: str = "r_mag", kernel: str = "auto",
-                 compile_mode: str = "never", gate: str = "heaviside",
-                 gate_temperature: float = 1.0):
+                 kernel: str = "auto", compile_mode: str = "never", **own):
         super().__init__(d_in, d_sae, unit_norm_decoder)
-        self.weight_sharing, self.kernel, self.compile_mode = weight_sharing, kernel, compile_mode
-        self.gate, self.gate_temperature = gate, gate_temperature
+        own = self.Config(**own)  # the defaults of sae.weight_sharing, gate, ...: there alone
+        weight_sharing = self.weight_sharing = own.weight_sharing
+        self.kernel, self.compile_mode = kernel, compile_mode
+        self.gate = getattr(own, "gate", "heaviside")  # rescale_shift has no gate fields
+        self.gate_temperature = getattr(own, "gate_temperature", 1.0)
         self.W_enc = nn.Parameter(self.W_dec.detach().t().clone())
         self.b_gate = nn.Parameter(torch.zeros(d_sae))
         if weight_sharing != "no_shift":  # no_shift: b_mag is tied (`magnitude_bias`)

@@ -35,8 +35,7 @@ from torch import Tensor, nn
 from torch.autograd import Function
 
 from gsae_pl.errors import UserError
-from gsae_pl.saes import ARCHITECTURES
-from gsae_pl.saes.base import SAE, Encoding
+from gsae_pl.saes.base import ARCHITECTURES, SAE, Encoding
 
 
 def _fp32(t: Tensor) -> Tensor:
@@ -116,14 +115,13 @@ class JumpReLUSAE(SAE):
     bias_parameters = ("b_enc", "threshold")  # histograms (run/bias_histograms.py)
     saelens = "jumprelu"
 
-    def __init__(self, d_in: int, d_sae: int, unit_norm_decoder: bool = True,
-                 bandwidth: float = 0.001, threshold_init: float = 0.001,
-                 jumprelu_penalty: str = "l0"):
+    def __init__(self, d_in: int, d_sae: int, unit_norm_decoder: bool = True, **own):
         super().__init__(d_in, d_sae, unit_norm_decoder)
+        own = self.Config(**own)  # the defaults of its sae. fields: there alone
         # The paper's units to gsae_pl's: x is sqrt(d_in) times larger here (sec. 4).
-        self.eps = bandwidth * math.sqrt(d_in)
-        self.theta_init = threshold_init * math.sqrt(d_in)
-        self.jumprelu_penalty = jumprelu_penalty
+        self.eps = own.bandwidth * math.sqrt(d_in)
+        self.theta_init = own.threshold_init * math.sqrt(d_in)
+        self.jumprelu_penalty = own.jumprelu_penalty
         self.W_enc = nn.Parameter(self.W_dec.detach().t().clone())  # the paper's init
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.threshold = nn.Parameter(torch.full((d_sae,), self.theta_init))

@@ -113,7 +113,7 @@ def _gated_backward(grad_f, grad_gate_acts, pre, b_gate, scale, b_mag):
 # each function into one loop, at a one-time compile cost of ~20 s (benchmarks/RESULTS.md).
 # The batch sums are left out of the fused loops on purpose: inductor's column reductions
 # over [B, d_sae] ran 3-4x slower than separate `sum(0)` / matrix-vector passes, measured
-# at 4096 x 16384. Fresh buffers are cheap because gsae_pl/run/allocator.py keeps freed memory
+# at 4096 x 16384. Fresh buffers are cheap because gsae_pl/allocator.py keeps freed memory
 # for reuse: with it, buffers kept from step to step measured no faster.
 _COMPILED: dict = {}
 COMPILE_MIN_ELEMENTS = 1 << 22  # `auto` compiles from B * d_sae = 4M elements up

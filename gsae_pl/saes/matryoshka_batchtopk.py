@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from gsae_pl.errors import UserError
-from gsae_pl.saes import ARCHITECTURES
+from gsae_pl.saes.base import ARCHITECTURES
 from gsae_pl.saes.batchtopk import BatchTopKConfig, BatchTopKSAE
 
 
@@ -46,10 +46,9 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
     Config = MatryoshkaConfig
 
     def __init__(self, d_in: int, d_sae: int, unit_norm_decoder: bool = True,
-                 kernel: str = "auto", k: int = 32, threshold_rate: float = 0.01,
-                 matryoshka_widths=()):
-        super().__init__(d_in, d_sae, unit_norm_decoder, kernel, k, threshold_rate)
-        self.inner_widths = nested_widths(matryoshka_widths, d_sae)
+                 kernel: str = "auto", **own):
+        super().__init__(d_in, d_sae, unit_norm_decoder, kernel, **own)
+        self.inner_widths = nested_widths(self.Config(**own).matryoshka_widths, d_sae)
 
     @classmethod
     def check(cls, cfg) -> None:

@@ -24,8 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd import Function
 
-from gsae_pl.saes import ARCHITECTURES
-from gsae_pl.saes.base import SAE, Encoding
+from gsae_pl.saes.base import ARCHITECTURES, SAE, Encoding
 
 
 def prolu_gate(m: Tensor, b_enc: Tensor) -> Tensor:
@@ -99,11 +98,11 @@ class ProLUSAE(SAE):
     provides = ("f", "gate_acts", "fired", "pi_gate", "pi_mag")
     resample_roles = {**SAE.resample_roles, "W_enc": "encoder", "b_enc": "zero"}
 
-    def __init__(self, d_in: int, d_sae: int, unit_norm_decoder: bool = True,
-                 prolu_backward: str = "relu", prolu_positive_bias: str = "prolu"):
+    def __init__(self, d_in: int, d_sae: int, unit_norm_decoder: bool = True, **own):
         super().__init__(d_in, d_sae, unit_norm_decoder)
-        self.prolu_backward, self.prolu_positive_bias = prolu_backward, prolu_positive_bias
-        self.prolu = BACKWARD_RULES[prolu_backward]
+        own = self.Config(**own)  # the defaults of its sae. fields: there alone
+        self.prolu_backward, self.prolu_positive_bias = own.prolu_backward, own.prolu_positive_bias
+        self.prolu = BACKWARD_RULES[own.prolu_backward]
         self.W_enc = nn.Parameter(self.W_dec.detach().t().clone())
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
 

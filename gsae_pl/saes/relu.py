@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from gsae_pl.saes import ARCHITECTURES
-from gsae_pl.saes.base import FAST_FIELDS, SAE, Encoding
+from gsae_pl.saes.base import ARCHITECTURES, FAST_FIELDS, SAE, Encoding
 from gsae_pl.saes.kernels import ReLUEncodeDense
 
 

@@ -31,8 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from gsae_pl.errors import UserError
-from gsae_pl.saes import ARCHITECTURES
-from gsae_pl.saes.base import FAST_FIELDS, Encoding
+from gsae_pl.saes.base import ARCHITECTURES, FAST_FIELDS, Encoding
 from gsae_pl.saes.gated import GatedConfig, GatedSAE
 from gsae_pl.saes.relu import encode_relu
 
@@ -51,12 +50,12 @@ class RescaleShiftSAE(GatedSAE):
     has_gate = False  # no aux term: stage 1 is the baseline, stage 2 learns no gate
 
     def __init__(self, d_in: int, d_sae: int, unit_norm_decoder: bool = True,
-                 kernel: str = "auto", compile_mode: str = "never",
-                 rescale_shift_steps: int = 1000, weight_sharing: str = "r_mag"):
+                 kernel: str = "auto", compile_mode: str = "never", **own):
+        own = self.Config(**own)
         # weight_sharing is r_mag by `check`: stage 2 learns r_mag (eq. 7)
-        super().__init__(d_in, d_sae, unit_norm_decoder, weight_sharing=weight_sharing,
-                         kernel=kernel, compile_mode=compile_mode)
-        self.rescale_shift_steps = rescale_shift_steps
+        super().__init__(d_in, d_sae, unit_norm_decoder, kernel=kernel,
+                         compile_mode=compile_mode, weight_sharing=own.weight_sharing)
+        self.rescale_shift_steps = own.rescale_shift_steps
         self.register_buffer("in_stage2", torch.tensor(False))
         # A host-side copy of the buffer, so `encode` branches without a device sync per
         # step; it follows the buffer whenever a state dict (a checkpoint) is loaded.
@@ -110,7 +109,7 @@ class RescaleShiftSAE(GatedSAE):
             raise UserError(f"sae.architecture=rescale_shift learns r_mag (sec. 3 item 4): set "
                             f"sae.weight_sharing=r_mag, not {cfg.sae.weight_sharing}")
         # A resample at step s runs after the s-th optimiser step, s = max_steps included.
-        from gsae_pl.run.resample import resample_steps  # here: it brings lightning
+        from gsae_pl.resample_schedule import resample_steps
 
         done = [step for step in resample_steps(cfg.resample) if step <= max_steps]
         if done and done[-1] > max_steps - steps:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from gsae_pl.errors import UserError
-from gsae_pl.saes import ARCHITECTURES
+from gsae_pl.saes.base import ARCHITECTURES
 from gsae_pl.saes.kernels import Pattern
 from gsae_pl.saes.selection import SelectionSAE, pattern_from_columns
 
@@ -54,9 +54,9 @@ class TopKSAE(SelectionSAE):
     saelens = "topk"
 
     def __init__(self, d_in: int, d_sae: int, unit_norm_decoder: bool = True,
-                 kernel: str = "auto", k: int = 32):
+                 kernel: str = "auto", **own):
         super().__init__(d_in, d_sae, unit_norm_decoder, kernel)
-        self.k = k
+        self.k = self.Config(**own).k  # its default: TopKConfig alone
 
     def select(self, z: Tensor) -> Pattern:
         return pattern_from_columns(torch.topk(z, self.k, dim=1, sorted=False).indices,

@@ -38,12 +38,13 @@ from omegaconf import OmegaConf
 from gsae_pl.cli import ArgumentParser, run_main
 from gsae_pl.data.cache import rows_wanted
 from gsae_pl.errors import RunFailed, UserError
+from gsae_pl.io import atomic_write_json, atomic_write_text, sweep_stale_temporaries
+from gsae_pl.processes import is_first_process, launcher_rank
 from gsae_pl.run.checkpointing import finished_run_changes, shown_keys
-from gsae_pl.run.io import atomic_write_json, atomic_write_text, sweep_stale_temporaries
 from gsae_pl.run.lock import SUITE_LOCK, FolderLock
 from gsae_pl.suite.children import die_with_parent, stop
 from gsae_pl.suite.progress import SuiteProgress
-from gsae_pl.suite.rendezvous import RunStores, is_first_process, launcher_rank
+from gsae_pl.suite.rendezvous import RunStores
 from gsae_pl.suite.spec import Run, Suite, load_suite, sweep_label
 
 STRATEGIES = ("parallel", "ddp")
@@ -115,7 +116,7 @@ def prepare_caches(runs: list[Run], log_dir: Path) -> None:
             groups.setdefault(key, []).append(run)
     for k, group in enumerate(groups.values()):
         rows = max(rows_wanted(run.cfg) for run in group)
-        command = [sys.executable, "-m", "gsae_pl.data.cache", "--config",
+        command = [sys.executable, "-m", "gsae_pl.cache", "--config",
                    *map(str, group[0].config_paths),
                    *group[0].overrides, f"data.cache_rows={rows}"]
         print(f"activation cache {k + 1}/{len(groups)} for {len(group)} runs ({rows} rows)",

@@ -27,7 +27,7 @@ from pathlib import Path
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from gsae_pl.run.io import atomic_write
+from gsae_pl.io import atomic_write
 
 # Log axes cannot show L0 = 0 (a collapsed SAE); such points are drawn at this floor.
 L0_FLOOR = 0.01

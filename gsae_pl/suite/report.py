@@ -24,8 +24,8 @@ import yaml
 from gsae_pl.cli import ArgumentParser, run_main
 from gsae_pl.config import migrate
 from gsae_pl.errors import UserError
+from gsae_pl.io import atomic_write_json, atomic_write_text
 from gsae_pl.run import provenance
-from gsae_pl.run.io import atomic_write_json, atomic_write_text
 from gsae_pl.suite import uncertainty
 from gsae_pl.suite.curves import common_l0s, interpolate_at_l0, l0_needed
 from gsae_pl.suite.plots import (

@@ -49,7 +49,7 @@ from omegaconf import DictConfig
 
 from gsae_pl.config import load_config
 from gsae_pl.errors import UserError
-from gsae_pl.run.run_dir import check_name
+from gsae_pl.names import check_name
 from gsae_pl.yaml_io import DuplicateKeyError, safe_load_unique_keys
 
 SUITE_KEYS = {"name", "output_dir", "seeds", "configs", "overrides", "presets", "grids",

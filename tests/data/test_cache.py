@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+from gsae_pl.cache import main
 from gsae_pl.data.base import train_stream
-from gsae_pl.data.cache import CachedSource, main, read_metadata, write_cache
-from gsae_pl.data.datamodule import build_source
+from gsae_pl.data.cache import CachedSource, read_metadata, write_cache
 from gsae_pl.data.transformer_lens import build_lm_source
 from gsae_pl.errors import UserError
+from gsae_pl.run.datamodule import build_source
 from tests.conftest import make_cfg
 from tests.data.lm_fixtures import lm_cfg, write_text, write_tiny_gpt2
 
@@ -200,7 +201,7 @@ def test_a_failed_writer_leaves_no_cache_and_the_next_process_writes_it(tmp_path
 def test_the_datamodule_writes_a_missing_cache_before_fit_and_once(lm_files, tmp_path):
     """prepare_data writes it; the constructor calls it, since fit's normalisation sample
     is the cache's first rows; Lightning's own call (global rank 0 only) finds it done."""
-    from gsae_pl.data.datamodule import SAEDataModule
+    from gsae_pl.run.datamodule import SAEDataModule
 
     cfg = lm_cfg(*lm_files, "data.cache=true", f"data.cache_dir={tmp_path / 'acts'}",
                  "data.cache_rows=300", "data.normalize_rows=64")
@@ -213,7 +214,7 @@ def test_the_datamodule_writes_a_missing_cache_before_fit_and_once(lm_files, tmp
 
 
 def test_ablate_writes_a_suites_cache_once_before_its_runs(lm_files, tmp_path):
-    """ablate's prepare_caches: one `python -m gsae_pl.data.cache` per distinct cache, with
+    """ablate's prepare_caches: one `python -m gsae_pl.cache` per distinct cache, with
     rows for the longest of its runs (rows_wanted)."""
     from types import SimpleNamespace
 

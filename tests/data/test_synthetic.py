@@ -6,16 +6,16 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from gsae_pl.config import SyntheticConfig
 from gsae_pl.data.base import train_stream
 from gsae_pl.data.synthetic import (
+    SyntheticConfig,
     SyntheticSource,
     fraction_recovered,
     mmcs,
     power_law_frequencies,
-    stream_seed,
 )
 from gsae_pl.errors import UserError
+from gsae_pl.seeds import stream_seed
 
 
 def make(**overrides) -> SyntheticSource:

@@ -16,7 +16,7 @@ from torchmetrics import MeanMetric
 
 from gsae_pl.config import load_config
 from gsae_pl.data.synthetic import SyntheticSource
-from gsae_pl.eval import EVALUATORS, Evaluator, Settings, build_evaluators
+from gsae_pl.eval.base import EVALUATORS, Evaluator, Settings, build_evaluators
 from gsae_pl.run.train import fit
 from gsae_pl.suite.report import write_report
 from tests.conftest import make_cfg
@@ -40,7 +40,7 @@ class MeanInputNorm(Evaluator):
     def update(self, x, x_hat, enc) -> None:
         self.mean.update(x.double().norm(dim=1))
 
-    def compute(self, module) -> dict:
+    def compute(self, ctx) -> dict:
         return {"mean_input_norm": self.settings.scale * self.mean.compute()}
 
 
@@ -51,7 +51,7 @@ class FirstTimeOnly(Evaluator):
         super().__init__(settings, cfg, d_in, source)
         self.calls = 0
 
-    def compute(self, module) -> dict:
+    def compute(self, ctx) -> dict:
         self.calls += 1
         return {"first_time_only": 1.0} if self.calls == 1 else {}
 
@@ -94,8 +94,10 @@ def test_a_new_evaluation_reaches_fit_metrics_json_and_the_report(toy, tmp_path,
 def test_switched_off_or_inapplicable_evaluations_are_not_built(toy):
     source = SimpleNamespace(true_features=torch.eye(4), lm=None)
     built = build_evaluators(make_cfg("sae.d_sae=8"), 4, source)
-    # soft_gate is built wherever there are held-out rows; it yields for a sigmoid gate only
-    assert list(built) == ["ground_truth", "reconstruction", "soft_gate", "mean_input_norm"]
+    # soft_gate is built wherever there are held-out rows; it yields for a sigmoid gate only.
+    # Off by default: probes; no LM: loss_recovered. Built in the registry's order.
+    assert set(built) == {"ground_truth", "reconstruction", "soft_gate", "mean_input_norm"}
+    assert list(built) == [name for name in EVALUATORS.names() if name in built]
     off = make_cfg("sae.d_sae=8", "eval.mean_input_norm.enabled=false",
                    "eval.reconstruction.enabled=false", "eval.soft_gate.enabled=false")
     assert list(build_evaluators(off, 4, source)) == ["ground_truth"]

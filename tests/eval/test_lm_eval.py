@@ -3,8 +3,6 @@ standard error, clustered by held-out document, against hand-computed examples."
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
@@ -48,9 +46,7 @@ def test_raw_scale_reconstruction_through_the_module(lm):
     module = SAEModule(dict(cfg), lm.d_in, source=lm)
     module.norm_scale.fill_(3.7)
     module.sae.forward = lambda x: (x, None)
-    module._trainer = SimpleNamespace(  # just what the evaluator reads
-        global_rank=0, world_size=1, strategy=SimpleNamespace(reduce=lambda t, reduce_op: t))
-    metrics = module.evaluators["loss_recovered"].compute(module)
+    metrics = module.evaluators["loss_recovered"].compute(module.eval_context())
     assert metrics["loss_recovered"] == pytest.approx(1.0, abs=1e-4)
     assert set(metrics) == {"ce_clean", "ce_spliced", "ce_zero", "loss_recovered",
                             "delta_lm_loss", "loss_recovered_se", "delta_lm_loss_se"}

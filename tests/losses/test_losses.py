@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gsae_pl.losses import LOSS_TERMS, Objective
-from gsae_pl.saes import build_sae
+from gsae_pl.losses.base import LOSS_TERMS, Objective
+from gsae_pl.saes.base import build_sae
 from tests.conftest import make_cfg
 
 

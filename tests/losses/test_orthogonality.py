@@ -11,9 +11,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from gsae_pl.errors import UserError
-from gsae_pl.losses import Objective
+from gsae_pl.losses.base import Objective
 from gsae_pl.losses.orthogonality import nearest_neighbour_penalty
-from gsae_pl.saes import build_sae
+from gsae_pl.saes.base import build_sae
 from tests.conftest import make_cfg
 
 # Rows in 2-D, cosines by hand: cos(0,1) = 0.6, cos(0,2) = 0, cos(1,2) = -0.8. Row 2 has norm

@@ -1,4 +1,4 @@
-"""gsae_pl.run.allocator: under a gsae_pl command large tensors come from the reusable heap;
+"""gsae_pl.allocator: under a gsae_pl command large tensors come from the reusable heap;
 importing gsae_pl as a library, or a user's own glibc setting, leaves glibc alone."""
 
 import ctypes

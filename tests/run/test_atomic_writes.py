@@ -22,11 +22,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import gsae_pl.run.io
+import gsae_pl.io
 import gsae_pl.saelens
 from gsae_pl.data.cache import write_cache
+from gsae_pl.io import atomic_write_json, atomic_write_text, sweep_stale_temporaries
 from gsae_pl.run.checkpointing import AtomicCheckpointIO
-from gsae_pl.run.io import atomic_write_json, atomic_write_text, sweep_stale_temporaries
 from gsae_pl.run.train import main
 from gsae_pl.saelens import export
 from gsae_pl.suite.report import write_report, write_results_csv
@@ -74,7 +74,7 @@ def fill_disk_at(monkeypatch, pattern: str) -> list[Path]:
             return _FillsUp(fh)
         return fh
 
-    monkeypatch.setattr(gsae_pl.run.io, "open", open_, raising=False)
+    monkeypatch.setattr(gsae_pl.io, "open", open_, raising=False)
     return opened
 
 
@@ -224,7 +224,7 @@ def test_the_cache_writer_sweeps_a_killed_writes_temporaries(tmp_path):
     folder = tmp_path / "acts"  # killed mid-shard: no metadata.json, so not a cache yet
     folder.mkdir()
     (folder / f".shard_00000.npy.tmp{DEAD}").write_bytes(b"half a shard")
-    _cache(folder)  # what `python -m gsae_pl.data.cache` and fit (data.cache=true) run next
+    _cache(folder)  # what `python -m gsae_pl.cache` and fit (data.cache=true) run next
     assert (folder / "metadata.json").is_file()
     assert not list(folder.glob(".*.tmp*"))
 

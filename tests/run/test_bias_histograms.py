@@ -8,7 +8,7 @@ import torch
 
 from gsae_pl.run.bias_histograms import bias_parameters, negative_fractions
 from gsae_pl.run.train import main
-from gsae_pl.saes import ARCHITECTURES
+from gsae_pl.saes.base import ARCHITECTURES
 from tests.tiny_run import args, metrics
 
 

@@ -160,8 +160,8 @@ class ObjectiveStep(torch.nn.Module):
 
 
 def objective_step(overrides, state) -> ObjectiveStep:
-    from gsae_pl.losses import Objective
-    from gsae_pl.saes import build_sae
+    from gsae_pl.losses.base import Objective
+    from gsae_pl.saes.base import build_sae
     from tests.conftest import make_cfg
 
     cfg = make_cfg("sae.d_sae=64", *overrides)
@@ -172,7 +172,7 @@ def objective_step(overrides, state) -> ObjectiveStep:
 
 def _sparse_state(overrides):
     """Off the symmetric init, gates mostly shut: the halves' active sets differ."""
-    from gsae_pl.saes import build_sae
+    from gsae_pl.saes.base import build_sae
     from tests.conftest import make_cfg
 
     sae = build_sae(make_cfg("sae.d_sae=64", *overrides).sae, 16).double()

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from gsae_pl.errors import UserError
+from gsae_pl.resample_schedule import lr_multiplier
 from gsae_pl.run import resample
-from gsae_pl.run.resample import Resampler, choose_rows, lr_multiplier, resample_dead
-from gsae_pl.saes import build_sae
+from gsae_pl.run.resample import Resampler, choose_rows, resample_dead
+from gsae_pl.saes.base import build_sae
 from tests.conftest import make_cfg
 
 SCHEDULE = ("resample.enabled=true", "resample.every_n_steps=2000", "resample.max_resamples=2",

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from gsae_pl.eval.metrics import FeatureDensity, ReconstructionMetrics
-from gsae_pl.losses import Objective
-from gsae_pl.saes import build_sae
+from gsae_pl.losses.base import Objective
+from gsae_pl.saes.base import build_sae
 from gsae_pl.saes.kernels import SparseCodes
 from tests import tiny_run
 from tests.conftest import make_cfg

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gsae_pl.losses import Objective
-from gsae_pl.saes import build_sae
+from gsae_pl.losses.base import Objective
+from gsae_pl.saes.base import build_sae
 from gsae_pl.saes.kernels import Pattern, SparseCodes, decode_sparse
 from tests.conftest import make_cfg
 

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 
 from gsae_pl import load_sae
 from gsae_pl.config import load_config
-from gsae_pl.saes import GatedSAE, build_sae
+from gsae_pl.saes.base import build_sae
+from gsae_pl.saes.gated import GatedSAE
 from tests.tiny_run import TINY
 
 ROOT = Path(__file__).resolve().parents[2]

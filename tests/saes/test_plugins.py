@@ -16,14 +16,13 @@ from omegaconf import OmegaConf
 import gsae_pl.saes
 from gsae_pl.config import load_config
 from gsae_pl.errors import UserError
-from gsae_pl.losses import LOSS_TERMS, Objective
-from gsae_pl.losses.base import TermConfig, TermSpec
+from gsae_pl.losses.base import LOSS_TERMS, Objective, TermConfig, TermSpec
 from gsae_pl.run.checkpointing import check_same_run, finished_run_changes
 from gsae_pl.run.module import SAEModule
 from gsae_pl.run.resample import resample_dead
 from gsae_pl.run.train import main as fit_main
 from gsae_pl.saelens import export
-from gsae_pl.saes import ARCHITECTURES, build_sae
+from gsae_pl.saes.base import ARCHITECTURES, build_sae
 from tests.conftest import make_cfg
 from tests.tiny_run import BASE, args
 
@@ -33,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from gsae_pl.saes import ARCHITECTURES
+from gsae_pl.saes.base import ARCHITECTURES
 from gsae_pl.saes.base import SAE, Encoding
 
 

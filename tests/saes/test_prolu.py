@@ -23,9 +23,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gsae_pl.losses import Objective
-from gsae_pl.saes import ProLUSAE, build_sae
-from gsae_pl.saes.prolu import ProLUReLU, ProLUSTE, ProLUSTEBias, ProLUSTEM
+from gsae_pl.losses.base import Objective
+from gsae_pl.saes.base import build_sae
+from gsae_pl.saes.prolu import ProLUReLU, ProLUSAE, ProLUSTE, ProLUSTEBias, ProLUSTEM
 from tests.conftest import make_cfg
 
 X = torch.tensor([[0.5, 1.5, -1.0], [2.0, 0.5, 3.0]])

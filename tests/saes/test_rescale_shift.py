@@ -14,7 +14,9 @@ from gsae_pl.errors import UserError
 from gsae_pl.run.module import SAEModule
 from gsae_pl.run.train import main as fit_main
 from gsae_pl.saelens import saelens_params
-from gsae_pl.saes import ReLUSAE, RescaleShiftSAE, build_sae
+from gsae_pl.saes.base import build_sae
+from gsae_pl.saes.relu import ReLUSAE
+from gsae_pl.saes.rescale_shift import RescaleShiftSAE
 from tests.conftest import make_cfg
 from tests.tiny_run import BASE, args, fit_process
 

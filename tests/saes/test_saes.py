@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gsae_pl.saes import ARCHITECTURES, GatedSAE, ReLUSAE, build_sae
+from gsae_pl.saes.base import ARCHITECTURES, build_sae
+from gsae_pl.saes.gated import GatedSAE
+from gsae_pl.saes.relu import ReLUSAE
 from tests.conftest import make_cfg
 
 # (architecture, variant): the variant is sae.weight_sharing, or sae.prolu_backward for prolu.

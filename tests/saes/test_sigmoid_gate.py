@@ -22,9 +22,10 @@ import torch
 from gsae_pl.config import load_config
 from gsae_pl.data.synthetic import SyntheticSource
 from gsae_pl.errors import UserError
-from gsae_pl.eval.base import EVALUATORS
-from gsae_pl.losses import Objective
-from gsae_pl.saes import GatedSAE, build_sae
+from gsae_pl.eval.base import EVALUATORS, EvalContext
+from gsae_pl.losses.base import Objective
+from gsae_pl.saes.base import build_sae
+from gsae_pl.saes.gated import GatedSAE
 from tests.conftest import make_cfg
 from tests.tiny_run import TINY, metrics
 
@@ -120,8 +121,8 @@ def test_soft_gate_fvu_is_the_soft_reconstructions_on_the_held_out_rows():
                              "eval.rows=100", "data.batch_size=32"])
     source = SyntheticSource(cfg.data.synthetic)
     sae = build_sae(cfg.sae, 8).eval()
-    module = SimpleNamespace(sae=sae, norm_scale=torch.tensor(2.0), device=torch.device("cpu"),
-                             trainer=SimpleNamespace(global_rank=0, world_size=1))
+    ctx = EvalContext(sae=sae, norm_scale=torch.tensor(2.0), device=torch.device("cpu"),
+                      rank=0, world_size=1, reduce_sum=lambda t: t, log_histogram=None)
     evaluator = EVALUATORS["soft_gate"](cfg.eval.soft_gate, cfg, 8, source)
     x = source.eval_rows(100) * 2.0
     with torch.no_grad():
@@ -129,15 +130,15 @@ def test_soft_gate_fvu_is_the_soft_reconstructions_on_the_held_out_rows():
         sae.eval()
         want = (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
         hard = (x - sae(x)[0]).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
-    got = evaluator.compute(module)["fvu_soft_gate"]
+    got = evaluator.compute(ctx)["fvu_soft_gate"]
     assert float(got) == pytest.approx(float(want), rel=1e-5)
     assert abs(float(got) - float(hard)) > 1e-3  # not the hard-gated FVU
 
 
 def test_other_saes_have_no_soft_gate_fvu():
     cfg = make_cfg()
-    module = SimpleNamespace(sae=build_sae(cfg.sae, 8))
-    assert EVALUATORS["soft_gate"](cfg.eval.soft_gate, cfg, 8, None).compute(module) == {}
+    ctx = SimpleNamespace(sae=build_sae(cfg.sae, 8))
+    assert EVALUATORS["soft_gate"](cfg.eval.soft_gate, cfg, 8, None).compute(ctx) == {}
 
 
 @pytest.mark.slow

@@ -15,9 +15,9 @@ import torch
 from omegaconf import OmegaConf
 
 from gsae_pl.config import load_config
-from gsae_pl.losses import Objective
+from gsae_pl.losses.base import Objective
 from gsae_pl.run.module import SAEModule
-from gsae_pl.saes import build_sae
+from gsae_pl.saes.base import build_sae
 from gsae_pl.saes.kernels import SparseCodes
 from tests.conftest import make_cfg
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from gsae_pl.errors import UserError
-from gsae_pl.losses import Objective
+from gsae_pl.losses.base import Objective
 from gsae_pl.run.train import main
-from gsae_pl.saes import build_sae
+from gsae_pl.saes.base import build_sae
 from gsae_pl.saes.kernels import SparseCodes
 from tests.conftest import make_cfg
 from tests.tiny_run import TINY, metrics

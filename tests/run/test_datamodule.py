@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from gsae_pl.data.base import SOURCES, train_stream
-from gsae_pl.data.datamodule import SAEDataModule
 from gsae_pl.errors import UserError
+from gsae_pl.run.datamodule import SAEDataModule
 from tests.conftest import make_cfg
 
 
