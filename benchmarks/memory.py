@@ -53,7 +53,7 @@ def measure(steps: int, every: int, batch: int, d_in: int, d_sae: int, l0: int) 
         module.sae.remove_parallel_grad()
         adam.step()
         adam.zero_grad()
-        module.sae.renormalise_decoder()
+        module.sae.after_optimizer_step()
         if step % every == 0 or step == 1:
             resident[f"step {step}"] = resident_mib()
     resident["peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10  # KiB -> MiB

@@ -26,8 +26,8 @@ import torch
 from safetensors.torch import save_file
 
 from gsae_pl import load_sae
+from gsae_pl.fit import main as fit_main
 from gsae_pl.run.provenance import code_state
-from gsae_pl.run.train import main as fit_main
 from gsae_pl.saelens import main as export_main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,9 +10,9 @@ from gsae_pl.run.fit_args import parse_args
 def main(argv: list[str] | None = None) -> int:
     def job() -> int:
         args = parse_args(argv)
-        from gsae_pl.run.train import _main  # the training stack: seconds to import
+        from gsae_pl.run.train import run_command  # the training stack: seconds to import
 
-        return _main(args)
+        return run_command(args)
 
     return run_main(job)
 

@@ -234,7 +234,7 @@ def test_configs_compose_in_order_and_a_shared_base_is_merged_once(tmp_path):
 
 
 def test_fit_takes_several_config_files_and_overrides_after_them():
-    from gsae_pl.run.train import parse_args
+    from gsae_pl.run.fit_args import parse_args
 
     args = parse_args(["--config", "a.yaml", "b.yaml", "sae.d_sae=8", "--force", "seed=1"])
     assert args.config == ["a.yaml", "b.yaml"] and args.overrides == ["sae.d_sae=8", "seed=1"]

@@ -35,7 +35,7 @@ def metrics(out_dir: Path, name: str) -> dict:
 def wrapper_script(path: Path, setup: str) -> Path:
     """A script that runs `setup` (Python source) and then `gsae_pl.run.train.main`."""
     path.write_text("import os, signal, sys\n" + setup +
-                    "\nfrom gsae_pl.run.train import main\nsys.exit(main(sys.argv[1:]))\n")
+                    "\nfrom gsae_pl.fit import main\nsys.exit(main(sys.argv[1:]))\n")
     return path
 
 

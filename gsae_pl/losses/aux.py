@@ -44,7 +44,7 @@ def aux_fn(aux):
 
 def check(cfg) -> None:
     arch = cfg.sae.architecture
-    if cfg.loss.aux.enabled and not ARCHITECTURES[arch].has_gate:
+    if cfg.loss.aux.enabled and not ARCHITECTURES[arch].aux_applies:
         raise UserError(f"loss.aux needs a gate, which sae.architecture={arch} has not: set "
                         "loss.aux.enabled=false")
 

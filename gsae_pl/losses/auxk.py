@@ -20,7 +20,7 @@ Decisions where the paper is silent or its code differs from the text:
 - gradient: e is detached, so AuxK reaches only the dead latents selected: their W_dec rows,
   W_enc columns and b_enc entries, and b_dec through the centring x - b_dec (as in the
   released code); never an alive latent's parameters (tests/losses/test_auxk.py).
-It reuses z from the forward pass (the Encoding's pi_gate) and, on the fast path, gathers
+It reuses z from the forward pass (the Encoding's pre_acts) and, on the fast path, gathers
 its values with the sparse backward (`pre_on_support`): no matmul is recomputed and no dense
 [B, d_sae] gradient is formed.
 """
@@ -67,11 +67,11 @@ def auxk_loss(x, x_hat, enc, sae, k_aux: int, dead_tokens: int) -> Tensor:
     n_dead = int(dead.sum())
     if n_dead == 0 or not variance > 0:
         return x_hat.new_zeros(())
-    z = enc.pi_gate.detach()
+    z = enc.pre_acts.detach()
     k = min(k_aux or max(1, sae.d_in // 2), n_dead)
     columns = torch.topk(z.masked_fill(~dead, -torch.inf), k, dim=1, sorted=False).indices
     pattern = pattern_from_columns(columns, sae.d_sae)
-    z_aux = torch.relu(sae.pre_on_support(x, enc.pi_gate, pattern))
+    z_aux = torch.relu(sae.pre_on_support(x, enc.pre_acts, pattern))
     e_hat = decode_sparse(SparseCodes(pattern, z_aux), sae.W_dec, torch.zeros_like(sae.b_dec))
     return (e - e_hat).pow(2).sum(1).mean() / variance
 
@@ -89,5 +89,5 @@ def check(cfg) -> None:
                         f"does not keep ({able} do): set loss.auxk.enabled=false")
 
 
-LOSS_TERMS.register("auxk")(TermSpec(config=AuxKConfig, build=auxk_fn, reads=("pi_gate",),
+LOSS_TERMS.register("auxk")(TermSpec(config=AuxKConfig, build=auxk_fn, reads=("pre_acts",),
                                      check=check))

@@ -97,7 +97,7 @@ class SAEModule(L.LightningModule):
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
-        self.sae.renormalise_decoder()
+        self.sae.after_optimizer_step()
 
     def configure_optimizers(self):
         opt = self.cfg.optim

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -22,7 +21,6 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
-from gsae_pl.cli import run_main
 from gsae_pl.config import load_config, to_yaml
 from gsae_pl.errors import UserError
 from gsae_pl.io import atomic_write_json, atomic_write_text
@@ -41,7 +39,6 @@ from gsae_pl.run.checkpointing import (
 )
 from gsae_pl.run.datamodule import SAEDataModule
 from gsae_pl.run.faults import NonFiniteMonitor, check_final_metrics, ends_other_processes_on_error
-from gsae_pl.run.fit_args import parse_args
 from gsae_pl.run.lock import RUN_LOCK, FolderLock, takes_run_lock
 from gsae_pl.run.memory import check_run_fits
 from gsae_pl.run.module import SAEModule
@@ -251,7 +248,8 @@ def summary_table(run_dir: Path, metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def _main(args: argparse.Namespace) -> int:
+def run_command(args: argparse.Namespace) -> int:
+    """`python -m gsae_pl.fit`'s work, its arguments parsed (gsae_pl/fit.py)."""
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(to_yaml(cfg), end="")
@@ -287,10 +285,3 @@ def _train(cfg: DictConfig, run_dir: Path, force: bool) -> int:
     fit(cfg, fresh=force, resume_from=resume_from)
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    return run_main(lambda: _main(parse_args(argv)))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,7 +12,7 @@ it declares, as class attributes and class methods (defaults below):
                   metadata); the `sae:` schema is the common fields plus the union of these
   check(cfg)      refusals of setting combinations it cannot train
   provides        the Encoding fields its reference path fills (what loss terms may read)
-  has_gate        whether the aux term applies (it decodes ReLU(pi_gate), docs/method.md sec. 2)
+  aux_applies     whether the aux term applies (it decodes ReLU(pi_gate), method sec. 2)
   resample_roles  its per-feature parameters and how a resample re-initialises each
   bias_parameters its per-feature bias / threshold vectors, whose distributions are logged
   saelens         its SAELens architecture name, or None: export refuses it
@@ -37,7 +37,7 @@ from gsae_pl.registry import Registry
 from gsae_pl.saes.kernels import SparseCodes, decode_codes
 
 Codes = Union[Tensor, SparseCodes]
-# The Encoding fields the fast kernels of saes/kernels.py return (pi_gate, pi_mag stay inside
+# The Encoding fields the fast kernels of saes/kernels.py return (pre_acts, pi_mag stay inside
 # their backward): a loss term reading any other field makes `encode` take the reference path.
 FAST_FIELDS = ("f", "gate_acts", "fired")
 
@@ -59,17 +59,19 @@ class Encoding(NamedTuple):
     gate_acts what the sparsity penalty and the aux term see: ReLU(pi_gate) for gated
               (eq. 8), f itself for the baseline
     fired     per feature, the number of rows of the batch where f != 0 (for L0 and density)
-    pi_gate   gate pre-activation (the baseline's only pre-activation)
+    pre_acts  the pre-activation that decides which features fire: pi_gate for gated
+              SAEs, the encoder's pre-activation z for the baseline, JumpReLU and the
+              selection SAEs
     pi_mag    magnitude pre-activation (gated only)
     f and gate_acts are dense [B, d_sae] or, on the sparse path, `SparseCodes` sharing the
-    gate's support. pi_gate and pi_mag are materialised by the reference path only: the
+    gate's support. pre_acts and pi_mag are materialised by the reference path only: the
     fast paths keep them inside their backward (saes/kernels.py), as no loss term reads them.
     """
 
     f: Codes
     gate_acts: Codes
     fired: Tensor
-    pi_gate: Optional[Tensor] = None
+    pre_acts: Optional[Tensor] = None
     pi_mag: Optional[Tensor] = None
 
 
@@ -78,7 +80,7 @@ class SAE(nn.Module):
 
     Config: ClassVar[type] = NoFields
     provides: ClassVar[tuple[str, ...]] = FAST_FIELDS
-    has_gate: ClassVar[bool] = False
+    aux_applies: ClassVar[bool] = False
     # Per-feature parameter -> how a resample re-initialises it (gsae_pl/run/resample.py):
     # "direction" its row (axis 0) := the new unit direction; "encoder" its column (axis 1)
     # := the direction, scaled like the alive columns; "zero" its entry := 0; "init" its
@@ -110,7 +112,7 @@ class SAE(nn.Module):
         enc = self.encode(x)
         return self.decode(enc.f), enc
 
-    def serve(self, reads) -> None:
+    def set_reads(self, reads) -> None:
         """Fill the Encoding fields `reads` (the objective's terms' union) on every path:
         a field the fast kernels do not return sends `encode` to the reference path.
         Reading nothing more costs nothing: the kernels stay in use."""
@@ -171,7 +173,9 @@ class SAE(nn.Module):
         g -= (g * W).sum(1, keepdim=True) * W  # rows of W have unit norm here
 
     @torch.no_grad()
-    def renormalise_decoder(self) -> None:
+    def after_optimizer_step(self) -> None:
+        """What the SAE's constraints need after each optimiser step: here, W_dec's rows back
+        on the unit sphere; an architecture adds its own (JumpReLU projects its threshold)."""
         if self.unit_norm_decoder:
             self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
@@ -221,15 +225,12 @@ COMMON_ARGS = {"d_sae": "d_sae", "unit_norm_decoder": "unit_norm_decoder",
 
 def build_sae(sae_cfg, d_in: int, reads=()) -> SAE:
     """An SAE from the `sae:` config block that fills the Encoding fields `reads` (the loss
-    terms'). The architecture gets its own fields and the common ones its constructor names
-    (prolu has one path: no kernel, no compile)."""
+    terms'). The architecture gets its own fields (`**own`, read through its `Config`) and
+    the common ones its constructor names (prolu has one path: no kernel, no compile)."""
     cls = ARCHITECTURES[sae_cfg.architecture]
-    params = inspect.signature(cls).parameters.values()
-    open_ended = any(p.kind is p.VAR_KEYWORD for p in params)  # e.g. a wrapped constructor
-    takes = {p.name for p in params}
-    common = {arg: sae_cfg[key] for arg, key in COMMON_ARGS.items()
-              if open_ended or arg in takes}
+    takes = set(inspect.signature(cls).parameters)
+    common = {arg: sae_cfg[key] for arg, key in COMMON_ARGS.items() if arg in takes}
     own = {f.name: sae_cfg[f.name] for f in fields(cls.Config)}
     sae = cls(d_in=d_in, **common, **own)
-    sae.serve(reads)
+    sae.set_reads(reads)
     return sae

@@ -58,8 +58,8 @@ class GateConfig(GatedConfig):
 @ARCHITECTURES.register("gated")
 class GatedSAE(SAE):
     Config = GateConfig
-    provides = ("f", "gate_acts", "fired", "pi_gate", "pi_mag")
-    has_gate = True
+    provides = ("f", "gate_acts", "fired", "pre_acts", "pi_mag")
+    aux_applies = True
     resample_roles = {**SAE.resample_roles, "W_enc": "encoder", "W_mag": "encoder",
                       "b_gate": "zero", "b_mag": "zero", "r_mag": "zero"}
     bias_parameters = ("b_gate", "b_mag")  # r_mag is a log scale, not a bias
@@ -130,7 +130,7 @@ class GatedSAE(SAE):
         f = (pi_gate > 0).to(pi_mag.dtype) * torch.relu(pi_mag)
         if self.gate == "heaviside":
             return Encoding(f=f, gate_acts=torch.relu(pi_gate), fired=(f != 0).sum(0),
-                            pi_gate=pi_gate, pi_mag=pi_mag)
+                            pre_acts=pi_gate, pi_mag=pi_mag)
         # Sigmoid gate (docs/method.md sec. 5): never exactly 0, so `fired` (L0, density,
         # dead features, the orthogonality term's active set) counts the hard gate's support,
         # in training as in evaluation, where f is the hard-gated f itself.
@@ -138,7 +138,7 @@ class GatedSAE(SAE):
         fired = (f != 0).sum(0)
         if (self.training if soft is None else soft):
             f = gate_acts * torch.relu(pi_mag)  # L_reconstruct reaches W_gate, b_gate here
-        return Encoding(f=f, gate_acts=gate_acts, fired=fired, pi_gate=pi_gate, pi_mag=pi_mag)
+        return Encoding(f=f, gate_acts=gate_acts, fired=fired, pre_acts=pi_gate, pi_mag=pi_mag)
 
     def magnitude_bias(self) -> Tensor:
         """b_mag; under no_shift the tied exp(r_mag) * b_gate (docs/method.md sec. 5)."""

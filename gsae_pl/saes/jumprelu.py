@@ -109,7 +109,7 @@ class JumpReLUSAE(SAE):
     """Parameters W_enc, b_enc, threshold, W_dec, b_dec; no gate for the aux term."""
 
     Config = JumpReLUConfig
-    provides = ("f", "gate_acts", "fired", "pi_gate")
+    provides = ("f", "gate_acts", "fired", "pre_acts")
     resample_roles = {**SAE.resample_roles, "W_enc": "encoder", "b_enc": "zero",
                       "threshold": "init"}
     bias_parameters = ("b_enc", "threshold")  # histograms (run/bias_histograms.py)
@@ -131,19 +131,19 @@ class JumpReLUSAE(SAE):
         f = JumpReLU.apply(z, self.threshold, self.eps)
         gate_acts = Step.apply(z, self.threshold, self.eps) \
             if self.jumprelu_penalty == "l0" else f
-        return Encoding(f=f, gate_acts=gate_acts, fired=(f != 0).sum(0), pi_gate=z)
+        return Encoding(f=f, gate_acts=gate_acts, fired=(f != 0).sum(0), pre_acts=z)
 
     def initial_entry(self, name: str) -> float:
         """A resampled feature's threshold starts where every threshold started."""
         return {"threshold": self.theta_init}[name]
 
     @torch.no_grad()
-    def renormalise_decoder(self) -> None:
+    def after_optimizer_step(self) -> None:
         # SAEModule's after-step hook: also project theta onto >= 0. Below 0 the forward
         # would pass negative z (SAELens's JumpReLU, ReLU(z) * 1[z > theta], would not).
         # A projection, not a clamp in the graph: that would cut the gradient that brings
         # a threshold at 0 back up (the L0 term's, through Step).
-        super().renormalise_decoder()
+        super().after_optimizer_step()
         self.threshold.clamp_(min=0.0)
 
     def _apply(self, fn, *args, **kwargs):

@@ -95,7 +95,7 @@ class ProLUSAE(SAE):
     SAELens format computes ProLU, so export refuses it."""
 
     Config = ProLUConfig
-    provides = ("f", "gate_acts", "fired", "pi_gate", "pi_mag")
+    provides = ("f", "gate_acts", "fired", "pre_acts", "pi_mag")
     resample_roles = {**SAE.resample_roles, "W_enc": "encoder", "b_enc": "zero"}
 
     def __init__(self, d_in: int, d_sae: int, unit_norm_decoder: bool = True, **own):
@@ -118,5 +118,5 @@ class ProLUSAE(SAE):
             pi_mag = torch.where(plain, m + self.b_enc, m)  # the magnitude f passes on
         # pi_gate is what decides firing: f != 0 exactly where pi_gate > 0 (and, under ProLU,
         # m > 0).
-        return Encoding(f=f, gate_acts=f, fired=(f != 0).sum(0), pi_gate=m + self.b_enc,
+        return Encoding(f=f, gate_acts=f, fired=(f != 0).sum(0), pre_acts=m + self.b_enc,
                         pi_mag=pi_mag)

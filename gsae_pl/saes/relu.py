@@ -19,7 +19,7 @@ class ReLUSAE(SAE):
     Exported as SAELens's `standard` SAE.
     """
 
-    provides = (*FAST_FIELDS, "pi_gate")
+    provides = (*FAST_FIELDS, "pre_acts")
     resample_roles = {**SAE.resample_roles, "W_enc": "encoder", "b_enc": "zero"}
     saelens = "standard"
 
@@ -48,4 +48,4 @@ def encode_relu(x: Tensor, W_enc: Tensor, b_dec: Tensor, b_enc: Tensor, kernel: 
         return Encoding(f=f, gate_acts=f, fired=fired)
     pre = (x - b_dec) @ W_enc + b_enc
     f = torch.relu(pre)
-    return Encoding(f=f, gate_acts=f, fired=(f != 0).sum(0), pi_gate=pre)
+    return Encoding(f=f, gate_acts=f, fired=(f != 0).sum(0), pre_acts=pre)

@@ -46,8 +46,8 @@ class RescaleShiftConfig(GatedConfig):
 @ARCHITECTURES.register("rescale_shift")
 class RescaleShiftSAE(GatedSAE):
     Config = RescaleShiftConfig
-    provides = (*FAST_FIELDS, "pi_gate")  # stage 1's reference path has no pi_mag
-    has_gate = False  # no aux term: stage 1 is the baseline, stage 2 learns no gate
+    provides = (*FAST_FIELDS, "pre_acts")  # stage 1's reference path has no pi_mag
+    aux_applies = False  # no aux term: stage 1 is the baseline, stage 2 learns no gate
 
     def __init__(self, d_in: int, d_sae: int, unit_norm_decoder: bool = True,
                  kernel: str = "auto", compile_mode: str = "never", **own):
@@ -89,11 +89,11 @@ class RescaleShiftSAE(GatedSAE):
         return encode_relu(x, self.W_enc, self.b_dec, self.b_gate, kernel, self.compile_mode)
 
     @torch.no_grad()
-    def renormalise_decoder(self) -> None:
+    def after_optimizer_step(self) -> None:
         # Rows are unit norm already; dividing by a norm that rounds to 1 - 1 ulp would
         # still move the frozen decoder's bits.
         if not self.stage2:
-            super().renormalise_decoder()
+            super().after_optimizer_step()
 
 
     def callbacks(self, cfg) -> list:

@@ -94,7 +94,7 @@ class SelectionSAE(SAE):
     does not: it selects on z detached and gathers with `pre_on_support`) would run.
     """
 
-    provides = (*FAST_FIELDS, "pi_gate")
+    provides = (*FAST_FIELDS, "pre_acts")
     resample_roles = {**SAE.resample_roles, "W_enc": "encoder", "b_enc": "zero"}
 
     def __init__(self, d_in: int, d_sae: int, unit_norm_decoder: bool = True,
@@ -118,10 +118,10 @@ class SelectionSAE(SAE):
         self.tokens_since_fired.add_(rows * world_size()).masked_fill_(fired_anywhere, 0)
 
     # ---- the encoder -----------------------------------------------------------------------
-    def serve(self, reads) -> None:
-        extra = set(reads) - set(FAST_FIELDS) - {"pi_gate"}
+    def set_reads(self, reads) -> None:
+        extra = set(reads) - set(FAST_FIELDS) - {"pre_acts"}
         self.reference_only = bool(extra)
-        self.keep_pre = "pi_gate" in reads
+        self.keep_pre = "pre_acts" in reads
 
     @property
     def uses_reference(self) -> bool:
@@ -156,7 +156,7 @@ class SelectionSAE(SAE):
         if self.training and torch.is_grad_enabled():  # a training step, not a draw
             with torch.no_grad():
                 self.after_batch(fired, x.shape[0])
-        return Encoding(f=f, gate_acts=f, fired=fired, pi_gate=z if graph else None)
+        return Encoding(f=f, gate_acts=f, fired=fired, pre_acts=z if graph else None)
 
     def pre_on_support(self, x: Tensor, z: Tensor, pattern: Pattern) -> Tensor:
         """z (the Encoding's pi_gate) at `pattern`, differentiable: the sparse backward on

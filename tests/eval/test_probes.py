@@ -29,7 +29,7 @@ from gsae_pl.eval.probes import (
     probe_accuracy,
     top_k_by_mean_difference,
 )
-from gsae_pl.run.train import main
+from gsae_pl.fit import main
 from tests.data.lm_fixtures import write_tiny_gpt2
 from tests.tiny_run import BASE, args, metrics
 

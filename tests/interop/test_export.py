@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from gsae_pl import load_sae
 from gsae_pl.errors import UserError
+from gsae_pl.fit import main as fit_main
 from gsae_pl.run.module import SAEModule
-from gsae_pl.run.train import main as fit_main
 from gsae_pl.saelens import main as export_main
 from tests.tiny_run import args
 

@@ -124,8 +124,8 @@ def test_term_values_by_hand():
     terms = Objective.from_config(cfg.loss)(x, x_hat, enc, sae, step=0)
     d_in = x.shape[1]
     assert torch.allclose(terms["reconstruction"], ((x - x_hat) ** 2).sum(1).mean() / d_in)
-    assert torch.allclose(terms["sparsity"], 0.5 * torch.relu(enc.pi_gate).sum(1).mean())
-    x_aux = torch.relu(enc.pi_gate) @ sae.W_dec + sae.b_dec
+    assert torch.allclose(terms["sparsity"], 0.5 * torch.relu(enc.pre_acts).sum(1).mean())
+    x_aux = torch.relu(enc.pre_acts) @ sae.W_dec + sae.b_dec
     assert torch.allclose(terms["aux"], ((x - x_aux) ** 2).sum(1).mean() / d_in)
 
 

@@ -207,6 +207,6 @@ def test_switch_spreads_the_decoder_in_training():
             loss.backward()
             sae.remove_parallel_grad()
             adam.step()
-            sae.renormalise_decoder()
+            sae.after_optimizer_step()
         results[enabled] = _mean_nearest_cos(sae.W_dec.detach())
     assert results[True] < results[False] - 0.05, results

@@ -25,9 +25,9 @@ import torch
 import gsae_pl.io
 import gsae_pl.saelens
 from gsae_pl.data.cache import write_cache
+from gsae_pl.fit import main
 from gsae_pl.io import atomic_write_json, atomic_write_text, sweep_stale_temporaries
 from gsae_pl.run.checkpointing import AtomicCheckpointIO
-from gsae_pl.run.train import main
 from gsae_pl.saelens import export
 from gsae_pl.suite.report import write_report, write_results_csv
 from tests.conftest import make_cfg

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gsae_pl.fit import main
 from gsae_pl.run.bias_histograms import bias_parameters, negative_fractions
-from gsae_pl.run.train import main
 from gsae_pl.saes.base import ARCHITECTURES
 from tests.tiny_run import args, metrics
 

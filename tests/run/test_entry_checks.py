@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from gsae_pl.run.train import main
+from gsae_pl.fit import main
 from tests.tiny_run import ROOT, args
 
 BAD = {
@@ -47,7 +47,7 @@ def test_gpu_asked_for_on_a_cpu_machine(tmp_path, capsys):
 
 
 def test_a_suite_given_to_fit_and_a_variant_given_to_ablate_say_so(capsys):
-    from gsae_pl.run.train import main as fit_main
+    from gsae_pl.fit import main as fit_main
     from gsae_pl.suite.launcher import main as ablate_main
 
     assert fit_main(["--config", str(ROOT / "ablations/quick.yaml")]) == 2

@@ -11,9 +11,9 @@ import torch
 
 from gsae_pl.data.synthetic import SyntheticSource
 from gsae_pl.errors import RunFailed
+from gsae_pl.fit import main
 from gsae_pl.losses.base import Objective
 from gsae_pl.run.faults import NonFiniteMonitor, check_final_metrics
-from gsae_pl.run.train import main
 from tests.tiny_run import args
 
 

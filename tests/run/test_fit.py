@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from gsae_pl.run.train import main
+from gsae_pl.fit import main
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = str(ROOT / "configs/base.yaml")

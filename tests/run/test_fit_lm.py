@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gsae_pl.run.train import main
+from gsae_pl.fit import main
 from tests.data.lm_fixtures import write_text, write_tiny_gpt2
 
 ROOT = Path(__file__).resolve().parents[2]

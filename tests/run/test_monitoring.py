@@ -216,7 +216,7 @@ def test_wandb_missing_is_one_clear_error(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_wandb_offline_writes_its_run_under_the_run_directory(tmp_path, monkeypatch, capsys):
     pytest.importorskip("wandb")
-    from gsae_pl.run.train import main
+    from gsae_pl.fit import main
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_home"))

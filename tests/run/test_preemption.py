@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gsae_pl.run.train import main
+from gsae_pl.fit import main
 from tests.run.test_resume import assert_same_metrics
 from tests.tiny_run import ROOT, args, metrics, wrapper_script
 

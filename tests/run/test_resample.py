@@ -179,7 +179,7 @@ def test_bad_resample_settings_are_refused(overrides, needle):
 def test_a_real_run_resamples_on_schedule(tmp_path, monkeypatch):
     """fit with resampling on: resamples after steps 10 and 20, and the lr of the step after
     each is 0.1x (warm-up off)."""
-    from gsae_pl.run.train import main
+    from gsae_pl.fit import main
     from tests.tiny_run import args
 
     seen, lrs = [], {}
@@ -367,7 +367,7 @@ def test_evaluation_at_a_resample_step_sees_the_weights_before_it(tmp_path, monk
     """Steps 1..10 train the same with or without the resample after step 10 (the lr drop
     starts at step 11), so the evaluation at step 10 must read the same either way: it
     measures what training produced, not freshly re-initialised features."""
-    from gsae_pl.run.train import main
+    from gsae_pl.fit import main
     from tests.tiny_run import args
 
     seen = _val_metrics_by_step(monkeypatch)

@@ -10,8 +10,8 @@ import signal
 import pytest
 import torch
 
+from gsae_pl.fit import main
 from gsae_pl.run.checkpointing import AtomicCheckpointIO, RNGState, latest_checkpoint
-from gsae_pl.run.train import main
 from tests.tiny_run import args, fit_process, metrics, wrapper_script
 
 # Dies by SIGKILL right after optimiser step 25 (checkpoints exist for steps 10 and 20).

@@ -46,7 +46,7 @@ SERVER_TIMEOUT_S, POLL_S = 60.0, 0.25
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """One tiny training run, in-process; its run directory."""
-    from gsae_pl.run.train import main
+    from gsae_pl.fit import main
 
     out = tmp_path_factory.mktemp("tensorboard")
     rc = main(["--config", str(ROOT / "configs/base.yaml"), f"output.dir={out}",

@@ -21,9 +21,9 @@ import pytest
 import torch
 
 from gsae_pl.errors import UserError
+from gsae_pl.fit import main
 from gsae_pl.losses.base import Objective
 from gsae_pl.run.resample import revive
-from gsae_pl.run.train import main
 from gsae_pl.saes.base import build_sae
 from gsae_pl.saes.jumprelu import JumpReLU, JumpReLUSAE, Step
 from tests.conftest import make_cfg
@@ -80,7 +80,7 @@ def test_forward_on_hand_set_weights():
     assert torch.equal(enc.f, F)
     assert enc.fired.tolist() == [1, 1, 1, 2]
     assert torch.equal(x_hat, F)  # identity decoder, b_dec = 0
-    assert torch.equal(enc.pi_gate, X + torch.tensor([0.0, 0.0, 0.0, -1.0]))
+    assert torch.equal(enc.pre_acts, X + torch.tensor([0.0, 0.0, 0.0, -1.0]))
 
 
 @pytest.mark.parametrize("penalty,want", [("l0", H), ("l1", F)])
@@ -141,7 +141,7 @@ def test_the_step_projects_thresholds_onto_non_negative_values():
     sae = JumpReLUSAE(4, 3)
     with torch.no_grad():
         sae.threshold.copy_(torch.tensor([-0.2, 0.0, 0.3]))
-    sae.renormalise_decoder()  # SAEModule's after-step hook
+    sae.after_optimizer_step()  # SAEModule's after-step hook
     assert sae.threshold.tolist() == pytest.approx([0.0, 0.0, 0.3])
 
 

@@ -87,8 +87,8 @@ def test_its_ablation_trains_without_the_aux_term():
 
 @pytest.mark.slow
 def test_export_holds_the_tied_b_mag_and_computes_the_same(tmp_path):
+    from gsae_pl.fit import main as fit_main
     from gsae_pl.run.module import SAEModule
-    from gsae_pl.run.train import main as fit_main
     from gsae_pl.saelens import main as export_main
 
     assert fit_main(["--config", str(YAML), f"output.dir={tmp_path}", "output.name=run", *TINY,

@@ -16,11 +16,11 @@ from omegaconf import OmegaConf
 import gsae_pl.saes
 from gsae_pl.config import load_config
 from gsae_pl.errors import UserError
+from gsae_pl.fit import main as fit_main
 from gsae_pl.losses.base import LOSS_TERMS, Objective, TermConfig, TermSpec
 from gsae_pl.run.checkpointing import check_same_run, finished_run_changes
 from gsae_pl.run.module import SAEModule
 from gsae_pl.run.resample import resample_dead
-from gsae_pl.run.train import main as fit_main
 from gsae_pl.saelens import export
 from gsae_pl.saes.base import ARCHITECTURES, build_sae
 from tests.conftest import make_cfg
@@ -55,7 +55,7 @@ class ScaledReLUSAE(SAE):
     def encode(self, x):
         pre = (x - self.b_dec) @ self.W_enc + self.b_enc
         f = torch.relu(pre) * self.scale
-        return Encoding(f=f, gate_acts=f, fired=(f != 0).sum(0), pi_gate=pre)
+        return Encoding(f=f, gate_acts=f, fired=(f != 0).sum(0), pre_acts=pre)
 '''
 
 
@@ -129,7 +129,7 @@ class GateSigmoidConfig(TermConfig):
 
 
 def gate_sigmoid(block):
-    return lambda x, x_hat, enc, sae: torch.sigmoid(enc.pi_gate / block.temperature).sum(1).mean()
+    return lambda x, x_hat, enc, sae: torch.sigmoid(enc.pre_acts / block.temperature).sum(1).mean()
 
 
 @pytest.fixture
@@ -137,7 +137,7 @@ def gate_term(monkeypatch):
     LOSS_TERMS.names()  # the package's own terms first
     monkeypatch.setattr(LOSS_TERMS, "_entries", dict(LOSS_TERMS._entries))
     LOSS_TERMS.register("gate_sigmoid")(TermSpec(config=GateSigmoidConfig, build=gate_sigmoid,
-                                                 reads=("pi_gate",)))
+                                                 reads=("pre_acts",)))
     return ["loss.gate_sigmoid.enabled=true", "loss.gate_sigmoid.temperature=0.5",
             "loss.gate_sigmoid.coefficient=0.3"]
 
@@ -175,7 +175,7 @@ def test_the_fast_paths_stay_when_no_term_reads_beyond_them(gate_term):
     module = SAEModule(OmegaConf.to_container(cfg), d_in=6)
     assert module.objective.reads == ("gate_acts",) and not module.sae.reference_only
     module = SAEModule(OmegaConf.to_container(make_cfg("sae.kernel=sparse", *gate_term)), 6)
-    assert "pi_gate" in module.objective.reads and module.sae.reference_only
+    assert "pre_acts" in module.objective.reads and module.sae.reference_only
     assert module.sae.path_for(torch.zeros(2, 6)) == "reference"
 
 

@@ -11,8 +11,8 @@ import torch
 
 from gsae_pl.config import load_config
 from gsae_pl.errors import UserError
+from gsae_pl.fit import main as fit_main
 from gsae_pl.run.module import SAEModule
-from gsae_pl.run.train import main as fit_main
 from gsae_pl.saelens import saelens_params
 from gsae_pl.saes.base import build_sae
 from gsae_pl.saes.relu import ReLUSAE

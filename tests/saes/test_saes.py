@@ -52,7 +52,7 @@ def test_unit_norm_constraint_projection_and_renormalisation(arch, sharing):
     assert torch.allclose((sae.W_dec.grad * sae.W_dec).sum(1), torch.zeros(10), atol=1e-6)
     with torch.no_grad():
         sae.W_dec.mul_(3.0)
-    sae.renormalise_decoder()
+    sae.after_optimizer_step()
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(10))
 
 
@@ -76,7 +76,7 @@ def test_unit_norm_constraint_switch_off_leaves_decoder_alone():
     g = torch.randn_like(sae.W_dec)
     sae.W_dec.grad = g.clone()
     sae.remove_parallel_grad()
-    sae.renormalise_decoder()
+    sae.after_optimizer_step()
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.full((3,), 2.0))
     assert torch.equal(sae.W_dec.grad, g)
 
@@ -100,7 +100,7 @@ def test_gated_forward_matches_hand_computation():
     x = torch.tensor([[1.5, 0.5], [0.0, 2.0]])
     enc = sae.encode_reference(x)  # the path that materialises pi_gate and pi_mag
     # x - b_dec = [[1, .5], [-.5, 2]]; pi_gate = that + [0, -1] = [[1, -.5], [-.5, 1]]
-    assert torch.allclose(enc.pi_gate, torch.tensor([[1.0, -0.5], [-0.5, 1.0]]))
+    assert torch.allclose(enc.pre_acts, torch.tensor([[1.0, -0.5], [-0.5, 1.0]]))
     # pi_mag = (x - b_dec) * exp(r_mag) + b_mag = [[2.25, .5], [-.75, 2]]
     assert torch.allclose(enc.pi_mag, torch.tensor([[2.25, 0.5], [-0.75, 2.0]]))
     # f = 1[pi_gate > 0] * ReLU(pi_mag): the gate closes feature 1 of row 0, feature 0 of row 1
@@ -120,8 +120,8 @@ def test_gated_with_sharing_is_a_jumprelu():
     x = torch.randn(256, 2) * 3
     enc = sae.encode_reference(x)
     theta = sae.jumprelu_threshold()
-    assert torch.equal(enc.pi_gate > 0, enc.pi_mag > theta)
-    assert torch.allclose(enc.pi_mag - theta, torch.exp(sae.r_mag) * enc.pi_gate, atol=1e-6)
+    assert torch.equal(enc.pre_acts > 0, enc.pi_mag > theta)
+    assert torch.allclose(enc.pi_mag - theta, torch.exp(sae.r_mag) * enc.pre_acts, atol=1e-6)
 
 
 def test_untied_uses_its_own_magnitude_weights():

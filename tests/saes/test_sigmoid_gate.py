@@ -100,7 +100,7 @@ def _reached(sae, value):
 def test_objective_penalises_the_gate_values_and_routes_on_every_kernel_setting(kernel):
     sae, x, enc, terms = _terms(f"sae.kernel={kernel}")
     assert set(terms) == {"reconstruction", "sparsity"}
-    assert enc.pi_gate is not None  # the fast kernels do not know this gate: reference path
+    assert enc.pre_acts is not None  # the fast kernels do not know this gate: reference path
     gate = torch.sigmoid(((x - sae.b_dec) @ sae.W_enc + sae.b_gate) / 0.7)
     torch.testing.assert_close(terms["sparsity"], 0.05 * gate.sum(1).mean())
     assert _reached(sae, terms["reconstruction"]) == {"W_enc", "b_gate", "r_mag", "b_mag",
@@ -143,7 +143,7 @@ def test_other_saes_have_no_soft_gate_fvu():
 
 @pytest.mark.slow
 def test_its_ablation_trains_and_reports_the_soft_fvu(tmp_path):
-    from gsae_pl.run.train import main
+    from gsae_pl.fit import main
 
     assert main(["--config", str(YAML), f"output.dir={tmp_path}", "output.name=run", *TINY,
                  "trainer.max_steps=20", "eval.every_n_steps=20"]) == 0

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from gsae_pl.errors import UserError
+from gsae_pl.fit import main
 from gsae_pl.losses.base import Objective
-from gsae_pl.run.train import main
 from gsae_pl.saes.base import build_sae
 from gsae_pl.saes.kernels import SparseCodes
 from tests.conftest import make_cfg
@@ -101,9 +101,9 @@ def test_the_sparse_path_keeps_no_dense_code_and_a_term_reading_z_gets_it():
     sae, _ = build("topk", "sae.d_sae=16", "sae.k=3", "loss.auxk.enabled=true", d_in=4)
     _, enc = sae(torch.randn(5, 4))
     assert isinstance(enc.f, SparseCodes) and enc.f.values.numel() == 5 * 3
-    assert enc.pi_gate.shape == (5, 16)  # AuxK reads z, on the fast path
+    assert enc.pre_acts.shape == (5, 16)  # AuxK reads z, on the fast path
     plain, _ = build("topk", "sae.d_sae=16", "sae.k=3", d_in=4)
-    assert plain(torch.randn(5, 4))[1].pi_gate is None  # no reader: z is freed
+    assert plain(torch.randn(5, 4))[1].pre_acts is None  # no reader: z is freed
 
 
 @pytest.mark.parametrize("overrides,needle", [

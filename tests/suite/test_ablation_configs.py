@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from gsae_pl.run.train import main
+from gsae_pl.fit import main
 from gsae_pl.suite.spec import is_suite_file, load_suite
 from tests.tiny_run import ROOT, TINY, metrics
 
