@@ -45,11 +45,12 @@ from torch import Tensor, nn
 from gsae_pl.cli import ArgumentParser, run_main
 from gsae_pl.config import migrate
 from gsae_pl.errors import UserError
+from gsae_pl.run.checkpoint_checks import export_problem
 from gsae_pl.run.checkpointing import (
     DamagedCheckpoint,
     checkpoint_dir,
     latest_checkpoint,
-    read_checkpoint,
+    load_checkpoint,
 )
 from gsae_pl.run.writable import check_writable_dir
 from gsae_pl.saes import ARCHITECTURES
@@ -205,11 +206,15 @@ def read_run(run_dir: Path, allow_unfinished: bool,
         raise UserError(f"{run_dir} has not finished (no metrics.json): export a finished run, "
                         "or pass --allow-unfinished to export its newest checkpoint")
     try:
-        step, cfg, weights = read_checkpoint(ckpt)
+        state = load_checkpoint(ckpt)  # weights_only: a received file runs no code
     except DamagedCheckpoint as err:
         raise UserError(f"cannot read checkpoint {ckpt} ({err.reason}): {_DAMAGED}") from None
-    if weights is None:
-        raise UserError(f"cannot read checkpoint {ckpt} (no state_dict): {_DAMAGED}")
+    # Weights that do not fit the config would be exported into files load_sae refuses.
+    problem = export_problem(state)
+    if problem:
+        raise UserError(f"cannot export checkpoint {ckpt} ({problem}): {_DAMAGED}")
+    step, cfg, weights = state["global_step"], state["hyper_parameters"]["cfg"], \
+        state["state_dict"]
     # A run trained before a key was renamed exports under today's names (config.ALIASES).
     return migrate(cfg, f"checkpoint {ckpt}"), weights, step
 
@@ -230,7 +235,16 @@ def _newest_checkpoint(run_dir: Path) -> Path | None:
         last = checkpoint_dir(run_dir) / "last.ckpt"  # the only file it opens
         older = sorted(checkpoint_dir(run_dir).glob("step*.ckpt"), key=_step_of)
         example = f" (e.g. --checkpoint {older[-1]})" if older else ""
-        raise UserError(f"cannot read checkpoint {last}: {_DAMAGED}{example}") from None
+        raise UserError(f"cannot read checkpoint {last} ({_why_damaged(last)}): "
+                        f"{_DAMAGED}{example}") from None
+
+
+def _why_damaged(path: Path) -> str:
+    try:
+        load_checkpoint(path)
+    except DamagedCheckpoint as err:
+        return err.reason
+    return "unreadable"
 
 
 def saelens_params(cfg: dict, weights: dict[str, Tensor]) -> dict[str, Tensor]:
