@@ -66,6 +66,8 @@ FORM_CFG = {"topk": {"rescale_acts_by_decoder_norm": False}}
 class LoadedSAE(nn.Module):
     """An exported SAE as SAELens computes it, on raw activations."""
 
+    stored_dtype = "float32"  # load_sae: the float type(s) the weights file held
+
     def __init__(self, cfg: dict, params: dict[str, Tensor]):
         super().__init__()
         self.cfg = cfg
@@ -121,7 +123,12 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> LoadedSAE:
         raise UserError(f"cannot read {path / WEIGHTS_FILE} ({err}): export the SAE "
                         "again") from None
     check_params(params, cfg, path)
-    return LoadedSAE(cfg, params).eval()
+    # SAELens saves bf16 and fp16 SAEs too: computed in float32 here, on a hook's float32
+    # activations (bf16 and fp16 values are exact in float32; float64 is rounded once).
+    stored = sorted({str(v.dtype).removeprefix("torch.") for v in params.values()})
+    sae = LoadedSAE(cfg, {name: value.float() for name, value in params.items()}).eval()
+    sae.stored_dtype = ", ".join(stored)  # the type(s) the file held
+    return sae
 
 
 def read_cfg(path: Path) -> dict:
@@ -166,6 +173,10 @@ def check_params(params: dict[str, Tensor], cfg: dict, path: Path) -> None:
         if tuple(params[name].shape) != shape:
             raise UserError(f"{path / WEIGHTS_FILE}: {name} has shape "
                             f"{list(params[name].shape)}, cfg.json implies {list(shape)}")
+        if not params[name].dtype.is_floating_point:
+            raise UserError(f"{path / WEIGHTS_FILE}: {name} is "
+                            f"{str(params[name].dtype).removeprefix('torch.')}, not a float "
+                            "type: pass an SAE whose weights are floats")
 
 
 # ---- export ------------------------------------------------------------------------
