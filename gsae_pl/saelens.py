@@ -45,11 +45,12 @@ from torch import Tensor, nn
 from gsae_pl.cli import ArgumentParser, run_main
 from gsae_pl.config import migrate
 from gsae_pl.errors import UserError
+from gsae_pl.run.checkpoint_checks import export_problem
 from gsae_pl.run.checkpointing import (
     DamagedCheckpoint,
     checkpoint_dir,
     latest_checkpoint,
-    read_checkpoint,
+    load_checkpoint,
 )
 from gsae_pl.saes.base import ARCHITECTURES, ENCODER_PARAMS
 from gsae_pl.writable import check_writable_dir
@@ -61,6 +62,8 @@ FORM_CFG = {"topk": {"rescale_acts_by_decoder_norm": False}}
 
 class LoadedSAE(nn.Module):
     """An exported SAE as SAELens computes it, on raw activations."""
+
+    stored_dtype = "float32"  # load_sae: the float type(s) the weights file held
 
     def __init__(self, cfg: dict, params: dict[str, Tensor]):
         super().__init__()
@@ -117,7 +120,12 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> LoadedSAE:
         raise UserError(f"cannot read {path / WEIGHTS_FILE} ({err}): export the SAE "
                         "again") from None
     check_params(params, cfg, path)
-    return LoadedSAE(cfg, params).eval()
+    # SAELens saves bf16 and fp16 SAEs too: computed in float32 here, on a hook's float32
+    # activations (bf16 and fp16 values are exact in float32; float64 is rounded once).
+    stored = sorted({str(v.dtype).removeprefix("torch.") for v in params.values()})
+    sae = LoadedSAE(cfg, {name: value.float() for name, value in params.items()}).eval()
+    sae.stored_dtype = ", ".join(stored)  # the type(s) the file held
+    return sae
 
 
 def read_cfg(path: Path) -> dict:
@@ -162,6 +170,10 @@ def check_params(params: dict[str, Tensor], cfg: dict, path: Path) -> None:
         if tuple(params[name].shape) != shape:
             raise UserError(f"{path / WEIGHTS_FILE}: {name} has shape "
                             f"{list(params[name].shape)}, cfg.json implies {list(shape)}")
+        if not params[name].dtype.is_floating_point:
+            raise UserError(f"{path / WEIGHTS_FILE}: {name} is "
+                            f"{str(params[name].dtype).removeprefix('torch.')}, not a float "
+                            "type: pass an SAE whose weights are floats")
 
 
 # ---- export ------------------------------------------------------------------------
@@ -202,11 +214,15 @@ def read_run(run_dir: Path, allow_unfinished: bool,
         raise UserError(f"{run_dir} has not finished (no metrics.json): export a finished run, "
                         "or pass --allow-unfinished to export its newest checkpoint")
     try:
-        step, cfg, weights = read_checkpoint(ckpt)
+        state = load_checkpoint(ckpt)  # weights_only: a received file runs no code
     except DamagedCheckpoint as err:
         raise UserError(f"cannot read checkpoint {ckpt} ({err.reason}): {_DAMAGED}") from None
-    if weights is None:
-        raise UserError(f"cannot read checkpoint {ckpt} (no state_dict): {_DAMAGED}")
+    # Weights that do not fit the config would be exported into files load_sae refuses.
+    problem = export_problem(state)
+    if problem:
+        raise UserError(f"cannot export checkpoint {ckpt} ({problem}): {_DAMAGED}")
+    step, cfg, weights = state["global_step"], state["hyper_parameters"]["cfg"], \
+        state["state_dict"]
     # A run trained before a key was renamed exports under today's names (config.ALIASES).
     return migrate(cfg, f"checkpoint {ckpt}"), weights, step
 
@@ -227,7 +243,16 @@ def _newest_checkpoint(run_dir: Path) -> Path | None:
         last = checkpoint_dir(run_dir) / "last.ckpt"  # the only file it opens
         older = sorted(checkpoint_dir(run_dir).glob("step*.ckpt"), key=_step_of)
         example = f" (e.g. --checkpoint {older[-1]})" if older else ""
-        raise UserError(f"cannot read checkpoint {last}: {_DAMAGED}{example}") from None
+        raise UserError(f"cannot read checkpoint {last} ({_why_damaged(last)}): "
+                        f"{_DAMAGED}{example}") from None
+
+
+def _why_damaged(path: Path) -> str:
+    try:
+        load_checkpoint(path)
+    except DamagedCheckpoint as err:
+        return err.reason
+    return "unreadable"
 
 
 def saelens_params(cfg: dict, weights: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -37,6 +37,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import pickle
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -112,10 +114,33 @@ def _reference_ce(lm, chunk: Tensor) -> Tensor:
                             .encode() + chunk.cpu().numpy().tobytes()).hexdigest()[:32]
     path = Path(folder) / f"{digest}.pt"
     if path.is_file():
-        return torch.load(path)
+        stored, problem = read_reference(path, len(chunk))
+        if problem is None:
+            return stored
+        # A cache of what the LM gives: recompute it rather than fail every rerun.
+        print(f"warning: {path} is damaged ({problem}): recomputed it and replaced the file",
+              file=sys.stderr, flush=True)
     values = compute()
     atomic_write(path, lambda fh: torch.save(values, fh))
     return values
+
+
+def read_reference(path: Path, n_windows: int) -> tuple[Tensor | None, str | None]:
+    """(the stored [n_windows, 2] float64 CEs, None), or (None, why the file is not that).
+    weights_only: the reference folder travels with an activation cache, which people
+    share, and a pickled object in it must not run code."""
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        return None, "it holds Python objects, not only a tensor: not loaded"
+    except Exception as err:
+        return None, (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if not isinstance(stored, Tensor) or stored.dtype != torch.float64 or \
+            tuple(stored.shape) != (n_windows, 2):
+        return None, f"not a [{n_windows}, 2] float64 tensor"
+    if not torch.isfinite(stored).all():
+        return None, "it holds NaN or Inf"
+    return stored, None
 
 
 def window_sums(per_window: Tensor, tokens_per_window: int, documents: Tensor | None = None,

@@ -6,12 +6,17 @@ checkpoint restores the SAE (with its `norm_scale` buffer), Adam, the lr schedul
 step counter; the data position follows from the step (sources are pure functions of
 (seed, step), data/base.py); `RNGState` adds the host random generators, which Lightning
 does not save. Only process 0 writes (Lightning's `strategy.save_checkpoint`).
+
+Checkpoints are files researchers exchange, so every read is `weights_only`: tensors and
+plain values, never a pickled object that could run code (a checkpoint gsae_pl writes
+holds none). gsae_pl/run/checkpoint_checks.py checks what one holds against the run.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import pickle
 import random
 import re
 import warnings
@@ -49,6 +54,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         atomic_write(path, lambda fh: torch.save(checkpoint, fh))
         _fsync_dir(path.parent)  # make the rename itself durable
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        """Lightning's reads (resume, the final validation) never unpickle code, whatever
+        its default: fit has checked the file already (checkpoint_checks.check_resumable)."""
+        return super().load_checkpoint(path, map_location=lambda storage, loc: storage,
+                                       weights_only=True)
 
 
 class StepCheckpoint(ModelCheckpoint):
@@ -133,21 +144,40 @@ class DamagedCheckpoint(Exception):
         self.reason = reason
 
 
+NOT_WEIGHTS = ("it holds Python objects other than tensors and plain values, which a "
+               "checkpoint gsae_pl writes never does, so it was not loaded (unpickling it "
+               "could run code)")
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint's contents, weights_only: tensors and plain values, no code run.
+    Raises DamagedCheckpoint for a file that is unreadable, not weights-only, or lacks the
+    step or the config that trained it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        raise DamagedCheckpoint(NOT_WEIGHTS) from None
+    except Exception as err:
+        raise DamagedCheckpoint((str(err).strip().splitlines() or [type(err).__name__])[0]) \
+            from None
+    hyper = state.get("hyper_parameters") if isinstance(state, dict) else None
+    if not isinstance(hyper, dict) or not isinstance(state.get("global_step"), int) or \
+            not isinstance(hyper.get("cfg"), dict) or not isinstance(hyper.get("d_in"), int):
+        raise DamagedCheckpoint("it lacks the step (global_step) or the config that trained "
+                                "it (hyper_parameters)")
+    return state
+
+
 def read_checkpoint(path: Path) -> tuple[int, dict, dict | None]:
     """(optimiser step, the config that trained it, the module's state dict): the one
     reader of checkpoints (fit's resume, export). The config is as saved: `changed_keys`
     and `config.from_saved` bring an older one's keys up to date.
 
     A damaged file raises DamagedCheckpoint (atomic saves make one unlikely, not impossible:
-    disks fail); each caller words its own advice.
+    disks fail; nor is every checkpoint one gsae_pl wrote); each caller words its own advice.
     """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        return (int(state["global_step"]), dict(state["hyper_parameters"]["cfg"]),
-                state.get("state_dict"))
-    except Exception as err:
-        raise DamagedCheckpoint((str(err).strip().splitlines() or [type(err).__name__])[0]) \
-            from None
+    state = load_checkpoint(path)
+    return state["global_step"], dict(state["hyper_parameters"]["cfg"]), state.get("state_dict")
 
 
 def checkpoint_meta(path: Path) -> tuple[int, dict]:
@@ -184,9 +214,23 @@ def finished_run_changes(run_dir: Path, cfg: DictConfig) -> list[str]:
     (its config.yaml): the run-defining sections and the trainer settings that change what
     a run learns. Devices and strategy do not: DDP follows the 1-process trajectory."""
     path = Path(run_dir) / "config.yaml"
-    saved = yaml.safe_load(path.read_text()) or {} if path.is_file() else {}
+    saved = saved_run_config(path) if path.is_file() else {}
     changed = changed_keys(saved, cfg, RUN_DEFINING + ("trainer",))
     return [k for k in changed if not k.startswith("trainer.") or k in TRAINING_KEYS]
+
+
+def saved_run_config(path: Path) -> dict:
+    """A finished run's config.yaml; one that does not parse to a mapping is a UserError:
+    without it nobody can tell whether the run is the one asked for."""
+    try:
+        saved = yaml.safe_load(path.read_text())
+        reason = None if isinstance(saved, dict) or saved is None else "not a mapping"
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if reason:
+        raise UserError(f"{path} is damaged ({reason}): it records the finished run's config; "
+                        "restore it, or delete the run to train it again (fit: pass --force)")
+    return saved or {}
 
 
 def shown_keys(keys: list[str]) -> str:

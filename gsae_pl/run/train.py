@@ -26,6 +26,7 @@ from gsae_pl.errors import UserError
 from gsae_pl.io import atomic_write_json, atomic_write_text
 from gsae_pl.names import check_name
 from gsae_pl.run import provenance
+from gsae_pl.run.checkpoint_checks import check_resumable
 from gsae_pl.run.checkpointing import (
     AtomicCheckpointIO,
     RNGState,
@@ -165,6 +166,8 @@ def fit(cfg: DictConfig, fresh: bool = False, resume_from: Path | None = None) -
     module = SAEModule(OmegaConf.to_container(cfg), datamodule.d_in, datamodule.source)
     # On resume the checkpoint overwrites norm_scale and b_dec with the run's own values.
     module.prepare_from_sample(datamodule.sample_rows(cfg.data.normalize_rows))
+    if resume_from:  # Lightning would load any shapes into the model and Adam unchecked
+        check_resumable(resume_from, module)
     if trainer.is_global_zero:
         remove_stale_temporaries(run_dir)  # what a killed process was writing, if any
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
