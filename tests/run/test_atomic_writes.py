@@ -106,6 +106,7 @@ def finished(tmp_path_factory) -> Path:
 
 def _suite(tmp_path: Path, run: Path) -> Path:
     shutil.copytree(run, tmp_path / "suite" / "runs" / run.name, dirs_exist_ok=True)
+    (tmp_path / "suite" / "suite.yaml").write_text("variants: {gated: {}}\n")  # as ablate's
     return tmp_path / "suite"
 
 
