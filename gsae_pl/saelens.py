@@ -188,7 +188,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(prog="python -m gsae_pl.export", description=__doc__)
     parser.add_argument("run_dir", type=Path, help="a run directory written by gsae_pl.fit")
     parser.add_argument("out_dir", type=Path, help="directory to write the SAE into")
-    parser.add_argument("--force", action="store_true", help="replace an earlier export at OUT_DIR (only one gsae_pl wrote)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an earlier export at OUT_DIR (only one gsae_pl wrote)")
     parser.add_argument("--allow-unfinished", action="store_true",
                         help="export the newest checkpoint of a run without metrics.json")
     parser.add_argument("--checkpoint", type=Path, default=None,
