@@ -28,6 +28,7 @@ from gsae_pl.config import migrate
 from gsae_pl.errors import UserError
 from gsae_pl.run import provenance
 from gsae_pl.run.io import atomic_write_json, atomic_write_text
+from gsae_pl.run.run_dir import fitting_name
 from gsae_pl.suite import uncertainty
 from gsae_pl.suite.curves import common_l0s, interpolate_at_l0, l0_needed
 from gsae_pl.suite.plots import (
@@ -328,7 +329,7 @@ def _failures_section(suite_dir: Path, failures: list[dict]) -> list[str]:
         return ["none"]
     body = []
     for f in failures:
-        log = f.get("log") or f"logs/{f['run']}.log"
+        log = f.get("log") or f"logs/{fitting_name(f['run'], '.log')}"  # as ablate names it
         try:  # a path relative to the suite is a working link from report.md
             log = str(Path(log).relative_to(suite_dir))
         except ValueError:
