@@ -196,6 +196,7 @@ def _not_a_suite(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow  # a real process: seconds of imports
 def test_report_refuses_a_folder_that_is_not_a_suite(tmp_path):
     folder = _not_a_suite(tmp_path / "mine")
     before = tree(folder)
@@ -240,6 +241,7 @@ def tensorboard_runs(logdir: Path) -> list[str]:
                   for d in io_wrapper.GetLogdirSubdirectories(str(logdir)))
 
 
+@pytest.mark.slow  # a real process: seconds of imports
 def test_a_killed_report_leaves_no_run_for_tensorboard(tmp_path):
     suite = _not_a_suite(tmp_path / "suite")
     (suite / "suite.yaml").write_text("variants: {v: {}}\n")
@@ -256,6 +258,7 @@ def test_a_killed_report_leaves_no_run_for_tensorboard(tmp_path):
 
 # ---------------------------------------------------------------- fit
 
+@pytest.mark.slow  # a real process: seconds of imports
 @pytest.mark.parametrize("force", [False, True], ids=["plain", "force"])
 def test_fit_refuses_a_folder_whose_config_yaml_it_did_not_write(tmp_path, force):
     folder = tmp_path / "run"
