@@ -10,14 +10,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+from gsae_pl.names import fitting_name
 
-def atomic_write(path: Path, write: Callable[[IO], None], binary: bool = True) -> None:
+
+def atomic_write(path: Path, write: Callable[[IO], None], binary: bool = True,
+                 temporary: Path | None = None) -> None:
     """`write(fh)` into a temporary name beside `path`, fsync, then rename over `path`:
     readers never see half a file, and a failed write leaves no temporary behind (a killed
-    process can; `sweep_stale_temporaries` removes those)."""
+    process can; `sweep_stale_temporaries` removes those). The temporary is made by a plain
+    `open`, so the file gets the mode the user's umask gives (0644 under umask 022), as any
+    other file the user writes; mkstemp's would be 0600. `temporary`: another name for the
+    temporary, in the same folder (default `temporary_path`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = Path(temporary) if temporary is not None else temporary_path(path)
     try:
         with open(tmp, "wb" if binary else "w") as fh:
             write(fh)
@@ -28,14 +34,21 @@ def atomic_write(path: Path, write: Callable[[IO], None], binary: bool = True) -
         tmp.unlink(missing_ok=True)
 
 
+def temporary_path(path: Path, pid: int | None = None) -> Path:
+    """`.<name>.tmp<pid>` beside `path`, the name shortened (names.fitting_name) when a
+    long one would pass the file system's limit."""
+    path = Path(path)
+    return path.with_name(fitting_name(f".{path.name}", f".tmp{pid or os.getpid()}"))
+
+
 _TEMPORARY = re.compile(r"\..+\.tmp(\d+)")  # `.<name>.tmp<pid>`, as atomic_write names them
 
 
-def sweep_stale_temporaries(folder: Path) -> None:
+def sweep_stale_temporaries(folder: Path, pattern: str = ".*.tmp*") -> None:
     """Remove the `.<name>.tmp<pid>` files (and folders: the tiny LM builds in one) that a
-    killed writer left in `folder`. Only those whose process is gone: another live process
-    may be writing the same cache or building the same model right now."""
-    for tmp in Path(folder).glob(".*.tmp*"):
+    killed writer left in `folder` (those `pattern` matches). Only those whose process is
+    gone: another live process may be writing the same cache or building the same model."""
+    for tmp in Path(folder).glob(pattern):
         match = _TEMPORARY.fullmatch(tmp.name)
         if match is None or _alive(int(match.group(1))):
             continue

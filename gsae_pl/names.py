@@ -6,6 +6,8 @@ deletions) outside output.dir.
 
 from __future__ import annotations
 
+import hashlib
+
 from gsae_pl.errors import UserError
 
 MAX_NAME_BYTES = 255  # the longest file name Linux file systems take
@@ -35,3 +37,15 @@ def check_name(name: str, what: str, advice: str = "e.g. gated_l1-0.05_seed0") -
         raise UserError(f"{what}{name!r} {problem}: it names one folder, so use one plain "
                         "name (no '/', '\\' or control characters; not '.', '..' or a "
                         f"leading '-'), {advice}")
+
+
+def fitting_name(stem: str, suffix: str = "") -> str:
+    """`stem + suffix` if that fits in one file name, else `stem` cut short and marked with
+    a hash of the whole of it (so two long stems stay apart) before `suffix`."""
+    name = stem + suffix
+    if len(name.encode("utf-8", "surrogateescape")) <= MAX_NAME_BYTES:
+        return name
+    digest = "~" + hashlib.sha256(stem.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    room = MAX_NAME_BYTES - len((digest + suffix).encode("utf-8", "surrogateescape"))
+    cut = stem.encode("utf-8", "surrogateescape")[:max(room, 0)]
+    return cut.decode("utf-8", "ignore") + digest + suffix  # "ignore": a split character

@@ -11,6 +11,8 @@ folded into the weights so that raw activations go in and raw reconstructions co
 Feature activations are unchanged: (x - b_dec') @ W_enc' = (s x - b_dec) @ W_enc. The
 folding is done in float64 and rounded once to float32. Both files are written into a
 temporary directory beside OUT_DIR that is renamed into place: never half an export.
+Export replaces only an earlier export (see `check_out_dir`), and concurrent exports into
+one folder take turns (`_folder_lock`).
 
 The pre-activations, (x - b_dec') @ W_enc' + b_enc, are unchanged too, so a JumpReLU
 threshold and the top-k choice carry over as they are: the folding leaves them alone.
@@ -31,20 +33,25 @@ The normalisation is folded in at export (`normalize_activations: "none"`), so `
 from __future__ import annotations
 
 import argparse
+import fcntl
+import hashlib
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from gsae_pl.cli import ArgumentParser, run_main
 from gsae_pl.config import migrate
 from gsae_pl.errors import UserError
+from gsae_pl.io import sweep_stale_temporaries
+from gsae_pl.names import MAX_NAME_BYTES, fitting_name
 from gsae_pl.run.checkpoint_checks import export_problem
 from gsae_pl.run.checkpointing import (
     DamagedCheckpoint,
@@ -190,7 +197,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(prog="python -m gsae_pl.export", description=__doc__)
     parser.add_argument("run_dir", type=Path, help="a run directory written by gsae_pl.fit")
     parser.add_argument("out_dir", type=Path, help="directory to write the SAE into")
-    parser.add_argument("--force", action="store_true", help="replace an existing OUT_DIR")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an earlier export at OUT_DIR (only one gsae_pl wrote)")
     parser.add_argument("--allow-unfinished", action="store_true",
                         help="export the newest checkpoint of a run without metrics.json")
     parser.add_argument("--checkpoint", type=Path, default=None,
@@ -290,33 +298,145 @@ def saelens_cfg(cfg: dict, d_in: int, step: int, norm_scale: float) -> dict:
 
 def export(run_dir: Path, out_dir: Path, force: bool = False,
            allow_unfinished: bool = False, checkpoint: Path | None = None) -> Path:
-    if out_dir.exists() and not force and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise UserError(f"{out_dir} already exists: pass --force to replace it")
+    check_out_dir(run_dir, out_dir, force)  # before the (slow) read: a refusal is quick
     # The files go to a temporary folder beside OUT_DIR: its parent must take them.
     check_writable_dir(out_dir.parent, "OUT_DIR's folder")
     cfg, weights, step = read_run(run_dir, allow_unfinished, checkpoint)
     params = saelens_params(cfg, weights)  # refuses before anything is written
     sae_cfg = saelens_cfg(cfg, params["b_dec"].numel(), step, float(weights["norm_scale"]))
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        _write_files(tmp, params, sae_cfg)
-    except BaseException:  # e.g. the disk filled: no half export left beside OUT_DIR
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
-    tmp.rename(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with _folder_lock(out_dir.parent):  # one export at a time beside OUT_DIR
+        check_out_dir(run_dir, out_dir, force)  # again, now that it stays true
+        _sweep_killed_exports(out_dir)
+        tmp = _temporary(out_dir, "new")
+        try:
+            _write_files(tmp, params, sae_cfg)
+        except BaseException:  # e.g. the disk filled: no half export left beside OUT_DIR
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _put_in_place(tmp, out_dir)
     return out_dir
 
 
+# ---- what export may replace -------------------------------------------------------
+# Export replaces only an earlier export of gsae_pl's: a folder holding cfg.json (with the
+# "gsae_pl" record saelens_cfg writes) and at most sae_weights.safetensors beside it. Anything
+# else at OUT_DIR (a run, a folder of runs, a SAELens SAE made elsewhere, a file, a symbolic
+# link) is refused, --force or not: one line, exit 2, nothing touched.
+
+def is_export(path: Path) -> bool:
+    """Whether `path` is a folder export wrote (and export may therefore replace)."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    entries = list(path.iterdir())
+    if not {e.name for e in entries} <= {CFG_FILE, WEIGHTS_FILE} or \
+            not all(e.is_file() and not e.is_symlink() for e in entries):
+        return False
+    try:
+        cfg = json.loads((path / CFG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and isinstance(cfg.get("gsae_pl"), dict)
+
+
+def check_out_dir(run_dir: Path, out_dir: Path, force: bool) -> None:
+    """Refuse an OUT_DIR that export would have to delete something not its own to fill."""
+    if out_dir.is_symlink():
+        raise UserError(f"OUT_DIR {out_dir} is a symbolic link: pass the folder itself or a "
+                        "new path (export never replaces a link or what it points to)")
+    run, out = run_dir.resolve(), out_dir.resolve()
+    if out == run or out in run.parents:
+        raise UserError(f"OUT_DIR {out_dir} is the run directory {run_dir} or a folder "
+                        "above it: export into a new folder, e.g. "
+                        f"{run_dir.parent / fitting_name(run_dir.name, '_saelens')}")
+    if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
+        return
+    if is_export(out_dir):
+        if not force:
+            raise UserError(f"{out_dir} already exists: pass --force to replace it")
+        return
+    raise UserError(f"{out_dir} {_not_an_export(out_dir)}, not an export of gsae_pl's: "
+                    "export replaces only its own exports (even with --force), so choose "
+                    "a new OUT_DIR or move that away")
+
+
+def _not_an_export(path: Path) -> str:
+    if not path.is_dir():
+        return "is a file"
+    if (path / "config.yaml").exists() or (path / "checkpoints").is_dir():
+        return "is a run directory"
+    names = sorted(e.name for e in path.iterdir())
+    other = [n for n in names if n not in (CFG_FILE, WEIGHTS_FILE)]
+    return f"holds {other[0]!r}" if other else f"holds a {CFG_FILE} gsae_pl did not write"
+
+
+def _temporary_stem(out_dir: Path) -> str:
+    """A short hidden name for OUT_DIR's temporaries (`<stem>.new.tmp<pid>`, `.old.`): a
+    name of any length fits, and a killed export's leftovers are found by it."""
+    digest = hashlib.sha256(out_dir.name.encode("utf-8", "surrogateescape")).hexdigest()
+    return f".gsae_pl-export-{digest[:16]}"
+
+
+def _temporary(out_dir: Path, kind: str) -> Path:
+    return out_dir.with_name(f"{_temporary_stem(out_dir)}.{kind}.tmp{os.getpid()}")
+
+
+def _sweep_killed_exports(out_dir: Path) -> None:
+    """What a killed export into OUT_DIR left: its temporaries, and the `.<name>.tmp`
+    folder of exports before these names (only if it holds nothing but export files)."""
+    sweep_stale_temporaries(out_dir.parent, f"{_temporary_stem(out_dir)}.*.tmp*")
+    legacy = f".{out_dir.name}.tmp"
+    if len(legacy.encode("utf-8", "surrogateescape")) <= MAX_NAME_BYTES:
+        folder = out_dir.with_name(legacy)
+        if folder.is_dir() and not folder.is_symlink() and \
+                {e.name for e in folder.iterdir()} <= {CFG_FILE, WEIGHTS_FILE}:
+            shutil.rmtree(folder)
+
+
+@contextmanager
+def _folder_lock(folder: Path):
+    """An exclusive flock on `folder` itself, held until the block ends (the kernel drops
+    it when the process dies, SIGKILL included); nothing is written to take it. Other
+    exports into the folder wait their turn: each then sees the folder as the last left it."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _put_in_place(tmp: Path, out_dir: Path) -> None:
+    """Rename `tmp` to OUT_DIR. An earlier export there is first renamed aside and deleted
+    after: a reader sees the old export, none for an instant, or the new one, never a mix."""
+    if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
+        old = _temporary(out_dir, "old")
+        os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, out_dir)  # replaces an empty folder, as `rename` may
+    _fsync(out_dir.parent)
+
+
 def _write_files(tmp: Path, params: dict[str, Tensor], sae_cfg: dict) -> None:
-    tmp.mkdir(parents=True)
-    save_file(params, str(tmp / WEIGHTS_FILE))
-    (tmp / CFG_FILE).write_text(json.dumps(sae_cfg, indent=2) + "\n")
-    for written in (tmp / WEIGHTS_FILE, tmp / CFG_FILE):  # on disk before the rename
-        with open(written, "rb") as fh:
-            os.fsync(fh.fileno())
+    """Both files by plain writes: their mode is what the user's umask gives, as for cfg.json
+    (safetensors' own save_file makes 0600 files a colleague cannot read)."""
+    tmp.mkdir()
+    with open(tmp / WEIGHTS_FILE, "wb") as fh:
+        fh.write(save(params))
+        os.fsync(fh.fileno())
+    with open(tmp / CFG_FILE, "w") as fh:
+        fh.write(json.dumps(sae_cfg, indent=2) + "\n")
+        os.fsync(fh.fileno())  # on disk before the rename
+
+
+def _fsync(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _main(args: argparse.Namespace) -> int:

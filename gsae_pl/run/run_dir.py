@@ -7,6 +7,12 @@ metrics.json (the mark of a finished run) goes first, so a --force stopped part-
 unfinished run, never a folder that reads as finished with half its files gone.
 A folder that holds a run with another config is refused with a name to use instead
 (`suggested_name`): the default name says architecture, lambda and seed, not d_sae.
+
+What fit may replace or delete there: the files named in RUN_FILES and CHECKPOINT_FILES, and
+only in a folder that holds a gsae_pl run, one whose config.yaml fit wrote (its first line is
+RUN_HEADER; a run made before the header existed is known by a resolved config naming this
+folder). A folder holding any of those names that fit did not write is refused
+(`check_own_folder`); other files beside a run are never touched.
 """
 
 from __future__ import annotations
@@ -14,6 +20,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import yaml
+
+from gsae_pl.errors import UserError
 from gsae_pl.names import MAX_NAME_BYTES
 
 # What fit writes in a run folder: the config it trained with, TensorBoard's event files and
@@ -23,6 +32,12 @@ RUN_FILES = ("config.yaml", "metrics.json", "provenance.json", "hparams.yaml",
              "events.out.tfevents.*", ".config.yaml.tmp*", ".metrics.json.tmp*",
              ".provenance.json.tmp*")
 CHECKPOINT_FILES = ("*.ckpt", ".*.ckpt.tmp*")  # in checkpoints/ (gsae_pl/run/checkpointing.py)
+# config.yaml's first line: the mark of a folder fit wrote (a YAML comment: readers skip it).
+RUN_HEADER = "# gsae_pl.fit wrote this run folder: the config it trained with\n"
+# Sections every config fit ever wrote has, and a hand-written one rarely has all of.
+_RESOLVED = ("sae", "loss", "data", "trainer", "output", "seed")
+
+
 def suggested_name(run_dir: Path, changed: dict) -> str:
     """A free folder name beside `run_dir` for a run that differs from it in `changed`
     (dotted key -> new value): `<name>_<leaf>-<value>` for the first two keys, as suite run
@@ -38,6 +53,44 @@ def suggested_name(run_dir: Path, changed: dict) -> str:
     return name
 
 
+def is_fit_config(run_dir: Path) -> bool:
+    """Whether `run_dir/config.yaml` is one fit wrote: RUN_HEADER, or (a run made before the
+    header) a resolved config whose output.name is this folder's."""
+    try:
+        text = (Path(run_dir) / "config.yaml").read_text()
+    except (OSError, UnicodeDecodeError):
+        return False
+    if text.startswith(RUN_HEADER):
+        return True
+    try:
+        cfg = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return False
+    return (isinstance(cfg, dict) and all(key in cfg for key in _RESOLVED)
+            and isinstance(cfg["output"], dict) and cfg["output"].get("name") == run_dir.name)
+
+
+def foreign_run_files(run_dir: Path) -> list[Path]:
+    """The files fit would replace or delete in `run_dir` although fit did not write them:
+    none in a gsae_pl run's folder, else every file with a name fit uses."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or is_fit_config(run_dir):
+        return []
+    names = [p for pattern in RUN_FILES if not pattern.startswith(".")
+             for p in run_dir.glob(pattern)]
+    names += [p for p in (run_dir / "checkpoints").glob("*.ckpt")]
+    return sorted(names)
+
+
+def check_own_folder(run_dir: Path) -> None:
+    """Refuse a run folder where fit would replace or delete a file it did not write."""
+    foreign = foreign_run_files(run_dir)
+    if foreign:
+        raise UserError(f"{foreign[0]} was not written by gsae_pl.fit (its folder holds no "
+                        "config.yaml of fit's), and fit would replace it: set output.name to "
+                        "a new folder, or move the file away")
+
+
 def remove_run_outputs(run_dir: Path) -> None:
     """`--force`: delete what an earlier run wrote here, and nothing else; then the
     checkpoints folder and the run folder themselves if that left them empty. metrics.json
@@ -47,7 +100,9 @@ def remove_run_outputs(run_dir: Path) -> None:
     for pattern in CHECKPOINT_FILES:
         for path in checkpoints.glob(pattern):
             path.unlink(missing_ok=True)
-    for pattern in RUN_FILES:
+    # config.yaml last: it marks the folder as fit's (is_fit_config), so a deletion
+    # stopped part-way leaves a folder the rerun still recognises.
+    for pattern in (*RUN_FILES[1:], RUN_FILES[0]):
         for path in run_dir.glob(pattern):
             if path.is_file():
                 path.unlink(missing_ok=True)

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from gsae_pl.config import load_config, to_yaml
 from gsae_pl.errors import UserError
 from gsae_pl.io import atomic_write_json, atomic_write_text
-from gsae_pl.names import check_name
+from gsae_pl.names import check_name, fitting_name
 from gsae_pl.run import provenance
 from gsae_pl.run.checkpoint_checks import check_resumable
 from gsae_pl.run.checkpointing import (
@@ -46,7 +46,12 @@ from gsae_pl.run.module import SAEModule
 from gsae_pl.run.preemption import Preemption, sigterm_as_preempted
 from gsae_pl.run.progress import Progress, dead_windows
 from gsae_pl.run.quiet import silence_startup_noise
-from gsae_pl.run.run_dir import remove_run_outputs, suggested_name
+from gsae_pl.run.run_dir import (
+    RUN_HEADER,
+    check_own_folder,
+    remove_run_outputs,
+    suggested_name,
+)
 from gsae_pl.run.tensorboard import Coefficients, RunLogger, RunSummaries, write_end
 from gsae_pl.run.wandb_logger import wandb_logger, wandb_where
 
@@ -170,7 +175,7 @@ def fit(cfg: DictConfig, fresh: bool = False, resume_from: Path | None = None) -
         check_resumable(resume_from, module)
     if trainer.is_global_zero:
         remove_stale_temporaries(run_dir)  # what a killed process was writing, if any
-        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+        atomic_write_text(run_dir / "config.yaml", RUN_HEADER + to_yaml(cfg))
         if resume_from:
             print(f"resuming {run_dir} from step {checkpoint_step(resume_from)} "
                   f"({resume_from.relative_to(run_dir)})", flush=True)
@@ -237,7 +242,8 @@ def closing_lines(cfg: DictConfig, run_dir: Path, metrics: dict, others=()) -> s
                      "trainer.max_steps")
     lines += ["next steps:",
               f"  tensorboard --logdir {run_dir.parent}   # curves; HParams tab: compare runs",
-              f"  python -m gsae_pl.export {run_dir} {run_dir}_saelens   # SAELens format"]
+              f"  python -m gsae_pl.export {run_dir} "
+              f"{run_dir.parent / fitting_name(run_dir.name, '_saelens')}   # SAELens format"]
     lines += [f"  {wandb_where(logger)}" for logger in others]
     return "\n".join(lines)
 
@@ -271,6 +277,7 @@ def run_lock(run_dir: Path):
 
 
 def _train(cfg: DictConfig, run_dir: Path, force: bool) -> int:
+    check_own_folder(run_dir)  # fit replaces (--force: deletes) only what fit wrote
     if (run_dir / "metrics.json").exists() and not force:
         changed = finished_run_changes(run_dir, cfg)
         if changed:  # not this run: skipping it would pass another run's results off as its

@@ -39,6 +39,7 @@ from gsae_pl.cli import ArgumentParser, run_main
 from gsae_pl.data.cache import rows_wanted
 from gsae_pl.errors import RunFailed, UserError
 from gsae_pl.io import atomic_write_json, atomic_write_text, sweep_stale_temporaries
+from gsae_pl.names import fitting_name
 from gsae_pl.processes import is_first_process, launcher_rank
 from gsae_pl.run.checkpointing import finished_run_changes, shown_keys
 from gsae_pl.run.lock import SUITE_LOCK, FolderLock
@@ -145,10 +146,15 @@ class Launcher:
         """The run's log; on a multi-node suite's other processes `<run>.rank<r>.log`, so
         that copies on a shared filesystem do not overwrite each other's."""
         rank = launcher_rank()
-        return self.logs / (f"{run.name}.log" if rank == 0 else f"{run.name}.rank{rank}.log")
+        return self.logs / fitting_name(run.name, ".log" if rank == 0 else f".rank{rank}.log")
+
+    def failed_record(self, run: Run) -> Path:
+        """`failed/<run>.json`; like the log's, the name is shortened to fit if need be (a
+        run name may take all 255 bytes a name can)."""
+        return self.failed_dir / fitting_name(run.name, ".json")
 
     def start(self, run: Run, slot: int | None, index: int) -> subprocess.Popen:
-        (self.failed_dir / f"{run.name}.json").unlink(missing_ok=True)  # a retry
+        self.failed_record(run).unlink(missing_ok=True)  # a retry
         extra = ["trainer.devices=1"] if self.strategy == "parallel" else \
             [f"trainer.devices={self.devices}", "trainer.strategy=ddp"]
         if self.kind == "cpu":
@@ -178,7 +184,7 @@ class Launcher:
             return True
         log = self.log_of(run)
         error = last_error_line(log)
-        atomic_write_json(self.failed_dir / f"{run.name}.json", {
+        atomic_write_json(self.failed_record(run), {
             "run": run.name, "variant": run.variant, "sweep": run.sweep_key,
             "value": run.sweep_value,
             "seed": run.seed, "returncode": returncode, "log": str(log), "error": error})

@@ -188,8 +188,24 @@ def metric_figure(rows: list[dict], metric: str, title: str, style: dict[str, tu
 def plot_metric(rows: list[dict], metric: str, title: str, style: dict[str, tuple]) -> bytes:
     """PNG bytes of `metric` against L0 for the variants in `rows`."""
     buffer = io.BytesIO()
-    metric_figure(rows, metric, title, style).savefig(buffer, format="png", dpi=110)
+    metric_figure(rows, metric, title, style).savefig(buffer, format="png", dpi=110,
+                                                      metadata={"Software": MADE_BY})
     return buffer.getvalue()
+
+
+# The PNG's Software text: the mark of a plot the report made, the only PNGs it deletes.
+MADE_BY = "gsae_pl.report"
+
+
+def made_by_report(png: Path) -> bool:
+    """Whether `png` is a plot the report wrote (a user's own PNG in plots/ is kept)."""
+    from PIL import Image
+
+    try:
+        with Image.open(png) as image:
+            return image.info.get("Software") == MADE_BY
+    except (OSError, ValueError, SyntaxError):  # not a PNG PIL can read: not ours
+        return False
 
 
 def plot_stem(metric: str) -> str:
@@ -200,8 +216,9 @@ def write_plots(suite_dir: Path, rows: list[dict], title: str,
                 figures: dict[str, list[str]] | None = None,
                 metrics: tuple[str, ...] = DEFAULT_METRICS) -> dict[str, list[Path]]:
     """Each of `metrics` that some run has, over all variants (group "") and over each named
-    group of `figures` (files `<group>_<stem>.png`). Files of plots not made this time are
-    removed, so the folder never shows a figure from an earlier state of the suite."""
+    group of `figures` (files `<group>_<stem>.png`). Plots an earlier report made (MADE_BY)
+    and this one did not are removed, so the folder never shows a figure from an earlier
+    state of the suite; any other PNG there stays."""
     style = styles(list({r["variant"] for r in rows}))
     groups = {"": rows}
     groups.update({name: [r for r in rows if r["variant"] in members]
@@ -217,6 +234,6 @@ def write_plots(suite_dir: Path, rows: list[dict], title: str,
             written.setdefault(name, []).append(path)
     kept = {p for paths in written.values() for p in paths}
     for old in (suite_dir / "plots").glob("*.png"):
-        if old not in kept:
+        if old not in kept and made_by_report(old):
             old.unlink()
     return written

@@ -3,7 +3,9 @@
 Reads what the runs left (runs/<name>/{config.yaml,metrics.json}, failed/<name>.json) and writes,
 each file whole or not at all, results.csv, plots/*.png and report.md beside them, and the
 plots again as TensorBoard images under report/ (gsae_pl/suite/report_images.py). It only reads
-run outputs, so it can be rerun at any time, e.g. while a suite is still going.
+run outputs, so it can be rerun at any time, e.g. while a suite is still going. It writes
+only in a suite (a folder holding the suite.yaml ablate writes), and deletes only plots it
+made itself (gsae_pl/suite/plots.py marks them).
 Metric names follow docs/method.md; seed spread, standard errors and what counts as a
 resolved difference: gsae_pl/suite/uncertainty.py; each run's provenance.json:
 gsae_pl/run/provenance.py.
@@ -25,6 +27,7 @@ from gsae_pl.cli import ArgumentParser, run_main
 from gsae_pl.config import migrate
 from gsae_pl.errors import UserError
 from gsae_pl.io import atomic_write_json, atomic_write_text
+from gsae_pl.names import fitting_name
 from gsae_pl.run import provenance
 from gsae_pl.suite import uncertainty
 from gsae_pl.suite.curves import common_l0s, interpolate_at_l0, l0_needed
@@ -326,7 +329,7 @@ def _failures_section(suite_dir: Path, failures: list[dict]) -> list[str]:
         return ["none"]
     body = []
     for f in failures:
-        log = f.get("log") or f"logs/{f['run']}.log"
+        log = f.get("log") or f"logs/{fitting_name(f['run'], '.log')}"  # as ablate names it
         try:  # a path relative to the suite is a working link from report.md
             log = str(Path(log).relative_to(suite_dir))
         except ValueError:
@@ -345,6 +348,7 @@ def write_report(suite_dir: Path, wall_seconds: float | None = None) -> Path:
         wall_seconds, invocations = read_wall_time(suite_dir) or (None, 1)
     if not suite_dir.is_dir():
         raise UserError(f"{suite_dir} is not a directory (expected an ablation suite's output)")
+    check_suite(suite_dir)  # the files it replaces are then the report's own
     rows, unfinished = load_rows(suite_dir)
     failures = load_failures(suite_dir, {r["run"] for r in rows})
     # a failed run keeps its run directory; it is reported once, as failed
@@ -375,6 +379,16 @@ def write_report(suite_dir: Path, wall_seconds: float | None = None) -> Path:
     path = suite_dir / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def check_suite(suite_dir: Path) -> None:
+    """Refuse a folder that is not a suite: the report replaces results.csv, report.md and
+    its plots there, which elsewhere could be a user's own files. A suite is a folder that
+    holds suite.yaml, the copy of the suite file ablate writes before any run."""
+    if not (suite_dir / "suite.yaml").is_file():
+        raise UserError(f"{suite_dir} is not an ablation suite's output (no suite.yaml, which "
+                        "python -m gsae_pl.ablate writes there): pass the output_dir ablate "
+                        "wrote; the report would replace results.csv, report.md and plots/")
 
 
 def _suite_spec(suite_dir: Path) -> dict:

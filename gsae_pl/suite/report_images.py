@@ -4,22 +4,28 @@ goes, as an image summary `pareto/<file stem>`, into one event file under
 under IMAGES (run `report`) beside the runs' own curves.
 
 The report is rewritten whole each time, so the folder holds only the newest event file:
-it is written in a temporary folder inside, then renamed into place, and older event
-files are deleted (otherwise TensorBoard would show every earlier state of the suite).
+it is written to a temporary name in the folder (`.report.tmp<pid>`: no `tfevents` in it,
+so TensorBoard ignores it, and a killed report's is swept by the next), then renamed into
+place, and older event files are deleted (otherwise TensorBoard would show every earlier
+state of the suite).
 The PNG bytes go in as they are, with no decoding or re-encoding.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import os
-import tempfile
+import shutil
+import socket
 import time
 from pathlib import Path
 
 from PIL import Image
 from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.compat.proto.summary_pb2 import Summary
-from tensorboard.summary.writer.event_file_writer import EventFileWriter
+from tensorboard.summary.writer.record_writer import RecordWriter
+
+from gsae_pl.run.io import atomic_write, sweep_stale_temporaries
 
 FOLDER = "report"
 EVENTS = "events.out.tfevents.*"
@@ -37,20 +43,43 @@ def image_summary(tag: str, png: Path) -> Summary:
 def write_images(suite_dir: Path, pngs: list[Path]) -> Path | None:
     """One event file under `<suite_dir>/report/` holding `pngs`; its path (None: no PNG)."""
     folder = Path(suite_dir) / FOLDER
+    _sweep(folder)
     if not pngs:
         for old in folder.glob(EVENTS):
             old.unlink()
         return None
-    folder.mkdir(exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".tmp-") as tmp:
-        writer = EventFileWriter(tmp)
-        for png in pngs:
-            writer.add_event(Event(wall_time=time.time(), step=0,
-                                   summary=image_summary(f"pareto/{png.stem}", png)))
-        writer.close()
-        [written] = Path(tmp).glob(EVENTS)
-        for old in folder.glob(EVENTS):
+    events = [Event(wall_time=time.time(), file_version="brain.Event:2")]
+    events += [Event(wall_time=time.time(), step=0,
+                     summary=image_summary(f"pareto/{png.stem}", png)) for png in pngs]
+    # TensorBoard's own file name (its readers want `events.out.tfevents.<time>...`).
+    path = folder / f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}." \
+                    f"{os.getpid()}.gsae_pl"
+    atomic_write(path, lambda fh: _write_records(fh, events), temporary=_temporary(folder))
+    for old in folder.glob(EVENTS):
+        if old != path:
             old.unlink()
-        path = folder / written.name
-        os.replace(written, path)
     return path
+
+
+def _write_records(fh, events: list[Event]) -> None:
+    records = RecordWriter(fh)
+    for event in events:
+        records.write(event.SerializeToString())
+
+
+def _temporary(folder: Path) -> Path:
+    """The write's temporary: in report/ itself, so TensorBoard never lists it as a run
+    of its own, and with no `tfevents` in its name, so it never reads it as report's."""
+    return folder / f".report.tmp{os.getpid()}"
+
+
+def _sweep(folder: Path) -> None:
+    """What a killed report left: its temporary, and the `.tmp-*` folders in which reports
+    before this one wrote (each held one event file, which TensorBoard listed as a run)."""
+    if not folder.is_dir():
+        return
+    sweep_stale_temporaries(folder, ".report.tmp*")
+    for old in folder.glob(".tmp-*"):
+        if old.is_dir() and not old.is_symlink() and \
+                all(fnmatch.fnmatch(e.name, EVENTS) for e in old.iterdir()):
+            shutil.rmtree(old)

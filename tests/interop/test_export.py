@@ -104,10 +104,13 @@ def test_bad_export_inputs(runs, tmp_path, capsys):
     refused([str(runs / "gated")], tmp_path, capsys, "required: out_dir")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep me")
-    refused([str(runs / "gated"), str(tmp_path / "full")], tmp_path, capsys, "--force")
+    # not an export of gsae_pl's: refused even with --force (tests/run/test_destructive_paths.py)
+    refused([str(runs / "gated"), str(tmp_path / "full"), "--force"], tmp_path, capsys,
+            "not an export")
     assert (tmp_path / "full" / "x").read_text() == "keep me"
-    assert export_main([str(runs / "gated"), str(tmp_path / "full"), "--force"]) == 0
-    assert not (tmp_path / "full" / "x").exists()
+    assert export_main([str(runs / "gated"), str(tmp_path / "sae")]) == 0
+    refused([str(runs / "gated"), str(tmp_path / "sae")], tmp_path, capsys, "--force")
+    assert export_main([str(runs / "gated"), str(tmp_path / "sae"), "--force"]) == 0
 
 
 def test_unfinished_run_needs_a_flag(runs, tmp_path, capsys):

@@ -106,6 +106,7 @@ def finished(tmp_path_factory) -> Path:
 
 def _suite(tmp_path: Path, run: Path) -> Path:
     shutil.copytree(run, tmp_path / "suite" / "runs" / run.name, dirs_exist_ok=True)
+    (tmp_path / "suite" / "suite.yaml").write_text("variants: {gated: {}}\n")  # as ablate's
     return tmp_path / "suite"
 
 
@@ -159,25 +160,23 @@ def test_a_full_disk_mid_write_leaves_the_previous_file_and_no_temporary(
 def test_a_full_disk_mid_export_leaves_the_previous_export_and_no_temporary(
         tmp_path, monkeypatch, fault, finished):
     out = tmp_path / "sae"
-    out.mkdir()
-    (out / "cfg.json").write_bytes(OLD)
+    export(finished, out)  # the previous export, which --force would replace
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     if fault == "weights_mid_write":
-        real = gsae_pl.saelens.save_file
+        real = builtins.open
 
-        def save_file(tensors, filename):
-            real(tensors, filename)
-            Path(filename).write_bytes(Path(filename).read_bytes()[:100])
-            raise _enospc()
+        def open_(file, mode="r", *a, **k):  # the weights file takes half, then ENOSPC
+            fh = real(file, mode, *a, **k)
+            return _FillsUp(fh) if Path(file).name == "sae_weights.safetensors" else fh
 
-        monkeypatch.setattr(gsae_pl.saelens, "save_file", save_file)
+        monkeypatch.setattr(gsae_pl.saelens, "open", open_, raising=False)
     else:  # cfg.json and the weights are written; the disk says no when they are flushed
         monkeypatch.setattr(gsae_pl.saelens.os, "fsync", lambda fd: (_ for _ in ()).throw(
             _enospc()))
     with pytest.raises(OSError):
         export(finished, out, force=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]  # no `.sae.tmp`
-    assert [p.name for p in out.iterdir()] == ["cfg.json"]
-    assert (out / "cfg.json").read_bytes() == OLD
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]  # no temporary folder
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def _dead_pid() -> int:
@@ -199,6 +198,7 @@ def test_fit_sweeps_a_killed_writers_temporaries_at_its_next_start(
     run = tmp_path / "run"
     if state == "resume":  # killed after step 20's checkpoint, before metrics.json
         shutil.copytree(finished / "checkpoints", run / "checkpoints")
+        shutil.copy(finished / "config.yaml", run / "config.yaml")  # fit writes it first
     for stale in STALE_RUN:
         (run / stale).parent.mkdir(parents=True, exist_ok=True)
         (run / stale).write_bytes(b"half a file")
@@ -211,9 +211,14 @@ def test_fit_sweeps_a_killed_writers_temporaries_at_its_next_start(
 
 
 def test_export_sweeps_a_killed_exports_temporary_folder(tmp_path, finished):
-    stale = tmp_path / ".sae.tmp"  # export.py's temporary folder: no pid in its name
-    stale.mkdir()
-    (stale / "sae_weights.safetensors").write_bytes(b"half a file")
+    from gsae_pl.saelens import _temporary_stem
+
+    stem = _temporary_stem(tmp_path / "sae")
+    stale = [tmp_path / ".sae.tmp",  # the folder of exports before pids were in the name
+             tmp_path / f"{stem}.new.tmp{DEAD}", tmp_path / f"{stem}.old.tmp{DEAD}"]
+    for folder in stale:
+        folder.mkdir()
+        (folder / "sae_weights.safetensors").write_bytes(b"half a file")
     export(finished, tmp_path / "sae")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]
     assert sorted(p.name for p in (tmp_path / "sae").iterdir()) == [

@@ -243,6 +243,7 @@ def test_report_skips_a_run_with_a_bad_metrics_json(tmp_path, content):
         (suite / "runs" / name / "config.yaml").write_text(
             f"output: {{variant: v, name: {name}}}\nloss: {{l1_coefficient: 0.1}}\nseed: 0\n")
         (suite / "runs" / name / "metrics.json").write_text(metrics)
+    (suite / "suite.yaml").write_text("variants: {v: {}}\n")  # as ablate writes it
     proc = run([sys.executable, "-m", "gsae_pl.report", str(suite)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr

@@ -34,10 +34,17 @@ LM_POINTS = {
 }
 
 
+def mark_suite(suite: Path) -> None:
+    """The suite.yaml ablate writes: what makes a folder a suite the report may write in."""
+    if not (suite / "suite.yaml").exists():
+        (suite / "suite.yaml").write_text("variants: {gated: {}}\n")
+
+
 def _run(suite: Path, variant: str, l1: float, seed: int, metrics: dict | None) -> str:
     name = f"{variant}_l1-{l1}_seed{seed}"
     run = suite / "runs" / name
     run.mkdir(parents=True)
+    mark_suite(suite)
     cfg = {"output": {"variant": variant, "name": name}, "loss": {"l1_coefficient": l1},
            "seed": seed, "data": {"source": "tiny_lm", "batch_size": 256},
            "sae": {"architecture": "gated", "d_sae": 512}, "trainer": {"max_steps": 100}}
@@ -223,6 +230,7 @@ def test_cli_regenerates_and_refuses_missing_or_empty_dirs(lm_suite, tmp_path, c
     err = capsys.readouterr().err
     assert err.startswith("error:") and "not a directory" in err and err.count("\n") == 1
     (tmp_path / "empty" / "runs").mkdir(parents=True)
+    mark_suite(tmp_path / "empty")
     assert main([str(tmp_path / "empty")]) == 2
     assert "holds no runs" in capsys.readouterr().err
     assert main([]) == 2  # usage error: one line, exit 2 like any bad input
@@ -351,6 +359,7 @@ def test_rows_and_curves_follow_the_key_the_suite_swept(tmp_path):
         name = f"topk_d_sae-{k}_seed0"
         run = suite / "runs" / name
         run.mkdir(parents=True)
+        mark_suite(suite)
         cfg = {"output": {"variant": "wide", "name": name, "sweep": "sae.d_sae"},
                "loss": {"sparsity": {"coefficient": 0.1}}, "seed": 0, "sae": {"d_sae": k}}
         (run / "config.yaml").write_text(yaml.safe_dump(cfg))
