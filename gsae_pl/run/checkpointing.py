@@ -67,6 +67,13 @@ class StepCheckpoint(ModelCheckpoint):
     (Lightning's own end-of-training save is skipped once any checkpoint was written) and
     when a signal stops it (gsae_pl/run/preemption.py)."""
 
+    save_at_step_end = False  # set by Preemption: a signal asked to stop after this step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.save_at_step_end:  # Lightning runs checkpoint callbacks' hooks last
+            self.save_now(trainer)
+
     def on_train_end(self, trainer, pl_module) -> None:
         self.save_now(trainer)
 

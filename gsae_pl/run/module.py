@@ -118,6 +118,24 @@ class SAEModule(L.LightningModule):
         return resampler + self.sae.callbacks(self.cfg) + \
             [BiasHistograms(self.cfg.log.histogram_every_n_steps)]
 
+    # ---- resume ----------------------------------------------------------------------
+    # A gated SAE with sae.kernel=auto picks its CPU path (sparse or dense, equal maths,
+    # not equal bits) from the last batch's density, a host float outside the state dict.
+    # Resumed at 1.0 it took the dense path where the uninterrupted run took the sparse
+    # one, and the runs drifted apart (issue 25: L0 4.868 vs 4.882 after a SIGKILL at
+    # step 300). Every process saves its own (DDP: they differ) and reloads its own.
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if hasattr(self.sae, "last_density"):
+            mine = torch.tensor([self.sae.last_density], dtype=torch.float64,
+                                device=self.device)
+            gathered = self.all_gather(mine).reshape(-1).cpu()  # [world]
+            checkpoint["kernel_density"] = [float(d) for d in gathered]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("kernel_density")  # absent: an older checkpoint
+        if saved and hasattr(self.sae, "last_density"):
+            self.sae.last_density = saved[self.global_rank % len(saved)]
+
     # ---- held-out evaluation --------------------------------------------------------
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         x = batch * self.norm_scale

@@ -38,12 +38,13 @@ from gsae_pl.run.checkpointing import (
     remove_stale_temporaries,
     shown_keys,
 )
+from gsae_pl.run.closed_stdout import quiet_when_stdout_closes
 from gsae_pl.run.datamodule import SAEDataModule
 from gsae_pl.run.faults import NonFiniteMonitor, check_final_metrics, ends_other_processes_on_error
 from gsae_pl.run.lock import RUN_LOCK, FolderLock, takes_run_lock
 from gsae_pl.run.memory import check_run_fits
 from gsae_pl.run.module import SAEModule
-from gsae_pl.run.preemption import Preemption, sigterm_as_preempted
+from gsae_pl.run.preemption import Preemption, raise_if_preempted, sigterm_as_preempted
 from gsae_pl.run.progress import Progress, dead_windows
 from gsae_pl.run.quiet import silence_startup_noise
 from gsae_pl.run.run_dir import (
@@ -185,6 +186,7 @@ def fit(cfg: DictConfig, fresh: bool = False, resume_from: Path | None = None) -
     start = time.perf_counter()
     with sigterm_as_preempted(trainer), ends_other_processes_on_error(trainer):
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    raise_if_preempted(trainer)  # a signal in the last step: saved, no evaluation
     seconds = time.perf_counter() - start
     metrics = final_evaluation(trainer, module, datamodule, run_dir)
     metrics.update(steps=trainer.global_step, seconds=round(seconds, 2),
@@ -259,6 +261,7 @@ def summary_table(run_dir: Path, metrics: dict) -> str:
 
 def run_command(args: argparse.Namespace) -> int:
     """`python -m gsae_pl.fit`'s work, its arguments parsed (gsae_pl/fit.py)."""
+    quiet_when_stdout_closes()  # `fit | head`: no BrokenPipe traceback, the run goes on
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(to_yaml(cfg), end="")

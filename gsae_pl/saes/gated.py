@@ -98,7 +98,9 @@ class GatedSAE(SAE):
             f, gate_acts, fired = encode_gated_sparse(*args)
         else:
             f, gate_acts, fired = GatedEncodeDense.apply(*args, self.compile_mode)
-        if self.kernel == "auto" and x.device.type == "cpu":  # a host read: free on CPU only
+        # A host read, free on CPU only. Training batches only: a held-out evaluation
+        # would otherwise steer the next training step's path, and a resumed run's.
+        if self.kernel == "auto" and x.device.type == "cpu" and self.training:
             self.last_density = float(fired.sum()) / (x.shape[0] * self.d_sae)
         return Encoding(f=f, gate_acts=gate_acts, fired=fired)
 
