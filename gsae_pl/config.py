@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, get_type_hints
@@ -315,6 +316,8 @@ def compose_files(paths: str | Path | list | tuple | None) -> list[tuple[str, di
 
 def _file_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict]]:
     """The YAML file and, before it, the files its `defaults:` list names (depth first)."""
+    if path.is_dir():
+        raise UserError(f"config file {path} is a directory: pass a YAML file in it to --config")
     if not path.is_file():
         raise UserError(f"config file {path} not found: pass an existing YAML file to --config")
     if path.resolve() in seen:
@@ -324,6 +327,8 @@ def _file_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, di
     except DuplicateKeyError as err:  # else the last one would win without a word
         raise UserError(f"config file {path} sets {err.key!r} twice in one mapping (lines "
                         f"{err.first_line} and {err.line}): keep one") from None
+    except yaml.constructor.ConstructorError as err:  # a tag safe loading has no constructor for
+        raise UserError(_unsupported_tag(path, err)) from None
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         line = f" at line {where.line + 1}" if where else ""
@@ -338,6 +343,18 @@ def _file_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, di
     for parent in _defaults_list(path, data.pop("defaults", None)):
         layers += _file_layers(path.parent / parent, seen + (path.resolve(),))
     return layers + [(path, data)]
+
+
+def _unsupported_tag(path: Path, err: yaml.constructor.ConstructorError) -> str:
+    """A `!!python/...` (or any unknown) tag is valid YAML that safe loading refuses on
+    purpose: such tags build Python objects, and building them can run code."""
+    tag = re.search(r"tag '([^']*)'", str(err.problem))
+    shown = (tag.group(1).replace("tag:yaml.org,2002:", "!!") if tag else "a tag")
+    where = err.problem_mark or err.context_mark
+    line = f" at line {where.line + 1}" if where else ""
+    return (f"config file {path} uses the YAML tag {shown}{line}, which is not supported: "
+            "tags that build Python objects are refused for safety (they can run code); "
+            "write a plain value")
 
 
 def _defaults_list(path: Path, defaults: Any) -> list[str]:

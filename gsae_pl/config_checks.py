@@ -35,9 +35,15 @@ NON_NEGATIVE = ("eval.loss_recovered.contexts", "optim.warmup_steps",
                 "data.synthetic.magnitude_noise",
                 "data.synthetic.frequency_exponent", "data.synthetic.correlated_groups",
                 "resample.max_resamples")
-UNIT_INTERVAL = ("optim.beta1", "optim.beta2", "log.dense_threshold",
+# Adam's betas: torch.optim.Adam refuses 1 (a moment that never forgets), and it would do
+# so only once training starts, after the run directory is written.
+BELOW_ONE = ("optim.beta1", "optim.beta2")
+UNIT_INTERVAL = BELOW_ONE + ("log.dense_threshold",
                  "data.synthetic.co_fire_prob", "data.synthetic.min_frequency_ratio",
                  "resample.lr_drop")
+# Positive when set; null switches the setting off (Lightning skips clipping at a value <= 0
+# without a word, so -1 would train unclipped while the config says clipped).
+POSITIVE_OR_NULL = ("trainer.gradient_clip_val",)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -66,6 +72,14 @@ def validate(cfg: DictConfig) -> None:
     for key in unit_interval:
         if not 0 <= get(key) <= 1:
             raise UserError(f"{key}={get(key)} must lie in [0, 1]")
+    for key in BELOW_ONE:
+        if get(key) >= 1:
+            raise UserError(f"{key}={get(key)} must lie in [0, 1) (Adam's moment decay: at 1 "
+                            "a moment never forgets): e.g. 0.999")
+    for key in POSITIVE_OR_NULL:
+        value = get(key)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UserError(f"{key}={value} must be a finite number > 0, or null for none")
     _validate_combinations(cfg)
 
 
