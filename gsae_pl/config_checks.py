@@ -75,7 +75,7 @@ def validate(cfg: DictConfig) -> None:
     for key in BELOW_ONE:
         if get(key) >= 1:
             raise UserError(f"{key}={get(key)} must lie in [0, 1) (Adam's moment decay: at 1 "
-                            "a moment never forgets): e.g. 0.999")
+                            "a moment never forgets): set it below 1")
     for key in POSITIVE_OR_NULL:
         value = get(key)
         if value is not None and not (math.isfinite(value) and value > 0):

@@ -17,11 +17,11 @@ from pathlib import Path
 from gsae_pl.errors import UserError
 
 # What fit writes in a run folder: the config it trained with, TensorBoard's event files and
-# hparams.yaml, provenance.json, metrics.json (last); atomic writes' temporaries are
-# `.<name>.tmp<pid>`.
+# hparams.yaml, inputs.json (run/inputs.py), provenance.json, metrics.json (last); atomic
+# writes' temporaries are `.<name>.tmp<pid>`.
 RUN_FILES = ("config.yaml", "metrics.json", "provenance.json", "hparams.yaml",
              "events.out.tfevents.*", ".config.yaml.tmp*", ".metrics.json.tmp*",
-             ".provenance.json.tmp*")
+             ".provenance.json.tmp*", "inputs.json", ".inputs.json.tmp*")
 CHECKPOINT_FILES = ("*.ckpt", ".*.ckpt.tmp*")  # in checkpoints/ (gsae_pl/run/checkpointing.py)
 MAX_NAME_BYTES = 255  # the longest file name Linux file systems take
 

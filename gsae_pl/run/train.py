@@ -27,6 +27,7 @@ from gsae_pl.config import load_config, to_yaml
 from gsae_pl.data.datamodule import SAEDataModule
 from gsae_pl.errors import UserError
 from gsae_pl.run import provenance
+from gsae_pl.run.inputs import check_inputs, record_inputs
 from gsae_pl.run.checkpointing import (
     AtomicCheckpointIO,
     RNGState,
@@ -157,6 +158,8 @@ def fit(cfg: DictConfig, fresh: bool = False, resume_from: Path | None = None) -
     """
     run_dir = run_dir_of(cfg)
     datamodule = SAEDataModule(cfg)  # refuses bad data before anything is written
+    if resume_from:
+        check_inputs(run_dir, datamodule.source)  # the data the run started on (run/inputs.py)
     trainer = build_trainer(cfg, run_dir)  # refuses bad trainer settings, writes nothing
     check_launch(trainer)
     datamodule.check_world(trainer.world_size)
@@ -170,6 +173,7 @@ def fit(cfg: DictConfig, fresh: bool = False, resume_from: Path | None = None) -
     if trainer.is_global_zero:
         remove_stale_temporaries(run_dir)  # what a killed process was writing, if any
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+        record_inputs(run_dir, datamodule.source, resuming=resume_from is not None)
         if resume_from:
             print(f"resuming {run_dir} from step {checkpoint_step(resume_from)} "
                   f"({resume_from.relative_to(run_dir)})", flush=True)
