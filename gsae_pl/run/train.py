@@ -27,7 +27,6 @@ from gsae_pl.config import load_config, to_yaml
 from gsae_pl.data.datamodule import SAEDataModule
 from gsae_pl.errors import UserError
 from gsae_pl.run import provenance
-from gsae_pl.run.inputs import check_inputs, record_inputs
 from gsae_pl.run.checkpointing import (
     AtomicCheckpointIO,
     RNGState,
@@ -41,6 +40,7 @@ from gsae_pl.run.checkpointing import (
 )
 from gsae_pl.run.faults import NonFiniteMonitor, check_final_metrics, ends_other_processes_on_error
 from gsae_pl.run.fit_args import parse_args
+from gsae_pl.run.inputs import check_inputs, record_inputs
 from gsae_pl.run.io import atomic_write_json, atomic_write_text
 from gsae_pl.run.lock import RUN_LOCK, FolderLock, takes_run_lock
 from gsae_pl.run.memory import check_run_fits
