@@ -94,9 +94,16 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--config FILE [FILE ...]` (merged in order, gsae_pl/config.py) and `key=value` overrides."""
-    parser.add_argument("--config", required=True, nargs="+", metavar="FILE",
-                        help="YAML config(s), merged in order (e.g. configs/base.yaml)")
+    """`--config FILE [FILE ...]` (merged in order, gsae_pl/config.py) and `key=value` overrides.
+
+    `--config` may be given more than once (decision): every file given, in the order given,
+    then every key=value, in the order given. argparse's default would keep only the last
+    `--config` list and drop the files and the key=value written between them without a
+    word (`--config gated.yaml sae.d_sae=64 --config baseline.yaml` trained d_sae 768).
+    The key=value always win over the files, wherever they stand, as with one `--config`."""
+    parser.add_argument("--config", required=True, nargs="+", action="extend", metavar="FILE",
+                        help="YAML config(s), merged in order (e.g. configs/base.yaml); "
+                        "repeating --config adds files, and key=value win over every file")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sae.d_sae=2048")
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, get_type_hints
@@ -31,7 +32,14 @@ from gsae_pl.errors import UserError
 from gsae_pl.eval.base import EvalConfig, eval_schema
 from gsae_pl.losses.base import LOSS_TERMS
 from gsae_pl.names import check_name
-from gsae_pl.ranges import NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, choices
+from gsae_pl.ranges import (
+    BELOW_ONE,
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_OR_NULL,
+    UNIT_INTERVAL,
+    choices,
+)
 from gsae_pl.saes.base import ARCHITECTURES, SAECommon
 from gsae_pl.yaml_io import YAML_11_ONLY_BOOLEANS, DuplicateKeyError, safe_load_unique_keys
 
@@ -86,8 +94,8 @@ def _data_schema(sources: tuple) -> type:
 @dataclass
 class OptimConfig:
     lr: float = field(default=3.0e-3, metadata=POSITIVE)
-    beta1: float = field(default=0.0, metadata=UNIT_INTERVAL)
-    beta2: float = field(default=0.999, metadata=UNIT_INTERVAL)
+    beta1: float = field(default=0.0, metadata=BELOW_ONE)
+    beta2: float = field(default=0.999, metadata=BELOW_ONE)
     warmup_steps: int = field(default=100, metadata=NON_NEGATIVE)
 
 
@@ -127,7 +135,7 @@ class TrainerConfig:
     strategy: str = "auto"
     num_nodes: int = field(default=1, metadata=POSITIVE)
     precision: str = "32-true"
-    gradient_clip_val: Optional[float] = None
+    gradient_clip_val: Optional[float] = field(default=None, metadata=POSITIVE_OR_NULL)
     enable_progress_bar: bool = True
     deterministic: bool = False
 
@@ -289,6 +297,8 @@ def compose_files(paths: str | Path | list | tuple | None) -> list[tuple[str, di
 
 def _file_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict]]:
     """The YAML file and, before it, the files its `defaults:` list names (depth first)."""
+    if path.is_dir():
+        raise UserError(f"config file {path} is a directory: pass a YAML file in it to --config")
     if not path.is_file():
         raise UserError(f"config file {path} not found: pass an existing YAML file to --config")
     if path.resolve() in seen:
@@ -298,6 +308,8 @@ def _file_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, di
     except DuplicateKeyError as err:  # else the last one would win without a word
         raise UserError(f"config file {path} sets {err.key!r} twice in one mapping (lines "
                         f"{err.first_line} and {err.line}): keep one") from None
+    except yaml.constructor.ConstructorError as err:  # a tag safe loading has no constructor for
+        raise UserError(_unsupported_tag(path, err)) from None
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         line = f" at line {where.line + 1}" if where else ""
@@ -312,6 +324,18 @@ def _file_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, di
     for parent in _defaults_list(path, data.pop("defaults", None)):
         layers += _file_layers(path.parent / parent, seen + (path.resolve(),))
     return layers + [(path, data)]
+
+
+def _unsupported_tag(path: Path, err: yaml.constructor.ConstructorError) -> str:
+    """A `!!python/...` (or any unknown) tag is valid YAML that safe loading refuses on
+    purpose: such tags build Python objects, and building them can run code."""
+    tag = re.search(r"tag '([^']*)'", str(err.problem))
+    shown = (tag.group(1).replace("tag:yaml.org,2002:", "!!") if tag else "a tag")
+    where = err.problem_mark or err.context_mark
+    line = f" at line {where.line + 1}" if where else ""
+    return (f"config file {path} uses the YAML tag {shown}{line}, which is not supported: "
+            "tags that build Python objects are refused for safety (they can run code); "
+            "write a plain value")
 
 
 def _defaults_list(path: Path, defaults: Any) -> list[str]:

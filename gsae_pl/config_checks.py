@@ -32,7 +32,7 @@ def validate(cfg: DictConfig, declared: dict[str, dict]) -> None:
             raise UserError(f"{key}={get(key)} is not one of: {shown}")
     ranged = lambda kind: tuple(k for k, meta in declared.items() if meta.get("range") == kind)
     positive, non_negative = ranged("positive"), ranged("non_negative")
-    unit_interval = ranged("unit_interval")
+    unit_interval = ranged("unit_interval") + ranged("below_one")
     for key in positive + non_negative + unit_interval:  # nan passes no comparison below
         if not math.isfinite(get(key)):
             raise UserError(f"{key}={get(key)} must be a finite number")
@@ -45,6 +45,14 @@ def validate(cfg: DictConfig, declared: dict[str, dict]) -> None:
     for key in unit_interval:
         if not 0 <= get(key) <= 1:
             raise UserError(f"{key}={get(key)} must lie in [0, 1]")
+    for key in ranged("below_one"):
+        if get(key) >= 1:
+            raise UserError(f"{key}={get(key)} must lie in [0, 1) (Adam's moment decay: at 1 "
+                            "a moment never forgets): set it below 1")
+    for key in ranged("positive_or_null"):
+        value = get(key)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UserError(f"{key}={value} must be a finite number > 0, or null for none")
     _validate_combinations(cfg)
 
 

@@ -15,7 +15,13 @@ from collections.abc import Callable
 POSITIVE = {"range": "positive"}  # > 0
 NON_NEGATIVE = {"range": "non_negative"}  # >= 0
 UNIT_INTERVAL = {"range": "unit_interval"}  # in [0, 1]
-RANGES = ("positive", "non_negative", "unit_interval")
+# In [0, 1): Adam's betas (torch refuses 1, a moment that never forgets, but only once
+# training starts, after the run directory is written).
+BELOW_ONE = {"range": "below_one"}
+# > 0 when set; null switches the setting off (Lightning skips clipping at a value <= 0
+# without a word, so -1 would train unclipped while the config says clipped).
+POSITIVE_OR_NULL = {"range": "positive_or_null"}
+RANGES = ("positive", "non_negative", "unit_interval", "below_one", "positive_or_null")
 
 
 def choices(*options) -> dict:

@@ -26,6 +26,19 @@ filesystem with locks this holds across nodes too. Whichever process locks first
 the rows are the same, since they are a pure function of the config. The lock file stays
 (empty): deleting a lock file that others may hold open is a race (gsae_pl/run/lock.py).
 
+Checked on open (decision): a cache is a folder anyone can edit, copy half of, or fill with
+other arrays, and metadata.json alone would be believed (shards cut to 100 rows trained as
+if they held 400; int32 shards under float32 metadata trained to FVU 1351, exit 0). So
+every open checks metadata.json's own form, then each shard's file against it: present,
+an .npy header with the recorded rows, width and dtype, the size that header implies (a
+cut file), and a digest of a fixed sample of its rows against the one recorded when it was
+written. A sample, not the whole shard: the whole cache would be read once more before
+every run, where the cache exists to make the start cheap; the sample catches a shard
+rewritten or swapped for another, and the whole-shard digests recorded beside it identify
+the cache in a run's record (gsae_pl/run/inputs.py: a resume refuses a cache rebuilt with
+other rows). Caches written before the digests existed are checked without them. Any
+mismatch is one line naming the file: delete the folder and the next run rebuilds it.
+
 Reading: shards are memory-mapped; each epoch visits them in a new seeded order and reads
 contiguous slices, so throughput approaches memory speed (benchmarks/RESULTS.md). Rows
 were already mixed by the shuffle buffer when the cache was written, and global batch k is
@@ -43,10 +56,12 @@ import fcntl
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from hashlib import blake2b
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +80,8 @@ REFERENCE_CE = "reference_ce"  # a subfolder: lm_eval's clean / zero-ablated CE 
 WRITE_LOCK = ".write.lock"  # held by the process writing the cache
 _SHARD_BYTES = 64 * 2**20  # ~64 MB shards: big sequential reads, many shards to shuffle
 _WRITE_BATCH = 8192  # rows taken from the source per step of the progress bar
+_SAMPLE_ROWS = 64  # rows per shard whose digest every open checks (module docstring)
+_SHARD_NAME = re.compile(r"shard_\d{5}\.npy")  # what _save_shard names them; nothing else
 
 
 # ---- the key and the folder ------------------------------------------------------------
@@ -92,8 +109,50 @@ def cache_dir(lm, cfg) -> Path:
 
 
 def read_metadata(directory: Path) -> dict | None:
+    """The cache's metadata.json, None where there is none (not a cache yet); one that is
+    not what write_cache writes is refused (module docstring: checked on open)."""
     path = Path(directory) / METADATA
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise _damaged(path, f"cannot be read ({reason})") from None
+    problem = _metadata_problem(meta)
+    if problem:
+        raise _damaged(path, problem)
+    return meta
+
+
+def _damaged(path: Path, problem: str) -> UserError:
+    return UserError(f"the activation cache file {path} {problem}: delete the folder "
+                     f"{path.parent} and the next run rebuilds the cache")
+
+
+def _metadata_problem(meta) -> str | None:
+    """What is wrong with a metadata.json's form, or None."""
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    if not isinstance(meta, dict):
+        return f"holds a {type(meta).__name__}, not the cache's metadata"
+    missing = [k for k in ("key", "rows", "d_in", "dtype", "shards") if k not in meta]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    if not isinstance(meta["key"], dict):
+        return "has a key that is not a mapping"
+    if not (is_int(meta["rows"]) and is_int(meta["d_in"]) and meta["d_in"] > 0):
+        return f"has rows={meta['rows']!r}, d_in={meta['d_in']!r}: expected counts"
+    if meta["dtype"] not in ("float32", "float16"):
+        return f"has dtype={meta['dtype']!r}: expected float32 or float16"
+    shards = meta["shards"]
+    if not (isinstance(shards, list) and shards and all(
+            isinstance(e, dict) and isinstance(e.get("file"), str) and is_int(e.get("rows"))
+            and e["rows"] > 0 and _SHARD_NAME.fullmatch(e["file"]) for e in shards)):
+        return "has a shard list that is not [{file: shard_NNNNN.npy, rows: N > 0}, ...]"
+    if sum(e["rows"] for e in shards) != meta["rows"]:
+        return (f"says rows={meta['rows']} but its shards hold "
+                f"{sum(e['rows'] for e in shards)}")
+    return None
 
 
 def check_key(directory: Path, meta: dict, key: dict) -> None:
@@ -226,9 +285,55 @@ def _stored(rows: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _save_shard(directory: Path, index: int, rows: Tensor) -> dict:
-    name = f"shard_{index:05d}.npy"
-    atomic_save_npy(directory / name, rows.numpy())
-    return {"file": name, "rows": len(rows)}
+    """Save one shard; its entry in metadata.json: file, rows, and the digests of all its
+    rows and of the sample every open checks (module docstring)."""
+    name, array = f"shard_{index:05d}.npy", rows.numpy()
+    atomic_save_npy(directory / name, array)
+    return {"file": name, "rows": len(rows), "blake2b": _digest(array),
+            "sample_blake2b": _digest(array[_sample_index(len(array))])}
+
+
+def _digest(rows: np.ndarray) -> str:
+    """blake2b of the rows' values as stored (C order, little-endian)."""
+    stored = np.ascontiguousarray(rows, dtype=rows.dtype.newbyteorder("<"))
+    return blake2b(stored.tobytes(), digest_size=16).hexdigest()
+
+
+def _sample_index(n_rows: int) -> np.ndarray:
+    """Up to _SAMPLE_ROWS rows spread evenly over a shard, its first and last included."""
+    return np.unique(np.linspace(0, n_rows - 1, min(n_rows, _SAMPLE_ROWS)).round()
+                     .astype(np.int64))
+
+
+def open_shard(directory: Path, entry: dict, d_in: int, dtype: str) -> np.ndarray:
+    """One shard, memory-mapped, once its file matches its metadata.json entry."""
+    path, rows = Path(directory) / entry["file"], entry["rows"]
+    if not path.is_file():
+        raise _damaged(path, "is missing")
+    try:
+        shard = np.load(path, mmap_mode="r")  # allow_pickle=False: object arrays refused
+    except Exception as err:  # numpy's errors for a cut or foreign file vary
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise _damaged(path, f"cannot be read as .npy ({reason})") from None
+    if shard.shape != (rows, d_in) or shard.dtype != np.dtype(dtype):
+        raise _damaged(path, f"holds {shard.dtype} {list(shard.shape)} where metadata.json "
+                       f"records {dtype} [{rows}, {d_in}]")
+    if path.stat().st_size != shard.offset + shard.nbytes:
+        raise _damaged(path, f"is {path.stat().st_size} bytes where its header implies "
+                       f"{shard.offset + shard.nbytes}")
+    recorded = entry.get("sample_blake2b")  # absent in caches written before it was
+    if recorded is not None and _digest(shard[_sample_index(rows)]) != recorded:
+        raise _damaged(path, "holds other rows than the cache recorded (its sample digest "
+                       "differs)")
+    return shard
+
+
+def cache_digest(meta: dict) -> str:
+    """One digest naming a cache's rows: its shards' entries (the whole-shard digests, where
+    recorded) and dtype."""
+    text = json.dumps({"dtype": meta["dtype"], "d_in": meta["d_in"], "shards": meta["shards"]},
+                      sort_keys=True)
+    return blake2b(text.encode(), digest_size=16).hexdigest()
 
 
 # ---- reading ---------------------------------------------------------------------------
@@ -261,7 +366,10 @@ class CachedSource:
             print(f"note: the cache in {self.directory} holds {meta['rows']} rows and this "
                   f"run reads {rows_wanted(self.cfg)}: its rows repeat (raise "
                   "data.cache_rows and delete the folder for fresh ones)", file=sys.stderr)
-        self.shards = [np.load(self.directory / s["file"], mmap_mode="r")
+        if meta["d_in"] != self.d_in:
+            raise _damaged(self.directory / METADATA, f"records d_in={meta['d_in']}, but the "
+                           f"model's activations at this hook have width {self.d_in}")
+        self.shards = [open_shard(self.directory, s, self.d_in, meta["dtype"])
                        for s in meta["shards"]]
         self.meta = meta
 
@@ -276,6 +384,12 @@ class CachedSource:
         stored = (self.meta or {}).get("dtype", "float32")
         return {**self.lm.describe(), "cache": str(self.directory), "cache_rows": self.n_rows,
                 **({"cache_dtype": stored} if stored != "float32" else {})}
+
+    def fingerprint(self) -> dict:
+        """What a resume checks the cache against (gsae_pl/run/inputs.py)."""
+        meta = self.meta or {}
+        return {"cache": str(self.directory), "rows": meta.get("rows"), "d_in": self.d_in,
+                "dtype": meta.get("dtype"), "blake2b": cache_digest(meta) if meta else None}
 
     def global_batches(self, batch_size: int, start_step: int) -> Iterator[Tensor]:
         if self.meta is None:

@@ -5,11 +5,18 @@ the rows of the current batch are touched. The LAST `holdout_rows` rows are the 
 set (docs/method.md sec. 6: evaluate on rows training never sees); the rest are shuffled afresh
 each epoch. Everything is checked when the source is built, so a bad file fails at once
 with one line instead of as a NaN loss hours into a run.
+
+The same scan that looks for NaN and Inf digests the rows (blake2b of their values as
+stored, little-endian, row after row), so a run records what it trained on and a resume
+refuses a file whose contents changed (gsae_pl/run/inputs.py). Decision: the whole file,
+not a sample of rows: the scan reads every row anyway, so the digest costs no extra read,
+and a sample would miss an edit to the rows it skips.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from hashlib import blake2b
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +31,7 @@ from gsae_pl.seeds import stream_seed
 
 SUFFIXES = (".npy", ".safetensors", ".pt")
 _SCAN_ROWS = 65536  # rows per chunk of the NaN/Inf scan: bounded memory on a big memmap
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # training computes in float32
 
 
 def _as_tensor(rows: Any) -> Tensor:
@@ -85,6 +93,30 @@ def _open(path: Path) -> tuple[Any, str]:
                         "complete and in that format?") from None
 
 
+def _bad_rows(block: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the rows holding NaN or Inf, and of the finite rows holding a value beyond
+    float32's range (float64 data only), in the block's own dtype (converted first, such a
+    value would read as Inf)."""
+    if isinstance(block, Tensor):
+        finite = torch.isfinite(block)
+        big = finite & (block.abs() > FLOAT32_MAX) if block.dtype == torch.float64 else None
+        finite, big = finite.numpy(), None if big is None else big.numpy()
+    else:
+        finite = np.isfinite(block)
+        big = finite & (np.abs(block) > FLOAT32_MAX) if block.dtype.itemsize > 4 else None
+    bad = np.flatnonzero(~finite.all(axis=1))
+    return bad, np.flatnonzero(big.any(axis=1)) if big is not None else bad[:0]
+
+
+def _stored_bytes(block: Any) -> bytes:
+    """The block's values as stored, C order, little-endian: the same rows give the same
+    bytes whatever the file's layout (Fortran order, big-endian) or format."""
+    if isinstance(block, Tensor):
+        return block.contiguous().view(torch.uint8).numpy().tobytes()
+    block = np.asarray(block)
+    return np.ascontiguousarray(block, dtype=block.dtype.newbyteorder("<")).tobytes()
+
+
 class FileSource:
     """An ActivationSource (see base.py) over an [N, d_in] array in a file."""
 
@@ -103,6 +135,9 @@ class FileSource:
             raise UserError(f"data file {path} has dtype {self.dtype.split()[-1]}: save "
                             "activations as floats (float16/bfloat16/float32/float64)")
         self.n_rows, self.d_in = shape
+        if self.d_in == 0:
+            raise UserError(f"data file {path} holds {self.n_rows} rows of width 0 (shape "
+                            f"{list(shape)}): save one activation vector per row")
         needed = self.holdout_rows + int(min_train_rows)
         if self.n_rows < needed:
             raise UserError(f"data file {path} has {self.n_rows} rows but {needed} are needed "
@@ -112,12 +147,25 @@ class FileSource:
         self.n_train = self.n_rows - self.holdout_rows
 
     def _check_finite(self) -> None:
+        """Refuse NaN, Inf and values float32 cannot hold, naming the first bad row; digest
+        the rows on the way (module docstring)."""
+        digest = blake2b(digest_size=16)
         for start in range(0, self.n_rows, _SCAN_ROWS):
-            block = _as_tensor(self._rows[start:start + _SCAN_ROWS])
-            bad = (~torch.isfinite(block)).any(dim=1).nonzero()
-            if len(bad):
+            block = self._rows[start:start + _SCAN_ROWS]
+            digest.update(_stored_bytes(block))
+            non_finite, too_big = _bad_rows(block)
+            if len(non_finite) and not (len(too_big) and too_big[0] < non_finite[0]):
                 raise UserError(f"data file {self.path} has NaN or Inf in row "
-                                f"{start + int(bad[0])}: clean or regenerate the activations")
+                                f"{start + int(non_finite[0])}: clean or regenerate the "
+                                "activations")
+            if len(too_big):
+                row = int(too_big[0])
+                largest = float(np.abs(np.asarray(block[row], dtype=np.float64)).max())
+                raise UserError(f"data file {self.path} has a value of {largest:.4g} in row "
+                                f"{start + row}, beyond float32's range (largest "
+                                f"{FLOAT32_MAX:.4g}), which training computes in: rescale "
+                                "the activations")
+        self.blake2b = digest.hexdigest()
 
     def global_batches(self, batch_size: int, start_step: int) -> Iterator[Tensor]:
         per_epoch = self.n_train // batch_size  # global batches; a partial last one is dropped
@@ -148,6 +196,11 @@ class FileSource:
     def describe(self) -> dict:
         return {"source": "file", "path": str(self.path), "rows": self.n_rows,
                 "d_in": self.d_in, "dtype": self.dtype}
+
+    def fingerprint(self) -> dict:
+        """What a resume checks the file against (gsae_pl/run/inputs.py)."""
+        return {"file": str(self.path), "rows": self.n_rows, "d_in": self.d_in,
+                "dtype": self.dtype, "blake2b": self.blake2b}
 
 
 @SOURCES.register("file")

@@ -35,6 +35,29 @@ def describe(cfg) -> str:
     return f"data.source={data.source}" + (f" at {data.hook}" if data.source == "tiny_lm" else "")
 
 
+def check_scale(sample: Tensor, cfg) -> None:
+    """Refuse a normalisation sample with nothing to learn, or one whose scalar float32
+    cannot hold (the module computes it in float64: run/module.py), each named as what it
+    is: all zero, too small (e.g. subnormal values), too large."""
+    rows = f"the first {len(sample)} rows of {describe(cfg)}"
+    largest = float(sample.abs().max()) if sample.numel() else 0.0
+    if largest == 0:
+        raise UserError(f"{rows} are all zero: nothing to normalise or learn; check the "
+                        "activations")
+    mean_sq = float(sample.double().pow(2).sum(1).mean())
+    scale = (sample.shape[1] / mean_sq) ** 0.5 if mean_sq > 0 else float("inf")
+    if not cfg.data.normalize:
+        return
+    if not scale < torch.finfo(torch.float32).max:
+        raise UserError(f"{rows} are too small to normalise in float32 (largest |x| "
+                        f"{largest:.4g}, mean squared norm {mean_sq:.4g}): scale the "
+                        "activations up, e.g. by 1e20")
+    if not scale > torch.finfo(torch.float32).tiny:
+        raise UserError(f"{rows} are too large to normalise in float32 (largest |x| "
+                        f"{largest:.4g}, mean squared norm {mean_sq:.4g}): scale the "
+                        "activations down")
+
+
 def build_source(cfg) -> ActivationSource:
     """The source named by `data.source` (data/base.py: SOURCES); `cfg` is the run config."""
     return SOURCES[cfg.data.source](cfg)
@@ -69,10 +92,7 @@ class SAEDataModule(L.LightningDataModule):
         # Drawn now, not when fit asks, so that data with nothing to normalise is refused
         # before anything is written; fit then reads the same rows (sample_rows).
         self._sample = self._first_rows(cfg.data.normalize_rows)
-        if not bool(self._sample.pow(2).sum(1).mean() > 0):
-            raise UserError(f"the first {len(self._sample)} rows of {describe(cfg)} are all "
-                            "zero (mean squared norm 0): nothing to normalise or learn; check "
-                            "the activations")
+        check_scale(self._sample, cfg)
 
     def check_world(self, world_size: int) -> None:
         """Refuse a global batch that does not split evenly, before anything is written."""

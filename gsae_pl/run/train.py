@@ -41,6 +41,7 @@ from gsae_pl.run.checkpointing import (
 from gsae_pl.run.closed_stdout import quiet_when_stdout_closes
 from gsae_pl.run.datamodule import SAEDataModule
 from gsae_pl.run.faults import NonFiniteMonitor, check_final_metrics, ends_other_processes_on_error
+from gsae_pl.run.inputs import check_inputs, record_inputs
 from gsae_pl.run.lock import RUN_LOCK, FolderLock, takes_run_lock
 from gsae_pl.run.memory import check_run_fits
 from gsae_pl.run.module import SAEModule
@@ -162,6 +163,8 @@ def fit(cfg: DictConfig, fresh: bool = False, resume_from: Path | None = None) -
     """
     run_dir = run_dir_of(cfg)
     datamodule = SAEDataModule(cfg)  # refuses bad data before anything is written
+    if resume_from:
+        check_inputs(run_dir, datamodule.source)  # the data the run started on (run/inputs.py)
     trainer = build_trainer(cfg, run_dir)  # refuses bad trainer settings, writes nothing
     check_launch(trainer)
     datamodule.check_world(trainer.world_size)
@@ -177,6 +180,7 @@ def fit(cfg: DictConfig, fresh: bool = False, resume_from: Path | None = None) -
     if trainer.is_global_zero:
         remove_stale_temporaries(run_dir)  # what a killed process was writing, if any
         atomic_write_text(run_dir / "config.yaml", RUN_HEADER + to_yaml(cfg))
+        record_inputs(run_dir, datamodule.source, resuming=resume_from is not None)
         if resume_from:
             print(f"resuming {run_dir} from step {checkpoint_step(resume_from)} "
                   f"({resume_from.relative_to(run_dir)})", flush=True)

@@ -25,7 +25,7 @@ from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.summary.writer.record_writer import RecordWriter
 
-from gsae_pl.run.io import atomic_write, sweep_stale_temporaries
+from gsae_pl.io import atomic_write, sweep_stale_temporaries
 
 FOLDER = "report"
 EVENTS = "events.out.tfevents.*"
