@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from gsae_pl import load_sae
-from gsae_pl.run.train import main as fit_main
+from gsae_pl.fit import main as fit_main
 from gsae_pl.saelens import main as export_main
 from tests.tiny_run import ROOT, TINY, args, fit_process, run
 

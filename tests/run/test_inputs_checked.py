@@ -18,8 +18,8 @@ from gsae_pl.data.cache import CachedSource, write_cache
 from gsae_pl.data.file import FileSource
 from gsae_pl.data.transformer_lens import build_lm_source
 from gsae_pl.errors import UserError
+from gsae_pl.fit import main
 from gsae_pl.run.inputs import INPUTS, check_inputs, record_inputs
-from gsae_pl.run.train import main
 from tests.data.lm_fixtures import lm_cfg, write_text, write_tiny_gpt2
 from tests.run.test_clean_errors import assert_one_line
 from tests.tiny_run import BASE, ROOT, args, fit_process, run

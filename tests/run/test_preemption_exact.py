@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gsae_pl.run.train import main
+from gsae_pl.fit import main
 from gsae_pl.saes.gated import SPARSE_CROSSOVER
 from tests.run.test_preemption import SLOW_STEPS, environment, signal_after_first_checkpoint, start
 from tests.tiny_run import ROOT, args, fit_process, metrics, run, wrapper_script
@@ -38,7 +38,7 @@ STEPS = list(range(1, 15))
 DRIVER = """
 import json, os, signal, sys
 from gsae_pl.run.module import SAEModule
-from gsae_pl.run.train import main
+from gsae_pl.fit import main
 AT = [0]
 _step = SAEModule.training_step
 def _signal_inside_step(self, batch, batch_idx):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from gsae_pl import load_sae
-from gsae_pl.run.train import main
+from gsae_pl.fit import main
 from tests.run.test_clean_errors import assert_one_line
 from tests.tiny_run import args, fit_process, run
 
