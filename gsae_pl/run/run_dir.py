@@ -85,6 +85,12 @@ def foreign_run_files(run_dir: Path) -> list[Path]:
 def check_own_folder(run_dir: Path) -> None:
     """Refuse a run folder where fit would replace or delete a file it did not write."""
     foreign = foreign_run_files(run_dir)
+    config = Path(run_dir) / "config.yaml"
+    if foreign and config in foreign:  # damaged, or not fit's: either way not fit's to replace
+        raise UserError(f"{config} is not a config gsae_pl.fit wrote (damaged, or a file of "
+                        "yours), so fit leaves this folder alone, --force included: restore "
+                        "the file, delete the folder yourself, or set output.name to a new "
+                        "folder")
     if foreign:
         raise UserError(f"{foreign[0]} was not written by gsae_pl.fit (its folder holds no "
                         "config.yaml of fit's), and fit would replace it: set output.name to "

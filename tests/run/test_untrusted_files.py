@@ -203,7 +203,7 @@ def test_a_finished_run_with_a_damaged_config_yaml_is_one_line(finished, tmp_pat
         assert main(args(tmp_path / "out", "run", "trainer.max_steps=20")) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1, err
-        assert f"{run_dir / 'config.yaml'}" in err and "--force" in err, err
+        assert f"{run_dir / 'config.yaml'}" in err and "output.name" in err, err
         assert snapshot(run_dir) == before
 
 
