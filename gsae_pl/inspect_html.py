@@ -195,8 +195,7 @@ def markdown(latent: Latent, view: Inspection) -> str:
     else:
         lines.append("it fired on none of the held-out rows")
     if latent.promoted is not None:
-        tokens = ", ".join(f"`{tok}` {logit:+.4g}".replace("``", "` `")
-                           for tok, logit in _code_safe(latent.promoted))
+        tokens = ", ".join(f"\u201c{md(tok)}\u201d {logit:+.4g}" for tok, logit in latent.promoted)
         lines += ["", f"promoted tokens ({md(view.promoted_note)}): {tokens}"]
     return "\n".join(lines) + "\n"
 
@@ -204,11 +203,6 @@ def markdown(latent: Latent, view: Inspection) -> str:
 def _md_context(context: Context) -> str:
     return "".join(_md_focus(t) if i == context.focus else md(t)
                    for i, t in enumerate(context.tokens))
-
-
-def _code_safe(promoted):
-    """Tokens inside `code` spans: backticks swapped for a look-alike, controls visible."""
-    return [(visible(tok).replace("`", "\u02cb"), logit) for tok, logit in promoted]
 
 
 def about_markdown(view: Inspection) -> str:
