@@ -142,8 +142,9 @@ def _say(message: str, start: float) -> None:
           flush=True)
 
 
-def inspect_run(run_dir: Path, indices: list[int] | None, n: int, k: int) -> Inspection:
-    start = time.perf_counter()
+def inspect_run(run_dir: Path, indices: list[int] | None, n: int, k: int,
+                start: float | None = None) -> Inspection:
+    start = time.perf_counter() if start is None else start
     cfg, weights, step = read_finished_run(run_dir)
     d_sae = int(weights["sae.W_dec"].shape[0])
     _check_indices(indices, d_sae, run_dir)
@@ -250,10 +251,12 @@ def texts(view: Inspection) -> dict[str, str]:
 
 
 def _main(args: argparse.Namespace) -> int:
-    view = inspect_run(args.run_dir, args.indices, args.n, args.k)
+    start = time.perf_counter()
+    view = inspect_run(args.run_dir, args.indices, args.n, args.k, start)
     html_path = args.run_dir / PAGE
     atomic_write_text(html_path, page(view))
     events = write_tensorboard(args.run_dir, view.step, texts(view))
+    _say("page and texts written", start)
     print(f"wrote {html_path} ({len(view.latents)} latents) and their TensorBoard texts "
           f"({events.name}: the TEXT tab)")
     return 0
