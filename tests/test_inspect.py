@@ -25,6 +25,7 @@ from gsae_pl.inspect_latents import (
     residual_directions,
     scan,
 )
+from gsae_pl.run.run_dir import remove_run_outputs
 from gsae_pl.run.train import main as fit
 from tests.data.lm_fixtures import write_text, write_tiny_gpt2
 from tests.tiny_run import ROOT, args
@@ -126,6 +127,14 @@ def test_inspect_a_synthetic_run(synthetic_run):
     assert sorted(_events_texts(synthetic_run)) == ["inspect/00_about", "inspect/01_latent_3",
                                                     "inspect/02_latent_1"]
     assert "latent-5" not in (synthetic_run / "inspect/latents.html").read_text()
+
+
+def test_fit_force_removes_the_page_of_the_sae_it_replaces(synthetic_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(synthetic_run, run)
+    assert main([str(run), "--n", "2"]) == 0
+    remove_run_outputs(run)  # what fit --force deletes first
+    assert not (run / "inspect").exists() and not list(run.glob("*.inspect"))
 
 
 @pytest.mark.parametrize("argv,needle", [

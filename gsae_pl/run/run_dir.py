@@ -18,10 +18,11 @@ from gsae_pl.errors import UserError
 
 # What fit writes in a run folder: the config it trained with, TensorBoard's event files and
 # hparams.yaml, provenance.json, metrics.json (last); atomic writes' temporaries are
-# `.<name>.tmp<pid>`.
+# `.<name>.tmp<pid>`; and gsae_pl.inspect's page (its TensorBoard texts are an event file),
+# which would describe the SAE that --force replaces.
 RUN_FILES = ("config.yaml", "metrics.json", "provenance.json", "hparams.yaml",
              "events.out.tfevents.*", ".config.yaml.tmp*", ".metrics.json.tmp*",
-             ".provenance.json.tmp*")
+             ".provenance.json.tmp*", "inspect/latents.html", "inspect/.latents.html.tmp*")
 CHECKPOINT_FILES = ("*.ckpt", ".*.ckpt.tmp*")  # in checkpoints/ (gsae_pl/run/checkpointing.py)
 MAX_NAME_BYTES = 255  # the longest file name Linux file systems take
 
@@ -80,7 +81,7 @@ def remove_run_outputs(run_dir: Path) -> None:
         for path in run_dir.glob(pattern):
             if path.is_file():
                 path.unlink(missing_ok=True)
-    for folder in (checkpoints, run_dir):
+    for folder in (checkpoints, run_dir / "inspect", run_dir):
         try:
             folder.rmdir()
         except OSError:
