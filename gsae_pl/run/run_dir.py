@@ -27,10 +27,12 @@ from gsae_pl.names import MAX_NAME_BYTES
 
 # What fit writes in a run folder: the config it trained with, TensorBoard's event files and
 # hparams.yaml, inputs.json (run/inputs.py), provenance.json, metrics.json (last); atomic
-# writes' temporaries are `.<name>.tmp<pid>`.
+# writes' temporaries are `.<name>.tmp<pid>`; and gsae_pl.inspect's page (its TensorBoard
+# texts are an event file), which would describe the SAE that --force replaces.
 RUN_FILES = ("config.yaml", "metrics.json", "provenance.json", "hparams.yaml",
              "events.out.tfevents.*", ".config.yaml.tmp*", ".metrics.json.tmp*",
-             ".provenance.json.tmp*", "inputs.json", ".inputs.json.tmp*")
+             ".provenance.json.tmp*", "inputs.json", ".inputs.json.tmp*",
+             "inspect/latents.html", "inspect/.latents.html.tmp*")
 CHECKPOINT_FILES = ("*.ckpt", ".*.ckpt.tmp*")  # in checkpoints/ (gsae_pl/run/checkpointing.py)
 # config.yaml's first line: the mark of a folder fit wrote (a YAML comment: readers skip it).
 RUN_HEADER = "# gsae_pl.fit wrote this run folder: the config it trained with\n"
@@ -112,7 +114,7 @@ def remove_run_outputs(run_dir: Path) -> None:
         for path in run_dir.glob(pattern):
             if path.is_file():
                 path.unlink(missing_ok=True)
-    for folder in (checkpoints, run_dir):
+    for folder in (checkpoints, run_dir / "inspect", run_dir):
         try:
             folder.rmdir()
         except OSError:
