@@ -54,6 +54,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from gsae_pl.commands import python_m
 from gsae_pl.data.base import SOURCES, epoch_batches, train_stream
 from gsae_pl.errors import UserError
 from gsae_pl.io import atomic_save_npy, atomic_write_json, sweep_stale_temporaries
@@ -167,7 +168,7 @@ def _flock(fd: int, directory: Path) -> None:
 def _refuse_unlockable(err: OSError, directory: Path) -> None:
     reason = err.strerror or errno.errorcode.get(err.errno, type(err).__name__)
     raise UserError(f"cannot lock the activation cache in {directory} ({reason}): write it "
-                    "first with python -m gsae_pl.cache --config FILE") from None
+                    f"first with {python_m('gsae_pl.cache')} --config FILE") from None
 
 
 def write_cache(lm, directory: Path, cfg, progress: bool = True) -> dict:

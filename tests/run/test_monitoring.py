@@ -170,11 +170,24 @@ def test_the_layout_states_each_dead_fraction_window_in_tokens():
 
 
 def test_closing_lines_warn_when_most_features_are_dead(tmp_path):
-    cfg = _cfg("sae.d_sae=64", "eval.rows=1000")
+    cfg = _cfg("sae.d_sae=64", "eval.rows=1000", "log.histogram_every_n_steps=10",
+               "data.batch_size=100")
     warned = closing_lines(cfg, tmp_path / "r", {"dead_fraction": 0.75}).splitlines()
-    assert warned[0].startswith("warning: 75% of the 64 features are dead (fired on none of "
-                                "the 1,000 held-out tokens)")
+    assert warned[0].startswith("warning: 75% of the 64 features fired on none of the 1,000 "
+                                "held-out tokens (eval.rows); resampling was on (")
+    assert "resample.enabled" not in warned[0]  # it is on: no advice to turn it on
     assert closing_lines(cfg, tmp_path / "r", {"dead_fraction": 0.5}).startswith("next steps:")
+    # Training's own window saw most of them fire: rare, not dead; the advice is a longer
+    # held-out window, not resampling.
+    rare = closing_lines(cfg, tmp_path / "r", {"dead_fraction": 0.6}, train_dead=0.04)
+    assert rare.splitlines()[0] == (
+        "warning: 60% of the 64 features fired on none of the 1,000 held-out tokens "
+        "(eval.rows); over the last 1,000 training tokens 4% were dead: most of them are "
+        "rare, not dead; a larger eval.rows counts them (resampling was on (4 resamples "
+        "every 500 steps))")
+    off = closing_lines(_cfg("resample.enabled=false"), tmp_path / "r", {"dead_fraction": 0.9},
+                        train_dead=0.8).splitlines()[0]
+    assert "resampling was off: try resample.enabled=true" in off
 
 
 def test_short_numbers():
