@@ -149,13 +149,23 @@ def test_hparams_put_the_keys_that_tell_runs_apart_first():
     cfg = _cfg("output.variant=no_aux", "output.sweep=sae.d_sae")
     order = hparams_order(cfg)
     # the swept key is d_sae itself: listed once, where the sweep puts it
-    assert order[:4] == ["output.variant", "sae.architecture", "sae.d_sae", "seed"]
-    assert order[4] != "sae.d_sae"
+    assert order[:5] == ["output.variant", "sae.architecture", "sae.d_sae",
+                         "loss.sparsity.coefficient", "seed"]
+    assert order[5] != "sae.d_sae"
     swept = hparams_order(_cfg("output.sweep=optim.lr"))
-    assert swept[:5] == ["output.variant", "sae.architecture", "optim.lr", "sae.d_sae", "seed"]
+    assert swept[:5] == ["output.variant", "sae.architecture", "optim.lr",
+                         "loss.sparsity.coefficient", "sae.d_sae"]
     assert len(order) == len(set(order))
-    assert hparams_order(_cfg())[:4] == ["output.variant", "sae.architecture", "sae.d_sae",
-                                         "seed"]
+    # A plain fit: the sparsity coefficient among the five columns TensorBoard shows.
+    assert hparams_order(_cfg())[:5] == ["output.variant", "sae.architecture",
+                                         "loss.sparsity.coefficient", "sae.d_sae", "seed"]
+
+
+def test_a_plain_fits_variant_column_names_the_run():
+    from gsae_pl.run.tensorboard import shown_values
+
+    assert shown_values(_cfg())["output.variant"] == "(no suite) gated_l1-0.05_seed0"
+    assert shown_values(_cfg("output.variant=no_aux"))["output.variant"] == "no_aux"
 
 
 def test_the_layout_states_each_dead_fraction_window_in_tokens():
