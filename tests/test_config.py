@@ -4,7 +4,6 @@ refused with one line naming the key (and the nearest valid one for a typo)."""
 from __future__ import annotations
 
 import re
-
 from pathlib import Path
 
 import pytest

@@ -136,8 +136,8 @@ def test_report_md_has_table_plots_pareto_and_failure(lm_suite):
     lm_head = [c for c in HEAD if c not in ("mmcs", "fraction_recovered")]
     assert "| " + " | ".join(lm_head) + " | ce_clean | ce_spliced | ce_zero | dense_fraction | " \
         "mse | norm_scale | run |" in text
-    assert "| baseline | l1 | 0.01 | 0 | 512 | 80 | 0.2625 | 0.95 | 0.004 | 0.05 | 0.01 | 0.995 | 0 |" \
-        " 100 | 1.5 | 25600 | 3 | 3.05 | 4 | 0 | 0.1 | 1 | baseline_l1-0.01_seed0 |" in text
+    assert "| baseline | l1 | 0.01 | 0 | 512 | 80 | 0.2625 | 0.95 | 0.004 | 0.05 | 0.01 | 0.995 " \
+        "| 0 | 100 | 1.5 | 25600 | 3 | 3.05 | 4 | 0 | 0.1 | 1 | baseline_l1-0.01_seed0 |" in text
     assert "mmcs" in (lm_suite / "results.csv").read_text().splitlines()[0]  # the CSV keeps it
     assert "(1 run(s) affected)" in text  # gated at 0.1 has L0 = 0
     for stem in ("l0_vs_loss_recovered", "l0_vs_fvu", "gamma_vs_l0"):
