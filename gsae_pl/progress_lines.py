@@ -23,11 +23,11 @@ def every_seconds() -> float:
 
 
 def count(n: float) -> str:
-    """12345 -> '12.3k', 2.5e6 -> '2.5M'."""
+    """12345 -> '12.3k', 2.5e6 -> '2.5M', 1.43 -> '1.43'."""
     for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(n) >= scale:
             return f"{n / scale:.3g}{suffix}"
-    return f"{n:.0f}"
+    return f"{n:.3g}"  # 1.4 steps/s, not 1
 
 
 def clock_time(seconds: float) -> str:
