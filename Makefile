@@ -4,7 +4,7 @@ STAMP   := .venv/.installed
 CONFIG  ?= configs/base.yaml
 ARGS    ?=
 
-.PHONY: setup fit test test-fast lint bench bench-gpu ablate-quick smollm2 saelens-check clean
+.PHONY: setup fit fit-quick test test-fast lint bench bench-gpu ablate-quick smollm2 saelens-check clean
 
 setup: $(STAMP)
 
@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml
 
 fit: $(STAMP)
 	$(PY) -m gsae_pl.fit --config $(CONFIG) $(ARGS)
+
+# The default run in 1000 steps (configs/quick.yaml): a few minutes on 2 CPU cores.
+fit-quick: $(STAMP)
+	$(PY) -m gsae_pl.fit --config configs/quick.yaml $(ARGS)
 
 # One pytest-xdist worker per core, each test file on one worker (module fixtures built once).
 test: $(STAMP)

@@ -28,6 +28,18 @@ def all_sum(t: Tensor) -> Tensor:
     return total
 
 
+def all_gather_stack(t: Tensor) -> Tensor:
+    """Every process's `t` stacked along a new dim 0 in rank order; `t` itself in a
+    1-process run (as Lightning's `strategy.all_gather`, whose gather without gradients
+    goes through torch's deprecated `torch.distributed.nn.functional.all_gather` and so
+    prints a deprecation warning in every process: nothing here needs a gradient)."""
+    if world_size() < 2:
+        return t
+    parts = [torch.empty_like(t) for _ in range(world_size())]
+    dist.all_gather(parts, t.detach().contiguous())
+    return torch.stack(parts)
+
+
 def all_gather_cat(t: Tensor) -> Tensor:
     """Every process's `t` (same shape everywhere), concatenated along dim 0 in rank order."""
     if world_size() < 2:

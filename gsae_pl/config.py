@@ -26,6 +26,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from gsae_pl.commands import python_m
 from gsae_pl.config_checks import validate
 from gsae_pl.data.base import SOURCES, DataConfig
 from gsae_pl.errors import UserError
@@ -319,7 +320,7 @@ def _file_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, di
         raise UserError(f"config file {path} must hold a mapping of keys, not a {kind}")
     if "variants" in data:  # suites and run configs share ablations/ (gsae_pl/suite/spec.py)
         raise UserError(f"{path} is a suite file (it lists variants), not a run config: run "
-                        f"python -m gsae_pl.ablate --suite {path}")
+                        f"{python_m('gsae_pl.ablate', '--suite', Path(path))}")
     layers: list[tuple[Path, dict]] = []
     for parent in _defaults_list(path, data.pop("defaults", None)):
         layers += _file_layers(path.parent / parent, seen + (path.resolve(),))

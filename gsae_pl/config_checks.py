@@ -93,7 +93,19 @@ def _validate_resample_end(cfg: DictConfig) -> None:
         raise UserError(f"resample at step {inside[-1]} leaves {max_steps - inside[-1]} of the "
                         f"resample.lr_return_steps={margin} steps it needs before "
                         f"trainer.max_steps={max_steps}: set resample.max_resamples={len(fit)}"
-                        ", resample less often, or train longer")
+                        f"{_scaled_schedule(cfg)}, or train longer (configs/quick.yaml is "
+                        "the default run in 1000 steps)")
+
+
+def _scaled_schedule(cfg: DictConfig) -> str:
+    """The overrides that keep every resample, spread over the run so the last leaves its
+    lr_return_steps; empty when they cannot fit."""
+    r, max_steps = cfg.resample, cfg.trainer.max_steps
+    every = (max_steps - r.lr_return_steps) // max(r.max_resamples, 1)
+    if every < 1:
+        return ""
+    return (f", or keep {r.max_resamples} resamples with resample.every_n_steps={every} "
+            f"resample.window_steps={min(r.window_steps, every)}")
 
 
 def _validate_lm_data(data: DictConfig) -> None:

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from gsae_pl.cli import ArgumentParser, run_main
 from gsae_pl.config import migrate
+from gsae_pl.data.model_identity import model_identity
 from gsae_pl.errors import UserError
 from gsae_pl.io import sweep_stale_temporaries
 from gsae_pl.names import MAX_NAME_BYTES, fitting_name
@@ -275,11 +276,15 @@ def saelens_params(cfg: dict, weights: dict[str, Tensor]) -> dict[str, Tensor]:
     return {name: value.float().contiguous() for name, value in sae.items()}
 
 
-def saelens_cfg(cfg: dict, d_in: int, step: int, norm_scale: float) -> dict:
+def saelens_cfg(cfg: dict, d_in: int, step: int, norm_scale: float,
+                model_dir: str | None = None) -> dict:
+    """`model_dir`: the directory the run's activations came from (its provenance.json)."""
     node = OmegaConf.create(cfg)
     from_lm = node.data.source not in ("synthetic", "file")  # else no model or hook made x
     metadata = {key: OmegaConf.select(node, dotted, default=None) if from_lm else None
                 for key, dotted in _METADATA.items()}
+    if from_lm:  # the exact model: file, version, quantisation, instruct or base
+        metadata["model_name"] = model_identity(node.data.source, node.data.model, model_dir)
     architecture = ARCHITECTURES[cfg["sae"]["architecture"]]
     return {
         "architecture": architecture.saelens,
@@ -303,7 +308,8 @@ def export(run_dir: Path, out_dir: Path, force: bool = False,
     check_writable_dir(out_dir.parent, "OUT_DIR's folder")
     cfg, weights, step = read_run(run_dir, allow_unfinished, checkpoint)
     params = saelens_params(cfg, weights)  # refuses before anything is written
-    sae_cfg = saelens_cfg(cfg, params["b_dec"].numel(), step, float(weights["norm_scale"]))
+    sae_cfg = saelens_cfg(cfg, params["b_dec"].numel(), step, float(weights["norm_scale"]),
+                          provenance_model(run_dir))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with _folder_lock(out_dir.parent):  # one export at a time beside OUT_DIR
         check_out_dir(run_dir, out_dir, force)  # again, now that it stays true
@@ -417,6 +423,15 @@ def _put_in_place(tmp: Path, out_dir: Path) -> None:
     else:
         os.rename(tmp, out_dir)  # replaces an empty folder, as `rename` may
     _fsync(out_dir.parent)
+
+
+def provenance_model(run_dir: Path) -> str | None:
+    """The model directory the run recorded (provenance.json's data.model), if any."""
+    try:
+        model = json.loads((run_dir / "provenance.json").read_text())["data"].get("model")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return model if isinstance(model, str) else None
 
 
 def _write_files(tmp: Path, params: dict[str, Tensor], sae_cfg: dict) -> None:

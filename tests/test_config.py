@@ -3,6 +3,7 @@ refused with one line naming the key (and the nearest valid one for a typo)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -149,6 +150,20 @@ def test_resample_too_near_the_end_is_refused(max_steps, last):
     message = str(info.value)
     assert f"resample at step {last}" in message and "resample.lr_return_steps=200" in message
     assert f"resample.max_resamples={last // 500 - 1}" in message and "\n" not in message
+    # What it says to set, set, loads: both ways out.
+    fewer = re.search(r"set (resample\.max_resamples=\d+)", message).group(1)
+    spread = re.search(r"with (resample\.every_n_steps=\d+) (resample\.window_steps=\d+)",
+                       message).groups()
+    for fix in ([fewer], list(spread)):
+        load_config(ROOT / "configs/base.yaml", [f"trainer.max_steps={max_steps}", *fix])
+
+
+def test_the_quick_run_loads_with_a_schedule_that_fits():
+    """`make fit-quick` (configs/quick.yaml): 1000 steps, every resample inside the run."""
+    cfg = load_config(ROOT / "configs/quick.yaml", [])
+    assert cfg.trainer.max_steps == 1000 and cfg.resample.enabled
+    assert cfg.resample.every_n_steps * cfg.resample.max_resamples + \
+        cfg.resample.lr_return_steps <= cfg.trainer.max_steps
 
 
 @pytest.mark.parametrize("overrides", [

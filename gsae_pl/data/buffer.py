@@ -15,6 +15,8 @@ of the default source on 2 CPU cores shared with other jobs. With blocks, a resu
 2000 of the default gave its first batch in 10.8 s, a fresh start in 8.8 s (same machine).
 
 Memory is bounded: one preallocated block of `capacity` rows plus the chunk being added.
+The first block's fill, before any batch, can take minutes of LM forward passes: it
+reports its progress (gsae_pl/progress_lines.py); later fills show in training's own lines.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
+
+from gsae_pl.progress_lines import ProgressLines
 
 
 def block_rows(capacity: int, batch_size: int) -> int:
@@ -42,6 +46,8 @@ def shuffled_batches(chunks_from: Callable[[int], Iterator[Tensor]], capacity: i
     block, skip = divmod(int(start_batch), size // batch_size)
     pool: Tensor | None = None
     filled = 0
+    first = ProgressLines("filling the shuffle buffer (data.buffer_size)", total=size,
+                          unit="rows")
     for chunk in chunks_from(block * size):
         while len(chunk):
             if pool is None:
@@ -49,7 +55,12 @@ def shuffled_batches(chunks_from: Callable[[int], Iterator[Tensor]], capacity: i
             take = min(size - filled, len(chunk))
             pool[filled:filled + take] = chunk[:take]
             filled, chunk = filled + take, chunk[take:]
+            if first is not None:
+                first.update(take)
             if filled == size:
+                if first is not None:
+                    first.close()
+                    first = None
                 order = torch.randperm(size, generator=generator_of(block)).to(pool.device)
                 # Indexing copies, so a batch outlives the block's slots being refilled.
                 yield from (pool[idx] for idx in order.split(batch_size)[skip:])

@@ -67,12 +67,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from gsae_pl.commands import python_m
 from gsae_pl.data.base import SOURCES, epoch_batches, train_stream
 from gsae_pl.errors import UserError
 from gsae_pl.io import atomic_save_npy, atomic_write_json, sweep_stale_temporaries
 from gsae_pl.processes import is_first_process
+from gsae_pl.progress_lines import ProgressLines
 from gsae_pl.seeds import stream_seed
 
 METADATA = "metadata.json"
@@ -226,7 +227,7 @@ def _flock(fd: int, directory: Path) -> None:
 def _refuse_unlockable(err: OSError, directory: Path) -> None:
     reason = err.strerror or errno.errorcode.get(err.errno, type(err).__name__)
     raise UserError(f"cannot lock the activation cache in {directory} ({reason}): write it "
-                    "first with python -m gsae_pl.cache --config FILE") from None
+                    f"first with {python_m('gsae_pl.cache')} --config FILE") from None
 
 
 def write_cache(lm, directory: Path, cfg, progress: bool = True) -> dict:
@@ -235,17 +236,35 @@ def write_cache(lm, directory: Path, cfg, progress: bool = True) -> dict:
     directory, n_rows = Path(directory), rows_wanted(cfg)
     if directory.is_dir():
         sweep_stale_temporaries(directory)  # half a shard of a killed write, if any
-    key, d_in, dtype = cache_key(lm, cfg), lm.d_in, getattr(torch, cfg.data.cache_dtype)
-    # Batches no bigger than half the buffer, so the first arrives after one buffer fill.
+    # Batches no bigger than half the buffer, so the first arrives after one buffer fill;
+    # and the buffer no bigger than the rows cached, in whole batches: a larger one would
+    # compute rows never written before the first is (131,072 for a 102k-row cache).
     step = max(1, min(_WRITE_BATCH, lm.buffer_size // 2, n_rows))
+    with capped_buffer(lm, -(-n_rows // step) * step):
+        return _write(lm, directory, cfg, n_rows, step, progress)
+
+
+@contextmanager
+def capped_buffer(lm, rows: int):
+    """`lm`'s shuffle buffer (data.buffer_size) at most `rows` rows while in the block."""
+    kept = lm.buffer_size
+    lm.buffer_size = min(kept, rows)
+    try:
+        yield
+    finally:
+        lm.buffer_size = kept
+
+
+def _write(lm, directory: Path, cfg, n_rows: int, step: int, progress: bool) -> dict:
+    key, d_in, dtype = cache_key(lm, cfg), lm.d_in, getattr(torch, cfg.data.cache_dtype)
     # Shards sized by float32 rows whatever the dtype: the shard count sets each epoch's
     # order, so a float16 cache gives the same batches as a float32 one, rounded.
     shard_rows = max(step, _SHARD_BYTES // (4 * d_in) // step * step)
     batches = train_stream(lm, step)  # one process's stream: the cache is the same for all
     shards, pending, written = [], [], 0
     sum_sq, start = 0.0, time.perf_counter()
-    bar = tqdm(total=n_rows, desc=f"caching {key['hook']}", unit="row", unit_scale=True,
-               disable=not progress, file=sys.stderr)
+    bar = ProgressLines(f"caching {key['hook']}", total=n_rows, unit="rows",
+                        speak=None if progress else False)
     try:
         while written < n_rows:
             rows = _stored(next(batches)[: n_rows - written].cpu(), dtype)

@@ -75,18 +75,23 @@ def convert(path: Path, out: Path, document_token: str | None = None) -> dict:
     import transformers
     from transformers import AutoModelForCausalLM
 
+    from gsae_pl.progress_lines import phase
+
     path, out = Path(path), Path(out)
-    tokenizer = load_tokenizer(path, document_token)
-    quantised = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                     dtype=torch.float32,
-                                                     local_files_only=True)
-    model = plain_model(quantised)
-    del quantised
+    with phase(f"reading the tokenizer of {path.name}"):
+        tokenizer = load_tokenizer(path, document_token)
+    with phase(f"dequantising {path.name} to float32"):
+        quantised = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                         dtype=torch.float32,
+                                                         local_files_only=True)
+        model = plain_model(quantised)
+        del quantised
     if document_token is not None:  # the config says the same as the tokenizer
         model.config.bos_token_id = model.config.eos_token_id = tokenizer.bos_token_id
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    with phase(f"saving the converted model into {out}"):
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
     return {"gguf": path.name, "gguf_bytes": path.stat().st_size,
             "parameters": sum(p.numel() for p in model.parameters()),
             "architecture": type(model).__name__, "document_token": tokenizer.bos_token,

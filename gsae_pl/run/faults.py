@@ -23,6 +23,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from gsae_pl.collectives import all_gather_stack
 from gsae_pl.errors import RunFailed
 
 _NONE = -1  # no fault recorded yet
@@ -69,7 +70,7 @@ class NonFiniteMonitor(L.Callback):
 
     def check(self, trainer) -> None:
         """Host read (and, under DDP, one all-gather): raise if any process saw a fault."""
-        records = trainer.strategy.all_gather(self.record).reshape(-1, 3).cpu()
+        records = all_gather_stack(self.record).reshape(-1, 3).cpu()
         world = len(records)
         # Process `rank` holds rows rank::world of the global batch (data/base.py), so its
         # local row r is global row r * world + rank. Input faults sort before term faults

@@ -147,11 +147,13 @@ class SAEModule(L.LightningModule):
         values, ctx = {}, self.eval_context()
         for evaluator in self.evaluators.values():
             values.update(evaluator.compute(ctx))
-        # Already reduced across processes by the evaluators: no sync_dist. float64, so the
-        # values fit reads back from Lightning (trainer.callback_metrics, validate's return)
-        # are the computed ones; TensorBoard stores float32 either way.
+        # Already reduced across processes by the evaluators (ctx.reduce_sum): every process
+        # holds the global value, so sync_dist=False, deliberately (gsae_pl/run/quiet.py
+        # drops Lightning's advice to the contrary). float64, so the values fit reads back
+        # from Lightning (trainer.callback_metrics, validate's return) are the computed
+        # ones; TensorBoard stores float32 either way.
         self.log_dict({f"val/{k}": torch.as_tensor(v, dtype=torch.float64)
-                       for k, v in values.items()})
+                       for k, v in values.items()}, sync_dist=False)
         for evaluator in self.evaluators.values():
             evaluator.reset()
 

@@ -44,6 +44,7 @@ import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from gsae_pl.collectives import all_gather_stack
 from gsae_pl.errors import RunFailed
 
 
@@ -108,7 +109,7 @@ class Preemption(L.Callback):
         if step % self.agree_every and step < trainer.max_steps:
             return 0
         noted = torch.tensor(self.signum, device=pl_module.device)
-        return int(trainer.strategy.all_gather(noted).max())
+        return int(all_gather_stack(noted).max())
 
 
 def raise_if_preempted(trainer) -> None:

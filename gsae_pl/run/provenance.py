@@ -17,6 +17,9 @@ from pathlib import Path
 
 import torch
 
+from gsae_pl.data.local_models import MODELS
+from gsae_pl.data.model_identity import model_identity
+
 PACKAGES = ("torch", "lightning", "transformer-lens", "transformers")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 # (path, mtime_ns, size) -> hex digest: a model's weights are hashed once per process.
@@ -134,6 +137,17 @@ def _distinct(records: list[dict], field: str) -> dict[str, int]:
     return counts
 
 
+def model_of(data) -> str | None:
+    """The exact model behind a provenance record's data key (data/model_identity.py)."""
+    if not isinstance(data, dict) or not data.get("model"):
+        return None
+    model, source = str(data["model"]), data.get("source")
+    if source == "tiny_lm":
+        return model_identity(source, None, model)
+    named = Path(model).name.rsplit("-", 1)[0]  # a converted local model: <name>-<digest>
+    return model_identity(source, named, model) if named in MODELS else model
+
+
 def suite_header(records: dict[str, dict | None]) -> list[str]:
     """report.md lines: commit(s) and dirty flag, versions, device, threads and data key(s),
     each with its run count where runs differ; a warning when commits differ."""
@@ -155,6 +169,11 @@ def suite_header(records: dict[str, dict | None]) -> list[str]:
         shown = "; ".join(f"`{v}`" + (f" ({n} runs)" if len(counts) > 1 else "")
                           for v, n in counts.items())
         lines.append(f"- {label}: {shown or 'unknown'}")
+    models = _distinct([{"model": m} for m in map(model_of, (r.get("data") for r in known))
+                        if m], "model")
+    if models:  # the data key names a directory; this, the model a reader can find
+        lines.append("- model: " + "; ".join(
+            str(m) + (f" ({n} runs)" if len(models) > 1 else "") for m, n in models.items()))
     if missing:
         lines.append(f"- {missing} run(s) have no provenance.json (made before it was "
                      "recorded, or not by `gsae_pl.fit`)")

@@ -34,6 +34,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from gsae_pl.collectives import all_gather_stack
 from gsae_pl.resample_schedule import resample_steps
 from gsae_pl.run.progress import announce, tokens
 
@@ -177,7 +178,7 @@ class Resampler(L.Callback):
         rows_per_step = batch.shape[0] * trainer.world_size
         if upcoming - step < self.pool_steps(rows_per_step):
             # Every rank keeps every rank's rows, so all draw the same (DDP stays in step).
-            self.pool.append(global_batch(trainer.strategy.all_gather(batch), batch))
+            self.pool.append(global_batch(all_gather_stack(batch), batch))
         if step == upcoming:
             self.draw(trainer, pl_module, step, rows_per_step)
 

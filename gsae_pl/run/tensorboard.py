@@ -72,15 +72,32 @@ def flat_config(cfg) -> dict:
     return out
 
 
+def sparsity_key(cfg) -> str | None:
+    """The key that sets the run's sparsity: the penalty's coefficient, or k for the
+    architectures that select k features (none for a run with neither)."""
+    if cfg.loss.sparsity.enabled:
+        return "loss.sparsity.coefficient"
+    return "sae.k" if "k" in cfg.sae else None
+
+
 def distinguishing_keys(cfg) -> list[str]:
-    """The keys that tell one run of a suite from another, in the order a reader asks: the
-    variant, the architecture, the swept key (its column holds its value), d_sae, the seed.
+    """The keys that tell one run from another, in the order a reader asks: the variant,
+    the architecture, the swept key (its column holds its value), the sparsity knob (a
+    plain fit has no sweep, and lambda is what a user changes first), d_sae, the seed.
     TensorBoard's HParams table shows its first five columns by default."""
     keys = ["output.variant", "sae.architecture"]
     if cfg.output.sweep:
         keys.append(cfg.output.sweep)
-    keys += ["sae.d_sae", "seed"]
+    keys += [*filter(None, [sparsity_key(cfg)]), "sae.d_sae", "seed"]
     return list(dict.fromkeys(keys))
+
+
+def shown_values(cfg) -> dict:
+    """flat_config, with the variant of a run outside a suite (None) shown as its name."""
+    flat = flat_config(cfg)
+    if cfg.output.variant is None:  # flat_config shows it as "None"
+        flat["output.variant"] = f"(no suite) {cfg.output.name}"
+    return flat
 
 
 def hparams_order(cfg) -> list[str]:
@@ -138,7 +155,7 @@ def _type_of(value) -> int:
 def hparams_start(cfg, evaluators) -> list[Summary]:
     """The experiment (hparams in `hparams_order`, the distinguishing ones marked as
     differing: TensorBoard lists those first) and this run's session start."""
-    flat = flat_config(cfg)
+    flat = shown_values(cfg)
     first = set(distinguishing_keys(cfg))
     infos = [api_pb2.HParamInfo(name=key, type=_type_of(flat.get(key)), differs=key in first)
              for key in hparams_order(cfg)]

@@ -21,6 +21,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
+from gsae_pl.commands import python_m, run_tool
 from gsae_pl.config import load_config, to_yaml
 from gsae_pl.errors import UserError
 from gsae_pl.io import atomic_write_json, atomic_write_text
@@ -186,7 +187,7 @@ def fit(cfg: DictConfig, fresh: bool = False, resume_from: Path | None = None) -
                   f"({resume_from.relative_to(run_dir)})", flush=True)
         else:
             print(f"run directory: {run_dir}", flush=True)
-        print(f"watch it: tensorboard --logdir {run_dir.parent}", flush=True)
+        print(f"watch it: {run_tool('tensorboard', '--logdir', run_dir.parent)}", flush=True)
     start = time.perf_counter()
     with sigterm_as_preempted(trainer), ends_other_processes_on_error(trainer):
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
@@ -205,7 +206,8 @@ def fit(cfg: DictConfig, fresh: bool = False, resume_from: Path | None = None) -
         atomic_write_json(run_dir / "metrics.json", metrics)
         write_end(trainer.logger, trainer.global_step)  # the HParams session: finished
         print(summary_table(run_dir, metrics))
-        print(closing_lines(cfg, run_dir, metrics, trainer.loggers[1:]), flush=True)
+        train_dead = getattr(trainer.logger, "latest", {}).get("train/dead_fraction")
+        print(closing_lines(cfg, run_dir, metrics, trainer.loggers[1:], train_dead), flush=True)
     leave_process_group()
     return metrics
 
@@ -237,26 +239,59 @@ def leave_process_group() -> None:
         dist.destroy_process_group()
 
 
-def closing_lines(cfg: DictConfig, run_dir: Path, metrics: dict, others=()) -> str:
-    """A warning when most features ended dead, then what to run next."""
+def closing_lines(cfg: DictConfig, run_dir: Path, metrics: dict, others=(),
+                  train_dead: float | None = None) -> str:
+    """A warning when most features ended dead, then what to run next (commands that run
+    as printed in a fresh shell: gsae_pl/commands.py)."""
     lines = []
     dead = metrics.get("dead_fraction")
     if dead is not None and dead > DEAD_WARNING:
-        lines.append(f"warning: {dead:.0%} of the {cfg.sae.d_sae} features are dead (fired on "
-                     f"none of the {dead_windows(cfg)['val']:,} held-out tokens): try "
-                     "resample.enabled=true, a smaller loss.sparsity.coefficient or more "
-                     "trainer.max_steps")
+        lines.append(dead_warning(cfg, dead, train_dead))
+    export_to = run_dir.parent / fitting_name(run_dir.name, "_saelens")
     lines += ["next steps:",
-              f"  tensorboard --logdir {run_dir.parent}   # curves; HParams tab: compare runs",
-              f"  python -m gsae_pl.export {run_dir} "
-              f"{run_dir.parent / fitting_name(run_dir.name, '_saelens')}   # SAELens format"]
+              f"  {run_tool('tensorboard', '--logdir', run_dir.parent)}"
+              "   # curves; HParams tab: compare runs",
+              f"  {python_m('gsae_pl.export', run_dir, export_to)}   # SAELens format"]
     lines += [f"  {wandb_where(logger)}" for logger in others]
     return "\n".join(lines)
 
 
+def dead_warning(cfg: DictConfig, dead: float, train_dead: float | None) -> str:
+    """What the held-out dead fraction measured, beside training's own window, and only
+    advice that would help: a feature that fired in training's window but on none of the
+    held-out tokens is rare, not dead (a longer eval window counts it); resampling is
+    advised only where it is off."""
+    windows = dead_windows(cfg)
+    text = (f"warning: {dead:.0%} of the {cfg.sae.d_sae} features fired on none of the "
+            f"{windows['val']:,} held-out tokens (eval.rows)")
+    if train_dead is not None:
+        text += (f"; over the last {windows['train']:,} training tokens {train_dead:.0%} "
+                 "were dead")
+    resampling = (f"resampling was on ({cfg.resample.max_resamples} resamples every "
+                  f"{cfg.resample.every_n_steps} steps)" if cfg.resample.enabled
+                  else "resampling was off")
+    if train_dead is not None and train_dead <= DEAD_WARNING:
+        return (f"{text}: most of them are rare, not dead; a larger eval.rows counts them "
+                f"({resampling})")
+    advice = ("a smaller loss.sparsity.coefficient or more trainer.max_steps"
+              if cfg.resample.enabled else
+              "resample.enabled=true, a smaller loss.sparsity.coefficient or more "
+              "trainer.max_steps")
+    return f"{text}; {resampling}: try {advice}"
+
+
+# The closing summary's first rows: the numbers a researcher reads first (sparsity, then
+# fidelity: loss recovered on LM data, FVU, true-feature recovery on synthetic data); the
+# rest follow by name.
+SUMMARY_FIRST = ("l0", "loss_recovered", "loss_recovered_se", "fvu", "mmcs",
+                 "fraction_recovered", "delta_lm_loss", "delta_lm_loss_se", "dead_fraction",
+                 "relative_reconstruction_bias")
+
+
 def summary_table(run_dir: Path, metrics: dict) -> str:
     lines = [f"run: {run_dir}", f"{'metric':<30}{'value':>14}"]
-    for key in sorted(metrics):
+    first = [key for key in SUMMARY_FIRST if key in metrics]
+    for key in first + sorted(set(metrics) - set(first)):
         value = metrics[key]
         shown = f"{value:.4g}" if isinstance(value, float) else str(value)
         lines.append(f"{key:<30}{shown:>14}")

@@ -143,7 +143,7 @@ def metric_figure(rows: list[dict], metric: str, title: str, style: dict[str, tu
     """The Figure of `metric` against L0 for the variants in `rows` (one Axes)."""
     fig = Figure(figsize=(8.5, 4.5), layout="constrained")
     ax = fig.add_subplot()
-    ys, off_axis = [], []
+    ys, off_axis, has_se = [], [], False
     for variant, group in by_variant(rows).items():
         points = [(max(r["l0"], L0_FLOOR), r[metric]) for r in group
                   if r.get(metric) is not None and r["l0"] is not None]
@@ -159,6 +159,7 @@ def metric_figure(rows: list[dict], metric: str, title: str, style: dict[str, tu
         if with_se:  # held-out standard error of each run's value
             x, y, se = zip(*with_se)
             ax.errorbar(x, y, yerr=se, fmt="none", ecolor=colour, alpha=0.6, capsize=2)
+            has_se = True
         curve = labelled_curve(group, metric)
         x, y, values = zip(*curve)
         ax.errorbar(x, y, yerr=seed_sd_curve(group, metric), color=colour, marker=marker,
@@ -180,9 +181,19 @@ def metric_figure(rows: list[dict], metric: str, title: str, style: dict[str, tu
     ax.set_ylabel(LABELS.get(metric, metric))
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
+    fig.supxlabel(error_bar_note(has_se), fontsize=7, color="grey")  # laid out below
     # Beside the axes, not on them: with ten variants a legend inside hides a curve.
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
+
+
+def error_bar_note(has_se: bool) -> str:
+    """What the plot's error bars are (gsae_pl/suite/uncertainty.py says which to compare)."""
+    note = "error bars on the lines: sample SD over seeds of each swept value (none: 1 seed)"
+    if has_se:
+        note += ("; thin bars on the points: each run's held-out SE (the same windows for "
+                 "every variant: not the noise between variants)")
+    return note
 
 
 def plot_metric(rows: list[dict], metric: str, title: str, style: dict[str, tuple]) -> bytes:

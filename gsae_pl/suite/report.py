@@ -43,15 +43,17 @@ from gsae_pl.suite.spec import SPARSITY_KEY, check_metrics, sweep_label
 
 # Table and results.csv columns: HEAD (the ones a reader compares first, then those only some
 # data has), every other numeric metric a run wrote (by name), then TAIL. HEAD keeps the
-# columns of reports made before any evaluation could add metrics, in their order.
-HEAD = ("variant", "swept", "value", "seed", "l0", "fvu", "loss_recovered",
+# columns of reports made before any evaluation could add metrics, in their order, with
+# d_sae beside the seed: variants of different widths (gated 512, baseline 768) compare
+# only with it in view.
+HEAD = ("variant", "swept", "value", "seed", "d_sae", "l0", "fvu", "loss_recovered",
         "loss_recovered_se", "delta_lm_loss", "delta_lm_loss_se",
         "relative_reconstruction_bias", "dead_fraction", "steps", "seconds", "mmcs",
         "fraction_recovered", "tokens")
 TAIL = ("run",)
 # From config.yaml and the folder: `swept` labels the key the suite swept for the run
 # (output.sweep; `l1`, the sparsity coefficient, by default) and `value` is its value.
-IDENTITY = ("variant", "swept", "value", "seed", "run")
+IDENTITY = ("variant", "swept", "value", "seed", "d_sae", "run")
 
 
 # ---------------------------------------------------------------- reading the suite
@@ -91,6 +93,7 @@ def read_run(run_dir: Path) -> dict | None:
     key = _get(cfg, "output.sweep") or SPARSITY_KEY
     row["swept"], row["value"] = sweep_label(key), _get(cfg, key)
     row["seed"] = _get(cfg, "seed")
+    row["d_sae"] = _get(cfg, "sae.d_sae")
     row["run"] = run_dir.name
     return row
 
@@ -357,10 +360,11 @@ def write_report(suite_dir: Path, wall_seconds: float | None = None) -> Path:
         raise UserError(f"{suite_dir} holds no runs (nothing under runs/ or failed/)")
     figures, plotted = suite_figures(suite_dir), suite_metrics(suite_dir)  # before writing
     write_results_csv(suite_dir, rows)
-    title = f"{suite_dir.resolve().name}: {_tokens_text(rows)}"
+    name = suite_name(suite_dir)
+    title = f"{name}: {_tokens_text(rows)}"
     plots = write_plots(suite_dir, rows, title, figures, plotted)
     write_images(suite_dir, [p for paths in plots.values() for p in paths])  # TensorBoard
-    lines = [f"# Ablation suite `{suite_dir.resolve().name}`", "",
+    lines = [f"# Ablation suite `{name}`", "",
              _intro(rows, failures, unfinished, wall_seconds, invocations), "",
              "## Provenance", ""]
     lines += provenance.suite_header(provenance.read_records(suite_dir, [r["run"] for r in rows]))
@@ -397,6 +401,13 @@ def _suite_spec(suite_dir: Path) -> dict:
     path = suite_dir / "suite.yaml"
     spec = _read(path, yaml.safe_load) if path.is_file() else None
     return spec if isinstance(spec, dict) else {}
+
+
+def suite_name(suite_dir: Path) -> str:
+    """The suite file's `name:`, as ablate printed it; the folder's name without one (the
+    output folder may be any, e.g. --output-dir /tmp/x)."""
+    name = _suite_spec(suite_dir).get("name")
+    return str(name) if name else Path(suite_dir).resolve().name
 
 
 def suite_figures(suite_dir: Path) -> dict[str, list[str]]:

@@ -47,6 +47,7 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig
 
+from gsae_pl.commands import python_m
 from gsae_pl.config import load_config
 from gsae_pl.errors import UserError
 from gsae_pl.names import check_name
@@ -214,8 +215,8 @@ def _read(path: Path) -> dict:
         raise UserError(f"suite file {path} must hold a mapping (name, variants, ...)")
     if "variants" not in spec and set(spec) & {"defaults", "sae", "loss", "data", "trainer"}:
         raise UserError(f"{path} is a run config (a variant), not a suite file: train it with "
-                        f"python -m gsae_pl.fit --config {path}, or name it under a suite's "
-                        "`variants:`")
+                        f"{python_m('gsae_pl.fit', '--config', Path(path))}, or name it "
+                        "under a suite's `variants:`")
     unknown = sorted(set(spec) - SUITE_KEYS)
     if unknown:
         raise UserError(f"{path}: unknown suite key(s) {', '.join(unknown)} "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 import threading
 
 import numpy as np
@@ -232,3 +233,26 @@ def test_ablate_writes_a_suites_cache_once_before_its_runs(lm_files, tmp_path):
             for steps in ("trainer.max_steps=5", "trainer.max_steps=9")]
     prepare_caches(runs, tmp_path)
     assert read_metadata(tmp_path / "acts")["rows"] == 9 * 32
+
+
+def test_the_buffer_holds_no_more_than_the_rows_cached_and_its_fill_reports(
+        lm_files, tmp_path, monkeypatch, capsys):
+    """A 4096-row buffer for a 300-row cache filled 4096 rows silently before the first
+    was written (the SmolLM2 cache: 0% for 11 minutes); now the buffer holds 300 and its
+    fill, like the writing, prints lines with the rows, the rate and the ETA."""
+    monkeypatch.setenv("GSAE_PL_PROGRESS_EVERY", "0")  # a line at every update
+    cfg = lm_cfg(*lm_files, "data.cache_rows=300", "data.buffer_size=4096")
+    lm = build_lm_source(cfg)
+    computed, rows = [], lm.rows
+    monkeypatch.setattr(lm, "rows", lambda tokens: computed.append(rows(tokens)) or
+                        computed[-1])
+    assert write_cache(lm, tmp_path / "acts", cfg)["rows"] == 300
+    per_lm_batch = 8 * 16  # data.lm_batch_size windows of data.context_size tokens
+    assert sum(map(len, computed)) < 300 + per_lm_batch
+    assert lm.buffer_size == 4096  # the run's own setting, back after the write
+    err = capsys.readouterr().err.splitlines()
+    fill = [line for line in err if line.startswith("filling the shuffle buffer")]
+    assert fill and all(re.match(r"filling the shuffle buffer \(data.buffer_size\): "
+                                 r"[\d.]+k?(/300 rows \(\d+%\) \| [\d.]+k? rows/s \| ETA "
+                                 r"\d+:\d\d| rows in \d+:\d\d)$", line) for line in fill), fill
+    assert any(line.startswith("caching ") and "/300 rows (100%)" in line for line in err)

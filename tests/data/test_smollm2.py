@@ -189,7 +189,7 @@ def test_cache_key_follows_what_made_the_conversion(fake_package, tmp_path, monk
         fh.write(b"\0")
     second = model_dir(model, gguf)
     assert second != first
-    monkeypatch.setattr(local_models, "_version", lambda m: "9.9")
+    monkeypatch.setattr(local_models, "installed_version", lambda m: "9.9")
     assert model_dir(model, gguf) not in (first, second)
     monkeypatch.setattr(local_models, "LAYOUT", local_models.LAYOUT + 1)
     assert model_dir(model, gguf) not in (first, second)

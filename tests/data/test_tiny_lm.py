@@ -107,3 +107,20 @@ def test_training_windows_are_the_text_packers_with_bos_between_documents():
                           torch.tensor(flat[:n * 127]).view(n, 127)], dim=1)
     assert torch.equal(pack(docs, 128, bos_id=0), expected)
     assert pack([[1, 2]], 128, bos_id=0).shape == (0, 128)
+
+
+@pytest.mark.slow
+def test_the_build_reports_every_phase(tmp_path, monkeypatch, capsys):
+    """Each phase of the build speaks once it runs longer than $GSAE_PL_PROGRESS_EVERY
+    seconds (10 by default; 0 here, so every phase does): the first build took 311 s with
+    no output."""
+    monkeypatch.setenv("GSAE_PL_CACHE", str(tmp_path))
+    monkeypatch.setenv("GSAE_PL_PROGRESS_EVERY", "0")
+    ensure_tiny_lm(MINI)
+    err = capsys.readouterr().err.splitlines()
+    for phase in ("reading the standard library's sources", "training its 300-token BPE "
+                  "tokenizer", "tokenizing its corpus", "held-out cross-entropy"):
+        assert any(line.startswith(f"tiny LM: {phase}: done in ") for line in err), phase
+    steps = [line for line in err if line.startswith("tiny LM: training: ")]
+    assert steps[0].startswith("tiny LM: training: 1/4 steps (25%) | ") and "ETA" in steps[0]
+    assert steps[-1].startswith("tiny LM: training: 4 steps in ")

@@ -313,3 +313,22 @@ def test_two_processes_on_different_kernel_paths_follow_one(tmp_path):
     _one_and_two(tmp_path, [*SPARSE_RUN, *ORTH], two_setup=SPLIT_KERNELS)
     assert [(tmp_path / f"paths{r}").read_text() for r in (0, 1)] == ["dense", "sparse"]
     assert_same_run(tmp_path, "one", "two", steps=30, batch=32)
+
+
+# Lightning's advice to log val/* with sync_dist=True (the evaluators reduce themselves),
+# torch's deprecation of the gather Lightning's strategy.all_gather uses, and the note that
+# the final validate replaces the callbacks configure_callbacks returned.
+AVOIDABLE = ("sync_dist=True", "is deprecated", "configure_callbacks", "Warning")
+
+
+def test_a_two_process_run_prints_no_avoidable_warning(tmp_path):
+    # A resample (its pool gathers rows), fault checks (gathered records) and a final
+    # validate after the last step (30 is no multiple of eval.every_n_steps=20).
+    resample = ["resample.every_n_steps=10", "resample.window_steps=5",
+                "resample.max_resamples=1", "resample.lr_return_steps=10"]
+    two = fit_process(tmp_path, "two", *DDP, *resample)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "resampled" in two.stdout or "resample" in two.stdout
+    warned = [line for line in two.stderr.splitlines()
+              if re.search(r"\.py:\d+: ", line) or any(a in line for a in AVOIDABLE)]
+    assert warned == []

@@ -161,7 +161,7 @@ BAD = {
                                 "loss.l1_coefficient)?"),
     "a suite file": (["--config", str(ROOT / "ablations/quick.yaml")],
                      "quick.yaml is a suite file (it lists variants), not a run config: run "
-                     "python -m gsae_pl.ablate --suite "),
+                     f"{sys.executable} -m gsae_pl.ablate --suite {ROOT}/ablations/"),
     "wrong type": (["sae.d_sae=wide"], "bad value for config key sae.d_sae"),
     "negative coefficient": (["loss.l1_coefficient=-1"], "must be >= 0"),
     "d_sae < 1": (["sae.d_sae=0"], "sae.d_sae=0 must be > 0"),

@@ -149,13 +149,23 @@ def test_hparams_put_the_keys_that_tell_runs_apart_first():
     cfg = _cfg("output.variant=no_aux", "output.sweep=sae.d_sae")
     order = hparams_order(cfg)
     # the swept key is d_sae itself: listed once, where the sweep puts it
-    assert order[:4] == ["output.variant", "sae.architecture", "sae.d_sae", "seed"]
-    assert order[4] != "sae.d_sae"
+    assert order[:5] == ["output.variant", "sae.architecture", "sae.d_sae",
+                         "loss.sparsity.coefficient", "seed"]
+    assert order[5] != "sae.d_sae"
     swept = hparams_order(_cfg("output.sweep=optim.lr"))
-    assert swept[:5] == ["output.variant", "sae.architecture", "optim.lr", "sae.d_sae", "seed"]
+    assert swept[:5] == ["output.variant", "sae.architecture", "optim.lr",
+                         "loss.sparsity.coefficient", "sae.d_sae"]
     assert len(order) == len(set(order))
-    assert hparams_order(_cfg())[:4] == ["output.variant", "sae.architecture", "sae.d_sae",
-                                         "seed"]
+    # A plain fit: the sparsity coefficient among the five columns TensorBoard shows.
+    assert hparams_order(_cfg())[:5] == ["output.variant", "sae.architecture",
+                                         "loss.sparsity.coefficient", "sae.d_sae", "seed"]
+
+
+def test_a_plain_fits_variant_column_names_the_run():
+    from gsae_pl.run.tensorboard import shown_values
+
+    assert shown_values(_cfg())["output.variant"] == "(no suite) gated_l1-0.05_seed0"
+    assert shown_values(_cfg("output.variant=no_aux"))["output.variant"] == "no_aux"
 
 
 def test_the_layout_states_each_dead_fraction_window_in_tokens():
@@ -170,11 +180,24 @@ def test_the_layout_states_each_dead_fraction_window_in_tokens():
 
 
 def test_closing_lines_warn_when_most_features_are_dead(tmp_path):
-    cfg = _cfg("sae.d_sae=64", "eval.rows=1000")
+    cfg = _cfg("sae.d_sae=64", "eval.rows=1000", "log.histogram_every_n_steps=10",
+               "data.batch_size=100")
     warned = closing_lines(cfg, tmp_path / "r", {"dead_fraction": 0.75}).splitlines()
-    assert warned[0].startswith("warning: 75% of the 64 features are dead (fired on none of "
-                                "the 1,000 held-out tokens)")
+    assert warned[0].startswith("warning: 75% of the 64 features fired on none of the 1,000 "
+                                "held-out tokens (eval.rows); resampling was on (")
+    assert "resample.enabled" not in warned[0]  # it is on: no advice to turn it on
     assert closing_lines(cfg, tmp_path / "r", {"dead_fraction": 0.5}).startswith("next steps:")
+    # Training's own window saw most of them fire: rare, not dead; the advice is a longer
+    # held-out window, not resampling.
+    rare = closing_lines(cfg, tmp_path / "r", {"dead_fraction": 0.6}, train_dead=0.04)
+    assert rare.splitlines()[0] == (
+        "warning: 60% of the 64 features fired on none of the 1,000 held-out tokens "
+        "(eval.rows); over the last 1,000 training tokens 4% were dead: most of them are "
+        "rare, not dead; a larger eval.rows counts them (resampling was on (4 resamples "
+        "every 500 steps))")
+    off = closing_lines(_cfg("resample.enabled=false"), tmp_path / "r", {"dead_fraction": 0.9},
+                        train_dead=0.8).splitlines()[0]
+    assert "resampling was off: try resample.enabled=true" in off
 
 
 def test_short_numbers():

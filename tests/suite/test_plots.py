@@ -101,3 +101,16 @@ def test_gamma_gets_a_dashed_line_at_one():
     assert len(ones) == 1 and ones[0].get_linestyle() == "--"
     curves = {c.get_label(): c.lines[0] for c in ax.containers if c.get_label() in ROW_VARIANTS}
     assert curves["gated"].get_linestyle() != curves["no_aux"].get_linestyle()
+
+
+def test_the_error_bars_say_what_they_are():
+    """The seed SD on the lines; the held-out SE on the points only where the runs wrote
+    one, and said to be no noise between variants (the report compares against the SD)."""
+    style = styles(list(ROW_VARIANTS))
+    plain = metric_figure(ROWS, "loss_recovered", "t", style).get_supxlabel()
+    assert plain.startswith("error bars on the lines: sample SD over seeds")
+    assert "held-out SE" not in plain
+    with_se = [{**row, "loss_recovered_se": 0.01} for row in ROWS]
+    note = metric_figure(with_se, "loss_recovered", "t", style).get_supxlabel()
+    assert "thin bars on the points: each run's held-out SE" in note
+    assert "not the noise between variants" in note

@@ -86,7 +86,7 @@ def _csv(suite: Path) -> list[dict]:
 def test_results_csv_header_rows_and_order(lm_suite):
     write_report(lm_suite)
     header = (lm_suite / "results.csv").read_text().splitlines()[0]
-    assert header == ("variant,swept,value,seed,l0,fvu,loss_recovered,loss_recovered_se,"
+    assert header == ("variant,swept,value,seed,d_sae,l0,fvu,loss_recovered,loss_recovered_se,"
                       "delta_lm_loss,delta_lm_loss_se,"
                       "relative_reconstruction_bias,dead_fraction,steps,seconds,"
                       "mmcs,fraction_recovered,tokens,"
@@ -100,6 +100,7 @@ def test_results_csv_header_rows_and_order(lm_suite):
     assert float(first["delta_lm_loss"]) == pytest.approx(0.05)
     assert float(first["loss_recovered_se"]) == 0.004 and float(first["delta_lm_loss_se"]) == 0.01
     assert first["seed"] == "0" and first["steps"] == "100" and first["tokens"] == "25600"
+    assert first["d_sae"] == "512"  # from config.yaml: widths differ between variants
     assert first["mmcs"] == "" and first["fraction_recovered"] == ""
     assert first["run"] == "baseline_l1-0.01_seed0"
     assert "gated_l1-0.3_seed0" not in {r["run"] for r in rows}  # failed: no metrics.json
@@ -142,8 +143,8 @@ def test_report_md_has_table_plots_pareto_and_failure(lm_suite):
     lm_head = [c for c in HEAD if c not in ("mmcs", "fraction_recovered")]
     assert "| " + " | ".join(lm_head) + " | ce_clean | ce_spliced | ce_zero | dense_fraction | " \
         "mse | norm_scale | run |" in text
-    assert "| baseline | l1 | 0.01 | 0 | 80 | 0.2625 | 0.95 | 0.004 | 0.05 | 0.01 | 0.995 | 0 |" \
-        " 100 | 1.5 | 25600 | 3 | 3.05 | 4 | 0 | 0.1 | 1 | baseline_l1-0.01_seed0 |" in text
+    assert "| baseline | l1 | 0.01 | 0 | 512 | 80 | 0.2625 | 0.95 | 0.004 | 0.05 | 0.01 | 0.995 " \
+        "| 0 | 100 | 1.5 | 25600 | 3 | 3.05 | 4 | 0 | 0.1 | 1 | baseline_l1-0.01_seed0 |" in text
     assert "mmcs" in (lm_suite / "results.csv").read_text().splitlines()[0]  # the CSV keeps it
     assert "(1 run(s) affected)" in text  # gated at 0.1 has L0 = 0
     for stem in ("l0_vs_loss_recovered", "l0_vs_fvu", "gamma_vs_l0"):
@@ -392,3 +393,12 @@ def test_the_table_drops_only_columns_empty_in_every_row():
             {**dict.fromkeys(HEAD), "variant": "g", "mmcs": 0.5, "run": "b", "extra": None}]
     assert table_columns(rows) == ["variant", "l0", "mmcs", "run"]
     assert table_columns([]) == [*HEAD, "run"]  # no rows: the header as results.csv's
+
+
+def test_the_report_is_titled_by_the_suites_name(lm_suite):
+    """suite.yaml's name (what ablate printed), not the output folder; the folder without one."""
+    assert write_report(lm_suite).read_text().startswith("# Ablation suite `suite_lm`")
+    (lm_suite / "suite.yaml").write_text("name: gated_vs_baseline\nvariants: {}\n")
+    text = write_report(lm_suite).read_text()
+    assert text.startswith("# Ablation suite `gated_vs_baseline`")
+    assert "| variant | swept | value | seed | d_sae | l0 |" in text
