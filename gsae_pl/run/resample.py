@@ -34,6 +34,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from gsae_pl.data.outliers import outlier_rows
 from gsae_pl.resample_schedule import resample_steps
 from gsae_pl.run.progress import announce, tokens
 
@@ -186,6 +187,8 @@ class Resampler(L.Callback):
         # so the parameters stay identical across DDP processes (and runs are repeatable).
         fired = trainer.strategy.reduce(self.fired.clone(), reduce_op="sum")
         pool = torch.cat([rows.to(pl_module.device) for rows in self.pool])  # some restored
+        if math.isfinite(pl_module.outlier_norm):  # outliers left out (data/outliers.py)
+            pool = pool[~outlier_rows(pool, pl_module.outlier_norm)]
         pool = pool * pl_module.norm_scale
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         dead = fired == 0
