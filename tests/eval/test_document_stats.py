@@ -111,6 +111,10 @@ def test_the_runs_file_reads_back_to_its_metrics_and_their_errors(tmp_path):
         assert metrics[key] == pytest.approx(value)
     assert {"l0_se", "fvu_se", "gamma_se", "norm_ratio_se", "dead_fraction_se"} <= set(metrics)
     assert "ce_windows" not in table  # no language model behind synthetic rows
+    from gsae_pl.suite.report import read_run
+
+    row = read_run(tmp_path / "run")  # a suite's results.csv row: every metric, SEs too
+    assert {"l0_se", "fvu_se", "gamma_se", "outlier_row_fraction"} <= set(row)
 
 
 def test_a_file_of_another_format_is_refused(tmp_path):
