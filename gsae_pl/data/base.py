@@ -138,7 +138,7 @@ def heldout_documents(source: ActivationSource | None, n_rows: int) -> Tensor:
     source's `eval_documents` where it has one, else blocks of ROWS_PER_DOCUMENT rows."""
     if source is not None and hasattr(source, "eval_documents"):
         return source.eval_documents(n_rows)
-    return torch.arange(n_rows, dtype=torch.long) // ROWS_PER_DOCUMENT
+    return torch.arange(n_rows, dtype=torch.long, device="cpu") // ROWS_PER_DOCUMENT
 
 
 class PerProcessSource(Protocol):
