@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from gsae_pl.errors import UserError
-from gsae_pl.ranges import POSITIVE, choices
+from gsae_pl.ranges import NON_NEGATIVE, POSITIVE, choices
 from gsae_pl.registry import Registry
 
 # data.source name -> build(cfg) -> ActivationSource; filled by this package's modules.
@@ -61,6 +61,10 @@ class DataConfig:
     cache_rows: Optional[int] = None  # null: trainer.max_steps * data.batch_size
     # float16: half the bytes, results moved (benchmarks/RESULTS.md)
     cache_dtype: str = field(default="float32", metadata=choices("float32", "float16"))
+    # Rows whose norm exceeds this multiple of the median norm (of the normalisation
+    # sample) are left out of training, the normalisation and the held-out metrics; 0: off
+    # (data/outliers.py, docs/method.md sec. 6).
+    outlier_norm_ratio: float = field(default=0.0, metadata=NON_NEGATIVE)
 
 
 class LanguageModel(Protocol):
@@ -109,11 +113,32 @@ class ActivationSource(Protocol):
         """What made these activations: logged and stored beside the run."""
         ...
 
+    # Optional: `eval_documents(n)`, the held-out document of each row of `eval_rows(n)`
+    # (int64 [n]), the standard errors' sampling unit (gsae_pl/eval/document_stats.py). An
+    # LM source has it (data/transformer_lens.py); without it `heldout_documents` takes
+    # blocks of ROWS_PER_DOCUMENT consecutive held-out rows.
+
     # Optional: `prepare()`, making what the source needs on first use (an activation
     # cache: data/cache.py) before any rows are read; the DataModule's prepare_data calls it.
     # Optional: `probe_sets(n)`, labelled held-out rows for the linear probes (task ->
     # (rows [m, d_in], bool labels [m]); gsae_pl/eval/probes.py), which run only on sources
     # that have it (synthetic.py, transformer_lens.py).
+
+
+# Synthetic and file sources have no documents: their held-out rows are grouped in blocks of
+# this many consecutive rows. Synthetic rows are independent, so the blocks give the plain
+# row-level error; a file's rows are usually in the order they were written (a document's
+# tokens together), so blocks keep most of a document's rows in one cluster. Decision: 256
+# rows, two 128-token windows' worth, so 16,384 rows make 64 clusters.
+ROWS_PER_DOCUMENT = 256
+
+
+def heldout_documents(source: ActivationSource | None, n_rows: int) -> Tensor:
+    """int64 [n_rows]: the document of each row of `source.eval_rows(n_rows)`, from the
+    source's `eval_documents` where it has one, else blocks of ROWS_PER_DOCUMENT rows."""
+    if source is not None and hasattr(source, "eval_documents"):
+        return source.eval_documents(n_rows)
+    return torch.arange(n_rows, dtype=torch.long, device="cpu") // ROWS_PER_DOCUMENT
 
 
 class PerProcessSource(Protocol):

@@ -399,6 +399,9 @@ class CachedSource:
     def eval_rows(self, n_rows: int) -> Tensor:
         return self.lm.eval_rows(n_rows)
 
+    def eval_documents(self, n_rows: int) -> Tensor:
+        return self.lm.eval_documents(n_rows)
+
     def describe(self) -> dict:
         stored = (self.meta or {}).get("dtype", "float32")
         return {**self.lm.describe(), "cache": str(self.directory), "cache_rows": self.n_rows,

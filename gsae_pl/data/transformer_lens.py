@@ -106,11 +106,12 @@ class TransformerLensSource:
                                 heldout_dataset=heldout_text)
         self.bos_id = self.text.bos_id
         # Enough held-out windows for eval.rows rows (a margin for BOS tokens inside
-        # windows) and for the loss-recovered windows, which are the first of them.
+        # windows) and for the loss-recovered windows; both are spread over them (or over
+        # a held-out dataset of its own: `_eval_windows`).
         n_windows = max(math.ceil(1.25 * cfg.eval.rows / (data.context_size - 1)) + 1,
                         int(cfg.eval.loss_recovered.contexts))
         self.heldout, self.heldout_docs = self.text.heldout(n_windows)
-        self._eval_rows: Tensor | None = None
+        self._eval_rows: dict[int, Tensor] = {}
         self._evaluation_windows: dict[int, tuple[Tensor, Tensor]] = {}
         self.d_in = int(self.activations(self.heldout[:1]).shape[-1])
 
@@ -187,12 +188,41 @@ class TransformerLensSource:
                                 start_batch=start_step)
 
     def eval_rows(self, n_rows: int) -> Tensor:
-        if self._eval_rows is None or len(self._eval_rows) < n_rows:
-            self._eval_rows = torch.cat(list(self.row_chunks(iter(self.heldout)))).cpu()
-        if len(self._eval_rows) < n_rows:
-            raise UserError(f"the held-out text gave {len(self._eval_rows)} rows, fewer than "
+        """`n_rows` held-out rows spread evenly over all held-out documents: the kept
+        positions of `_eval_windows`, every (total / n_rows)-th of them."""
+        if n_rows not in self._eval_rows:
+            tokens, _ = self._eval_windows(n_rows)
+            rows = torch.cat(list(self.row_chunks(iter(tokens)))).cpu()
+            self._eval_rows[n_rows] = rows[self._row_pick(n_rows, self.keep_mask(tokens))]
+        return self._eval_rows[n_rows]
+
+    def eval_documents(self, n_rows: int) -> Tensor:
+        """int64 [n_rows]: the held-out document of each row of `eval_rows(n_rows)` (that of
+        its window, as for loss recovered); from the tokens alone, without the LM."""
+        tokens, documents = self._eval_windows(n_rows)
+        keep = self.keep_mask(tokens)
+        return documents[:, None].expand_as(keep)[keep][self._row_pick(n_rows, keep)]
+
+    def _eval_windows(self, n_rows: int) -> tuple[Tensor, Tensor]:
+        """The windows held-out rows come from and their documents, by loss recovered's
+        rule (TextWindows.evaluation_windows): spread evenly over a held-out dataset of its
+        own, else over all the windows held out at the stream's front, not the first of
+        them. Enough windows for `n_rows` rows, with a margin for BOS tokens inside."""
+        wanted = math.ceil(1.25 * n_rows / (self.text.context_size - 1)) + 1
+        if self.heldout_dataset_name is not None:
+            return self.heldout_windows(wanted)
+        tokens, documents = self.heldout_windows(len(self.heldout))
+        pick = torch.arange(min(wanted, len(tokens))) * len(tokens) // min(wanted, len(tokens))
+        return tokens[pick], documents[pick]
+
+    @staticmethod
+    def _row_pick(n_rows: int, keep: Tensor) -> Tensor:
+        """Indices of `n_rows` rows spread evenly over the `keep.sum()` kept positions."""
+        total = int(keep.sum())
+        if total < n_rows:
+            raise UserError(f"the held-out text gave {total} rows, fewer than "
                             f"eval.rows={n_rows}: lower eval.rows")
-        return self._eval_rows[:n_rows]
+        return torch.arange(n_rows) * total // n_rows
 
     def heldout_windows(self, n_windows: int) -> tuple[Tensor, Tensor]:
         """Held-out windows [n, T] for loss recovered (never trained on) and each one's

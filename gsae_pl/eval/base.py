@@ -10,6 +10,7 @@ so it yields nothing.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, make_dataclass
 
@@ -36,10 +37,31 @@ class EvalContext:
     reduce_sum: Callable[[Tensor], Tensor]  # the sum over processes (identity in one)
     # (prefix, per-feature density) -> its dead / dense summary, the histogram logged
     log_histogram: Callable[[str, Tensor], dict]
+    # Raw rows with a norm above this are outliers left out of the run (data/outliers.py);
+    # inf: data.outlier_norm_ratio=0, none are.
+    outlier_norm: float = math.inf
 
     def reconstruct_raw(self, x: Tensor) -> Tensor:
-        """The SAE's reconstruction of raw activations x, on the raw scale."""
-        return self.sae(x.to(self.device) * self.norm_scale)[0] / self.norm_scale
+        """The SAE's reconstruction of raw activations x, on the raw scale; an outlier row
+        left out of the run keeps its own activation (loss recovered splices the SAE only
+        at kept positions)."""
+        x = x.to(self.device)
+        if math.isinf(self.outlier_norm):
+            return self.sae(x * self.norm_scale)[0] / self.norm_scale
+        out, kept = x.clone(), x.double().norm(dim=1) <= self.outlier_norm
+        out[kept] = (self.sae(x[kept] * self.norm_scale)[0] / self.norm_scale).to(x.dtype)
+        return out
+
+
+@dataclass
+class HeldOutBatch:
+    """What the validation loop knows of a held-out batch's rows beyond their values."""
+
+    documents: Tensor  # int64 [B]: each row's held-out document (data/base.py)
+    # bool [B]: rows beyond data/outliers.py's REFERENCE_RATIO x the median norm, when
+    # data.outlier_norm_ratio=0 (the typical / outlier split); all False when outliers are
+    # left out of the run (they never reach an evaluator then).
+    outlier: Tensor
 
 
 @dataclass
@@ -69,6 +91,17 @@ class Evaluator(nn.Module):
 
     def update(self, x: Tensor, x_hat: Tensor, enc: Encoding) -> None:
         """One held-out batch on the SAE's scale (x * norm_scale) and the SAE's output."""
+
+    def update_batch(self, x: Tensor, x_hat: Tensor, enc: Encoding, batch: HeldOutBatch) -> None:
+        """`update`, with the rows' documents and outlier flags; the validation loop calls
+        this one. Override it where the metric needs them (reconstruction.py)."""
+        self.update(x, x_hat, enc)
+
+    def document_table(self) -> dict | None:
+        """Per held-out document, the sums behind its metrics at the last `compute`
+        (numpy arrays with a `document` id array; gsae_pl/eval/document_stats.py), kept
+        in the run folder; None: it keeps none."""
+        return None
 
     def compute(self, ctx: EvalContext) -> dict[str, Tensor | float]:
         """The metrics after the last batch, equal on every process (reduce across them

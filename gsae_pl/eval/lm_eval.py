@@ -159,6 +159,18 @@ def window_sums(per_window: Tensor, tokens_per_window: int, documents: Tensor | 
                       by_document.flatten()])
 
 
+def document_sums(sums: Tensor) -> dict:
+    """Per document, from `ce_sums`' vector: its windows, the tokens they predict and its CE
+    clean / spliced / zero summed over those tokens (numpy float64 [G] each; the entries
+    of heldout_documents.npz, gsae_pl/eval/document_stats.py)."""
+    by_document = sums[_TOKEN_SUMS:].view(-1, 4).double()
+    windows = by_document[:, 0]
+    per_window = float(sums[3]) / max(float(windows.sum()), 1.0)  # tokens each predicts
+    return {"ce_windows": windows.numpy(), "ce_tokens": (windows * per_window).numpy(),
+            **{f"ce_{name}_sum": (by_document[:, 1 + i] * per_window).numpy()
+               for i, name in enumerate(("clean", "spliced", "zero"))}}
+
+
 def loss_recovered(sums: Tensor) -> dict[str, float]:
     """The metrics from (possibly process-summed) `ce_sums` output; the standard errors
     need at least 2 windows."""

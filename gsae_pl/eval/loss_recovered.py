@@ -36,10 +36,14 @@ class LossRecovered(Evaluator):
         tokens, documents = self.lm.heldout_windows(self.settings.contexts)
         # One document numbering for every process, made before the windows are dealt out
         # (disjoint shares), so the processes' sums add up (lm_eval.py).
-        _, documents = documents.unique(return_inverse=True)
+        ids, documents = documents.unique(return_inverse=True)
         n_documents = int(documents.max()) + 1
         # The spliced activation is the reconstruction on the raw scale: x_hat / norm_scale.
         sums = lm_eval.ce_sums(self.lm, tokens[rank::world],
                                ctx.reconstruct_raw, documents[rank::world], n_documents)
-        sums = ctx.reduce_sum(sums.to(ctx.device))
-        return lm_eval.loss_recovered(sums.cpu())
+        sums = ctx.reduce_sum(sums.to(ctx.device)).cpu()
+        self._table = {"document": ids.numpy(), **lm_eval.document_sums(sums)}
+        return lm_eval.loss_recovered(sums)
+
+    def document_table(self) -> dict | None:
+        return getattr(self, "_table", None)

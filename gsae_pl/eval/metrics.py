@@ -94,3 +94,97 @@ def density_summary(density: Tensor, dense_threshold: float) -> dict[str, Tensor
 def log10_density(density: Tensor, floor: float = 1e-10) -> Tensor:
     """log10 feature density for the histogram; dead features pile up at log10(floor)."""
     return density.clamp_min(floor).log10()
+
+
+def active_entries(f) -> tuple[Tensor, Tensor]:
+    """(row, feature) index pairs of the non-zero entries of codes `f`: a dense [B, d_sae]
+    tensor or the sparse path's SparseCodes (its `pattern` holds row and col)."""
+    if hasattr(f, "pattern"):
+        nonzero = f.values != 0
+        return f.pattern.row[nonzero], f.pattern.col[nonzero]
+    return f.detach().nonzero(as_tuple=True)
+
+
+# GroupSums' columns, per group: what the held-out metrics and their standard errors need
+# (gsae_pl/eval/document_stats.py).
+GROUP_COLUMNS = ("rows", "sq_err", "x_sq", "x_hat_sq", "x_hat_dot_x", "l0_sum")
+
+
+class GroupSums(Metric):
+    """Per group of rows (a held-out document; typical vs outlier rows), the sums of
+    GROUP_COLUMNS and of x, in float64; `compute` gives them summed over processes."""
+
+    full_state_update = False
+
+    def __init__(self, n_groups: int, d_in: int):
+        super().__init__()
+        self.add_state("sums", torch.zeros(n_groups, len(GROUP_COLUMNS), dtype=torch.float64),
+                       dist_reduce_fx="sum")
+        self.add_state("x_sum", torch.zeros(n_groups, d_in, dtype=torch.float64),
+                       dist_reduce_fx="sum")
+
+    def update(self, x: Tensor, x_hat: Tensor, active_rows: Tensor, groups: Tensor) -> None:
+        """`active_rows`: the row index of each non-zero code entry; `groups` [B]: each
+        row's group in 0..n_groups-1."""
+        x, x_hat = _at_least_fp32(x.detach()), _at_least_fp32(x_hat.detach())
+        groups = groups.to(x.device).long()
+        l0 = torch.bincount(active_rows.to(x.device), minlength=x.shape[0])
+        per_row = torch.stack([torch.ones(x.shape[0], device=x.device, dtype=x.dtype),
+                               (x - x_hat).pow(2).sum(1), x.pow(2).sum(1),
+                               x_hat.pow(2).sum(1), (x_hat * x).sum(1), l0.to(x.dtype)], 1)
+        self.sums.index_add_(0, groups, per_row.double())
+        self.x_sum.index_add_(0, groups, x.double())
+
+    def compute(self) -> tuple[Tensor, Tensor]:
+        return self.sums, self.x_sum
+
+
+class FiringDocuments(Metric):
+    """Per feature, the lowest and highest document it fired in (n_documents and -1: never),
+    reduced over processes by min and max. A feature fired in one document alone where the
+    two agree: the dead fraction's jackknife needs, per document, how many such features
+    it holds (gsae_pl/eval/document_stats.py), not a [documents, d_sae] count matrix."""
+
+    full_state_update = False
+
+    def __init__(self, n_documents: int, d_sae: int):
+        super().__init__()
+        self.n_documents = n_documents
+        self.add_state("first", torch.full((d_sae,), n_documents, dtype=torch.long),
+                       dist_reduce_fx="min")
+        self.add_state("last", torch.full((d_sae,), -1, dtype=torch.long), dist_reduce_fx="max")
+
+    def update(self, active_rows: Tensor, active_features: Tensor, documents: Tensor) -> None:
+        docs = documents.to(active_rows.device).long()[active_rows]
+        features = active_features.to(self.first.device)
+        self.first.scatter_reduce_(0, features, docs.to(self.first.device), "amin")
+        self.last.scatter_reduce_(0, features, docs.to(self.last.device), "amax")
+
+    def compute(self) -> Tensor:
+        """float64 [n_documents]: the features that fired in that document and no other."""
+        alone = (self.first == self.last) & (self.last >= 0)
+        return torch.bincount(self.first[alone], minlength=self.n_documents).double()
+
+
+class OutlierShare(Metric):
+    """The share of held-out rows, and of their summed squared norm, that are outliers
+    (data/outliers.py), summed over processes."""
+
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        for name in ("rows", "outlier_rows", "sq_norm", "outlier_sq_norm"):
+            self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, rows: Tensor, outlier: Tensor) -> None:
+        sq_norm = rows.detach().double().pow(2).sum(1)
+        self.rows += rows.shape[0]
+        self.outlier_rows += outlier.sum(dtype=torch.float64)
+        self.sq_norm += sq_norm.sum()
+        self.outlier_sq_norm += sq_norm[outlier].sum()
+
+    def compute(self) -> dict[str, Tensor]:
+        return {"outlier_row_fraction": self.outlier_rows / self.rows.clamp_min(1),
+                "outlier_norm_fraction": self.outlier_sq_norm / self.sq_norm.clamp_min(
+                    torch.finfo(torch.float64).tiny)}

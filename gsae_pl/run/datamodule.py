@@ -21,7 +21,14 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from gsae_pl.data.base import SOURCES, ActivationSource, check_split, train_stream
+from gsae_pl.data.base import (
+    SOURCES,
+    ActivationSource,
+    check_split,
+    heldout_documents,
+    train_stream,
+)
+from gsae_pl.data.outliers import check_ratio
 from gsae_pl.errors import UserError
 
 
@@ -80,6 +87,7 @@ class SAEDataModule(L.LightningDataModule):
         self.prepare_data_per_node = False
         self.batch_size = cfg.data.batch_size
         self.eval_rows = cfg.eval.rows
+        check_ratio(float(cfg.data.outlier_norm_ratio))
         self.source = build_source(cfg)
         self.d_in = self.source.d_in
         if self.d_in == 1 and cfg.sae.unit_norm_decoder:
@@ -119,10 +127,14 @@ class SAEDataModule(L.LightningDataModule):
         return DataLoader(stream, batch_size=None)  # the stream already yields batches
 
     def val_dataloader(self) -> DataLoader:
+        """Batches of (held-out rows, each row's document): the documents are the standard
+        errors' sampling unit (gsae_pl/eval/document_stats.py)."""
         # Each process scores a disjoint share; the sum-reduced metrics add the shares up.
         rank, world = self._rank_world()
         rows = self.source.eval_rows(self.eval_rows)[rank::world]
-        return DataLoader(list(rows.split(self.batch_size)), batch_size=None)
+        documents = heldout_documents(self.source, self.eval_rows)[rank::world]
+        return DataLoader(list(zip(rows.split(self.batch_size),
+                                   documents.split(self.batch_size))), batch_size=None)
 
     def sample_rows(self, n_rows: int) -> Tensor:
         """The first `n_rows` rows of the global training stream: the same on every

@@ -11,9 +11,11 @@ import torch
 from torch import Tensor
 
 from gsae_pl.config import from_saved
-from gsae_pl.eval.base import EvalContext, build_evaluators
+from gsae_pl.data.outliers import REFERENCE_RATIO, median_norm, outlier_rows, threshold
+from gsae_pl.eval.base import EvalContext, HeldOutBatch, build_evaluators
 from gsae_pl.eval.metrics import (
     FeatureDensity,
+    OutlierShare,
     ReconstructionMetrics,
     density_summary,
     log10_density,
@@ -42,10 +44,24 @@ class SAEModule(L.LightningModule):
         self.train_recon = ReconstructionMetrics(d_in)
         self.train_density = FeatureDensity(d_sae)
         self.evaluators = build_evaluators(self.cfg, d_in, source)  # gsae_pl/eval/
+        # Outlier rows (data/outliers.py): the median row norm of the normalisation sample
+        # (raw scale), set by `prepare_from_sample` and kept in checkpoints; 0 = not yet.
+        self.outlier_ratio = float(self.cfg.data.outlier_norm_ratio)
+        self.median_norm = 0.0
+        self.outlier_share = OutlierShare()
+
+    @property
+    def outlier_norm(self) -> float:
+        """Raw rows with a norm above this are left out of the run (inf: none are)."""
+        return threshold(self.outlier_ratio, self.median_norm)
 
     @torch.no_grad()
     def prepare_from_sample(self, sample: Tensor) -> None:
-        """Estimate the normalisation scalar and initialise b_dec, before training."""
+        """Estimate the median row norm, the normalisation scalar and b_dec's init, before
+        training; the last two without the outlier rows when they are left out."""
+        self.median_norm = median_norm(sample)
+        if self.outlier_ratio > 0:
+            sample = sample[~outlier_rows(sample, self.outlier_norm)]
         if self.cfg.data.normalize:
             mean_sq_norm = sample.double().pow(2).sum(1).mean()
             self.norm_scale.fill_(float((self.sae.d_in / mean_sq_norm).sqrt()))
@@ -56,6 +72,8 @@ class SAEModule(L.LightningModule):
 
     # ---- training -------------------------------------------------------------------
     def training_step(self, batch: Tensor, batch_idx: int) -> dict:
+        if self.outlier_ratio > 0:  # off: the batch as it came, bit for bit
+            batch = batch[~outlier_rows(batch, self.outlier_norm)]
         x = batch * self.norm_scale
         x_hat, enc = self.sae(x)
         terms = self.objective(x, x_hat, enc, self.sae, self.global_step)
@@ -125,6 +143,7 @@ class SAEModule(L.LightningModule):
     # one, and the runs drifted apart (issue 25: L0 4.868 vs 4.882 after a SIGKILL at
     # step 300). Every process saves its own (DDP: they differ) and reloads its own.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["median_norm"] = self.median_norm  # fixed for the run (data/outliers.py)
         if hasattr(self.sae, "last_density"):
             mine = torch.tensor([self.sae.last_density], dtype=torch.float64,
                                 device=self.device)
@@ -132,21 +151,36 @@ class SAEModule(L.LightningModule):
             checkpoint["kernel_density"] = [float(d) for d in gathered]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "median_norm" in checkpoint:  # absent: an older checkpoint, the sample's estimate
+            self.median_norm = float(checkpoint["median_norm"])
         saved = checkpoint.get("kernel_density")  # absent: an older checkpoint
         if saved and hasattr(self.sae, "last_density"):
             self.sae.last_density = saved[self.global_rank % len(saved)]
 
     # ---- held-out evaluation --------------------------------------------------------
-    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
-        x = batch * self.norm_scale
+    def validation_step(self, batch, batch_idx: int) -> None:
+        rows, documents = batch  # SAEDataModule.val_dataloader: rows and their documents
+        # Outliers by the run's ratio, or (option off) by the reference ratio, for the
+        # typical / outlier split of the metrics (data/outliers.py).
+        ratio = self.outlier_ratio or REFERENCE_RATIO
+        outlier = outlier_rows(rows, threshold(ratio, self.median_norm))
+        self.outlier_share.update(rows, outlier)
+        if self.outlier_ratio > 0:  # left out of every held-out metric
+            rows, documents, outlier = rows[~outlier], documents[~outlier], outlier[~outlier]
+            if len(rows) == 0:
+                return
+        x = rows * self.norm_scale
         x_hat, enc = self.sae(x)
+        held_out = HeldOutBatch(documents=documents, outlier=outlier)
         for evaluator in self.evaluators.values():
-            evaluator.update(x, x_hat, enc)
+            evaluator.update_batch(x, x_hat, enc, held_out)
 
     def on_validation_epoch_end(self) -> None:
         values, ctx = {}, self.eval_context()
         for evaluator in self.evaluators.values():
             values.update(evaluator.compute(ctx))
+        values.update(self.outlier_share.compute())
+        self.outlier_share.reset()
         # Already reduced across processes by the evaluators (ctx.reduce_sum): every process
         # holds the global value, so sync_dist=False, deliberately (gsae_pl/run/quiet.py
         # drops Lightning's advice to the contrary). float64, so the values fit reads back
@@ -165,7 +199,7 @@ class SAEModule(L.LightningModule):
             else (lambda t: t)
         return EvalContext(sae=self.sae, norm_scale=self.norm_scale, device=self.device,
                            rank=rank, world_size=world, reduce_sum=reduce_sum,
-                           log_histogram=self._log_histogram)
+                           log_histogram=self._log_histogram, outlier_norm=self.outlier_norm)
 
     # ---- logging helpers -------------------------------------------------------------
     def _log_step(self) -> int:

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from gsae_pl.collectives import all_gather_stack
+from gsae_pl.data.outliers import outlier_rows
 from gsae_pl.resample_schedule import resample_steps
 from gsae_pl.run.progress import announce, tokens
 
@@ -187,6 +188,9 @@ class Resampler(L.Callback):
         # so the parameters stay identical across DDP processes (and runs are repeatable).
         fired = trainer.strategy.reduce(self.fired.clone(), reduce_op="sum")
         pool = torch.cat([rows.to(pl_module.device) for rows in self.pool])  # some restored
+        limit = getattr(pl_module, "outlier_norm", math.inf)  # raw scale; inf: none
+        if math.isfinite(limit):  # outliers left out of the run (data/outliers.py)
+            pool = pool[~outlier_rows(pool, limit)]
         pool = pool * pl_module.norm_scale
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         dead = fired == 0

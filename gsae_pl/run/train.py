@@ -24,7 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 from gsae_pl.commands import python_m, run_tool
 from gsae_pl.config import load_config, to_yaml
 from gsae_pl.errors import UserError
-from gsae_pl.io import atomic_write_json, atomic_write_text
+from gsae_pl.eval import document_stats
+from gsae_pl.io import atomic_write, atomic_write_json, atomic_write_text
 from gsae_pl.names import check_name, fitting_name
 from gsae_pl.run import provenance
 from gsae_pl.run.checkpoint_checks import check_resumable
@@ -196,13 +197,15 @@ def fit(cfg: DictConfig, fresh: bool = False, resume_from: Path | None = None) -
     metrics = final_evaluation(trainer, module, datamodule, run_dir)
     metrics.update(steps=trainer.global_step, seconds=round(seconds, 2),
                    tokens=trainer.global_step * cfg.data.batch_size,  # the global batch
-                   norm_scale=float(module.norm_scale))
+                   norm_scale=float(module.norm_scale),
+                   median_norm=module.median_norm)  # data/outliers.py
     check_final_metrics(metrics)
     if trainer.is_global_zero:
         # What made these numbers (commit, versions, data, device), beside metrics.json and
         # before it, so a finished run always has one (gsae_pl/run/provenance.py).
         atomic_write_json(run_dir / "provenance.json",
                           provenance.collect(datamodule.source, trainer.strategy.root_device))
+        write_document_stats(run_dir, module)
         atomic_write_json(run_dir / "metrics.json", metrics)
         write_end(trainer.logger, trainer.global_step)  # the HParams session: finished
         print(summary_table(run_dir, metrics))
@@ -225,6 +228,16 @@ def final_evaluation(trainer: L.Trainer, module: SAEModule, datamodule: SAEDataM
         results = trainer.validate(module, datamodule=datamodule, verbose=False,
                                    ckpt_path=latest_checkpoint(run_dir))
     return held_out(results[0])
+
+
+def write_document_stats(run_dir: Path, module: SAEModule) -> None:
+    """heldout_documents.npz: the final evaluation's per-document sums, every evaluator's
+    table merged by document id (gsae_pl/eval/document_stats.py), before metrics.json."""
+    tables = [evaluator.document_table() for evaluator in module.evaluators.values()]
+    if any(tables):
+        table = document_stats.merge(*tables)
+        atomic_write(run_dir / document_stats.FILE,
+                     lambda fh: fh.write(document_stats.to_bytes(table)))
 
 
 def leave_process_group() -> None:

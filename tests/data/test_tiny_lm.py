@@ -124,3 +124,28 @@ def test_the_build_reports_every_phase(tmp_path, monkeypatch, capsys):
     steps = [line for line in err if line.startswith("tiny LM: training: ")]
     assert steps[0].startswith("tiny LM: training: 1/4 steps (25%) | ") and "ETA" in steps[0]
     assert steps[-1].startswith("tiny LM: training: 4 steps in ")
+
+
+def test_heldout_rows_spread_over_every_heldout_file_like_loss_recovered(tmp_path,
+                                                                          monkeypatch):
+    """The held-out rows of every metric come from windows spread evenly over all the
+    held-out text (TextWindows.evaluation_windows, loss recovered's rule), evenly over
+    their kept positions, and each row carries its window's document."""
+    from gsae_pl.data.transformer_lens import build_lm_source
+    from tests.conftest import make_cfg
+    from tests.data.lm_fixtures import fake_stdlib_docs, write_fake_tiny_lm
+
+    monkeypatch.setenv("GSAE_PL_CACHE", str(tmp_path))
+    write_fake_tiny_lm(fake_stdlib_docs())
+    src = build_lm_source(make_cfg("data.source=tiny_lm", "data.context_size=16",
+                                   "eval.rows=64", "eval.loss_recovered.contexts=6",
+                                   "data.buffer_size=256", "data.batch_size=32"))
+    tokens, documents = src.heldout_windows(7)  # ceil(1.25 * 64 / 15) + 1 windows
+    _, every = src.heldout_windows(40)
+    assert documents[-1] >= every[-6]  # reaches the held-out text's last files, not its front
+    keep = src.keep_mask(tokens)
+    pick = torch.arange(64) * int(keep.sum()) // 64
+    assert torch.equal(src.eval_rows(64), src.rows(tokens).cpu()[pick])
+    row_documents = src.eval_documents(64)
+    assert torch.equal(row_documents, documents[:, None].expand_as(keep)[keep][pick])
+    assert set(row_documents.tolist()) == set(documents.tolist())  # every window's document

@@ -42,7 +42,7 @@ def test_raw_scale_reconstruction_through_the_module(lm):
     from gsae_pl.run.module import SAEModule
     from tests.conftest import make_cfg
 
-    cfg = make_cfg("eval.loss_recovered.contexts=12")  # >1 document
+    cfg = make_cfg("eval.loss_recovered.contexts=12", "eval.rows=64")  # >1 document
     module = SAEModule(dict(cfg), lm.d_in, source=lm)
     module.norm_scale.fill_(3.7)
     module.sae.forward = lambda x: (x, None)

@@ -27,12 +27,16 @@ class _FakeTrainer:
 def test_val_rows_are_shared_out_disjointly_and_completely():
     dm = _dm()
     everything = dm.source.eval_rows(300)
-    shares = []
+    shares, documents = [], []
     for rank in range(2):
         dm.trainer = _FakeTrainer(rank, 2)
-        shares.append(torch.cat(list(dm.val_dataloader())))
+        batches = list(dm.val_dataloader())  # (rows, each row's document)
+        shares.append(torch.cat([rows for rows, _ in batches]))
+        documents.append(torch.cat([docs for _, docs in batches]))
     assert shares[0].shape[0] + shares[1].shape[0] == 300
     assert torch.equal(torch.cat(shares).sort(0).values, everything.sort(0).values)
+    # synthetic rows: blocks of ROWS_PER_DOCUMENT held-out rows, dealt out with the rows
+    assert torch.equal(documents[0], (torch.arange(0, 300, 2) // 256))
 
 
 def test_sample_rows_is_the_same_for_every_process_and_sized():

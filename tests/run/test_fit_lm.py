@@ -68,3 +68,26 @@ def test_two_process_cpu_ddp_fit(lm_args, tmp_path):
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert metrics["tokens"] == 20 * 32 and LM_KEYS <= set(metrics)
     assert math.isfinite(metrics["loss_recovered"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ratio", [0, 2])
+def test_lm_runs_keep_document_stats_and_report_outlier_rows(lm_args, tmp_path, ratio):
+    """heldout_documents.npz holds loss recovered's per-document CE sums beside the rows'
+    (gsae_pl/eval/document_stats.py); outlier rows are reported, and split off when the
+    option is off (data/outliers.py)."""
+    from gsae_pl.eval.document_stats import read_document_stats
+
+    assert main([*lm_args, f"output.dir={tmp_path}", "output.name=run",
+                 f"data.outlier_norm_ratio={ratio}"]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    table = read_document_stats(tmp_path / "run")
+    assert table["ce_windows"].sum() == 4 and table["ce_tokens"].sum() == 4 * 15
+    assert table["ce_clean_sum"].sum() / 60 == pytest.approx(metrics["ce_clean"])
+    assert table["ce_spliced_sum"].sum() / 60 == pytest.approx(metrics["ce_spliced"])
+    assert len(table["document"]) > 1 and metrics["median_norm"] > 0
+    assert 0 <= metrics["outlier_row_fraction"] <= metrics["outlier_norm_fraction"] <= 1
+    kept = round(64 * (1 - metrics["outlier_row_fraction"]))
+    assert table["rows"].sum() == (kept if ratio else 64)
+    assert ("fvu_typical" in metrics) == (ratio == 0)
+    assert all(math.isfinite(metrics[k]) for k in ("l0_se", "fvu_se", "loss_recovered"))
