@@ -48,7 +48,7 @@ def test_the_bootstrap_replicates_match_hand_computed_values():
     draws = paired.Draws(
         seeds=(np.array([[1, 1], [2, 0], [0, 2]]), np.array([[1, 1], [0, 2], [2, 0]])),
         documents=np.array([[1, 1], [2, 0], [0, 2]]))
-    diffs = paired.differences(arms, "fvu", _at20, draws, stats)
+    diffs = paired.differences(arms, "fvu", _at20, draws, stats, few_seeds=False)
     # 1. everything once: A reads (0.25 + 0.15) / 2 = 0.2, B (0.45 + 0.25) / 2 = 0.35.
     # 2. document 0 twice, A's seed 0 twice, B's seed 1 twice: A (2/20 + 2/20) / 2 = 0.1,
     #    B (12/20 + 4/20) / 2 = 0.4.
@@ -63,7 +63,40 @@ def test_without_documents_each_run_keeps_its_own_values():
     arms, _ = _arms()
     draws = paired.Draws(seeds=(np.array([[2, 0]]), np.array([[0, 2]])), documents=None)
     # A's seed 0: (0.2 + 0.1) / 2; B's seed 1: (0.5 + 0.3) / 2
-    assert paired.differences(arms, "fvu", _at20, draws) == pytest.approx([0.15 - 0.4])
+    assert paired.differences(arms, "fvu", _at20, draws, few_seeds=False) == \
+        pytest.approx([0.15 - 0.4])
+
+
+def test_few_seeds_stretch_each_seed_shift_from_the_all_seeds_mean():
+    """2 + 2 seeds: df 2, scale sqrt(2) * t(0.975, 2) / z(0.975); the shift of the drawn
+    seeds' read-off from the all-seeds one under the same document draw is stretched by it
+    (the read-off at L0 20 is linear in the curve's points here, so the shifts carry over)."""
+    arms, stats = _arms()
+    scale = 2 ** 0.5 * 4.303 / 1.96
+    assert paired.seed_scale(2, 2) == pytest.approx(scale)
+    assert paired.seed_scale(1, 2) == 1.0 and paired.seed_scale(3, 4) == pytest.approx(
+        1.5 ** 0.5 * 2.776 / 1.96)
+    draws = paired.Draws(seeds=(np.array([[2, 0]]), np.array([[0, 2]])),
+                         documents=np.array([[2, 0]]))
+    # under document 0 twice: A's seeds read 0.1 (seed 0) and (6/20 + 2/20) / 2 = 0.2 (seed 1),
+    # all seeds 0.15; B's 0.3 (seed 0: 8/20, 4/20) and 0.4 (seed 1: 12/20, 4/20), all 0.35.
+    want = (0.15 + scale * (0.1 - 0.15)) - (0.35 + scale * (0.4 - 0.35))
+    assert paired.differences(arms, "fvu", _at20, draws, stats) == pytest.approx([want])
+
+
+def test_the_seeds_only_interval_keeps_its_level_with_three_seeds():
+    """Two arms with the same mean and normal seed noise: the widened interval excludes 0
+    in about 5% of comparisons (a plain percentile bootstrap: about 21%)."""
+    rng = np.random.default_rng(7)
+    excluded = 0
+    for trial in range(300):
+        arms = tuple([{"run": f"{arm}{s}", "seed": s, "value": 1, "l0": 10.0, "fvu": v}
+                      for s, v in enumerate(rng.normal(size=3))] for arm in "AB")
+        draws = paired.draw((3, 3), None, replicates=400, seed=trial)
+        low, high, _ = paired.interval(paired.differences(arms, "fvu", lambda c: c[0][1],
+                                                          draws))
+        excluded += low > 0 or high < 0
+    assert excluded / 300 < 0.10
 
 
 def test_one_document_draw_serves_both_arms():

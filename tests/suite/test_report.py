@@ -290,11 +290,12 @@ def test_gated_vs_baseline_verdicts_follow_the_paired_interval(seeded_suite, lm_
     text = write_report(seeded_suite).read_text()
     lines = _comparison_lines(text)
     # loss recovered @ 20: 0.945 - 0.85 = 0.095; the seeds move each curve by -0.01, 0, +0.01:
-    # resampled, each arm's mean lies within ±0.01, so the difference within 0.095 ± 0.02.
+    # resampled, each arm's mean lies within ±0.01 of its own, a shift stretched by the
+    # few-seeds scale sqrt(3/2) * 2.776 / 1.96 = 1.73: the difference within 0.095 ± 0.035.
     cells = lines["loss_recovered @ L0=20"].split(" | ")
     assert cells[1:4] == ["0.945", "0.85", cells[3]] and cells[3].startswith("0.095 [")
     low, high = (float(v) for v in cells[3].split("[")[1].rstrip("]").split(", "))
-    assert 0.075 <= low < 0.095 < high <= 0.115
+    assert 0.06 <= low < 0.095 < high <= 0.13
     assert cells[5].startswith("gated better; documents not resampled: no per-document "
                                "statistics; sparse grid (bracketing L0s 4x apart)")
     # gamma: the same seed noise in both, difference 0 -> neither higher nor level
