@@ -29,8 +29,16 @@ from gsae_pl.errors import UserError
 from gsae_pl.io import atomic_write_json, atomic_write_text
 from gsae_pl.names import fitting_name
 from gsae_pl.run import provenance
-from gsae_pl.suite import uncertainty
-from gsae_pl.suite.curves import common_l0s, interpolate_at_l0, l0_needed
+from gsae_pl.suite import comparison, document_stats, paired, uncertainty
+from gsae_pl.suite.comparison import LOSS_TARGETS
+from gsae_pl.suite.curves import (
+    bracket_at_l0,
+    bracket_needed,
+    common_l0s,
+    interpolate_at_l0,
+    is_sparse,
+    l0_needed,
+)
 from gsae_pl.suite.plots import (
     DEFAULT_METRICS,
     L0_FLOOR,
@@ -186,9 +194,9 @@ def _markdown_table(header: list[str], body: list[list[str]]) -> list[str]:
 
 
 PARETO_METRICS = ("loss_recovered", "fvu", "relative_reconstruction_bias", "mmcs")
-LOSS_TARGETS = (0.9, 0.95, 0.97, 0.98)
 BAND_NOTE = ("; with several seeds, [min – max] of the same value read off each seed's own "
-             "curve")
+             "curve; * sparse grid: the two points it lies between are more than 2x apart "
+             "in L0")
 
 
 def _at(x: float):
@@ -199,10 +207,13 @@ def _needed(target: float):
     return lambda curve: l0_needed(curve, target)
 
 
-def _cell(group: list[dict], metric: str, read) -> str:
-    """The value read off the seed-mean curve, with its per-seed band."""
-    return uncertainty.band_text(read(variant_curve(group, metric)),
+def _cell(group: list[dict], metric: str, read, bracket) -> str:
+    """The value read off the seed-mean curve, with its per-seed band, starred where the
+    grid is sparse there."""
+    curve = variant_curve(group, metric)
+    text = uncertainty.band_text(read(curve),
                                  uncertainty.per_seed(group, metric, read, variant_curve), fmt)
+    return f"{text} *" if text and is_sparse(bracket(curve)) else text
 
 
 def pareto_summary(rows: list[dict]) -> list[str]:
@@ -216,7 +227,8 @@ def pareto_summary(rows: list[dict]) -> list[str]:
             continue
         header = ["variant", "points", "L0 range"] + [f"{metric} @ L0={x}" for x in targets]
         body = [[v, str(len(c)), f"{fmt(c[0][0])} - {fmt(c[-1][0])}" if c else ""]
-                + [_cell(groups[v], metric, _at(x)) for x in targets]
+                + [_cell(groups[v], metric, _at(x), lambda c, x=x: bracket_at_l0(c, x))
+                   for x in targets]
                 for v, c in curves.items()]
         lines += ["", f"**{metric}** (mean over seeds per swept value, interpolated linearly "
                       "in log L0; blank where the variant's runs do not bracket that L0"
@@ -229,7 +241,8 @@ def _l0_needed_table(groups: dict[str, list[dict]]) -> list[str]:
     """The paper's way to read the Pareto plot: L0 needed for a given loss recovered."""
     if not any(variant_curve(g, "loss_recovered") for g in groups.values()):
         return []
-    body = [[v] + [_cell(g, "loss_recovered", _needed(t)) for t in LOSS_TARGETS]
+    body = [[v] + [_cell(g, "loss_recovered", _needed(t), lambda c, t=t: bracket_needed(c, t))
+                   for t in LOSS_TARGETS]
             for v, g in groups.items()]
     return ["", "**L0 needed** to reach each loss recovered (same interpolation; blank where "
                 f"no pair of the variant's runs straddles it{BAND_NOTE}):", ""] + \
@@ -248,32 +261,28 @@ def seed_spread_section(rows: list[dict]) -> list[str]:
         _markdown_table(["variant", "swept", "value", "seeds"] + list(SPREAD_METRICS), body)
 
 
-def comparison_section(rows: list[dict]) -> list[str]:
-    """gated vs baseline at the common L0s and loss-recovered targets, each difference
-    marked resolved or not against the seed spread (gsae_pl/suite/uncertainty.py)."""
-    groups = by_variant(rows)
-    if not all(v in groups for v in uncertainty.PAIR):
-        return ["", "no gated-vs-baseline comparison: the suite lacks one of the two variants"]
-    checks = []
-    for metric in ("loss_recovered", "fvu", "relative_reconstruction_bias"):
-        for x in common_l0s({v: variant_curve(g, metric) for v, g in groups.items()}):
-            checks.append((f"{metric} @ L0={x}", metric, _at(x)))
-    checks += [(f"L0 needed @ loss_recovered={t}", "loss_recovered", _needed(t))
-               for t in LOSS_TARGETS]
-    body = []
-    for label, metric, read in checks:
-        found = uncertainty.compare(groups, read, metric, variant_curve)
-        if found:
-            gated, baseline, verdict = found
-            body.append([label, fmt(gated), fmt(baseline), fmt(gated - baseline), verdict])
-    if not body:
-        return ["", "no value that both gated and baseline curves give"]
-    return ["", "Noise = sqrt(sd_gated² + sd_baseline²), sd the sample SD of the per-seed "
-                f"values; resolved when |difference| > {uncertainty.RESOLVE_Z:g} x noise. The "
-                "held-out SE is left out: both variants are measured on the same held-out "
-                "windows, so held-out sampling moves them together (gsae_pl/suite/uncertainty.py).",
-                ""] + \
-        _markdown_table(["value", "gated", "baseline", "difference", "verdict"], body)
+def comparison_section(rows: list[dict], stats: dict[str, dict] | None = None,
+                       no_documents: str | None = "no per-document statistics") -> list[str]:
+    """gated vs baseline at the common L0s and loss-recovered targets: each difference with
+    its 95% paired-bootstrap interval and the verdict it gives (gsae_pl/suite/comparison.py)."""
+    found = comparison.section(rows, fmt, stats, no_documents)
+    if isinstance(found, str):
+        return ["", found]
+    header, body = found
+    doc_level = ("and the held-out documents, one draw shared by both variants (each run's "
+                 "values recomputed from its per-document sums)" if no_documents is None else
+                 f"only: the documents are not resampled ({no_documents}), so the interval "
+                 "leaves out the held-out sampling, and a seed x document interaction")
+    return ["", "Difference = gated - baseline, read off the seed-mean curves (linear in log "
+                f"L0). 95% interval: {paired.REPLICATES} bootstrap resamples of the seeds "
+                f"within each variant {doc_level}. Verdict: *level* when the interval lies "
+                "within the equivalence margin (loss recovered ±0.005, gamma ±0.01, FVU ±5% "
+                "and L0 needed ±10% of baseline's), else *better* / *worse* (gamma: *higher* "
+                "/ *lower*) when it excludes 0, else *unresolved*; a variant with one seed is "
+                f"always *unresolved*, and fewer than {uncertainty.MIN_SEEDS} seeds are named. "
+                "*Sparse grid*: the points a read-off lies between are more than 2x apart in "
+                "L0. The monotone-cubic column reads the same curves by a monotone cubic in "
+                "log L0 instead (docs/method.md sec. 6).", ""] + _markdown_table(header, body)
 
 
 def _tokens_text(rows: list[dict]) -> str:
@@ -342,9 +351,13 @@ def _failures_section(suite_dir: Path, failures: list[dict]) -> list[str]:
     return _markdown_table(["run", "returncode", "error", "log"], body)
 
 
-def write_report(suite_dir: Path, wall_seconds: float | None = None) -> Path:
+def write_report(suite_dir: Path, wall_seconds: float | None = None,
+                 document_reader=document_stats.NO_READER) -> Path:
     """results.csv, plots/*.png and report.md for the suite; returns report.md's path.
-    The wall time shown: `wall_seconds` if given, else ablate's record (WALL_FILE)."""
+    The wall time shown: `wall_seconds` if given, else ablate's record (WALL_FILE).
+    `document_reader(run_dir)`: a run's per-document statistics, or None
+    (gsae_pl/suite/document_stats.py); the paired comparisons resample documents only
+    when every run has them."""
     suite_dir = Path(suite_dir)
     invocations = 1
     if wall_seconds is None:
@@ -373,7 +386,9 @@ def write_report(suite_dir: Path, wall_seconds: float | None = None) -> Path:
     lines += _markdown_table(shown, [[fmt(r.get(c)) for c in shown] for r in rows])
     lines += ["", "## Seed spread"] + seed_spread_section(rows)
     lines += ["", "## Pareto summary"] + (pareto_summary(rows) or ["", "no curve to read"])
-    lines += ["", "## Gated vs baseline"] + comparison_section(rows)
+    stats, no_documents = document_stats.load(suite_dir, [r["run"] for r in rows],
+                                              document_reader)
+    lines += ["", "## Gated vs baseline"] + comparison_section(rows, stats, no_documents)
     lines += ["", "## Plots"] + [f"\n![{p.stem}](plots/{p.name})" for p in plots.get("", [])]
     for name, paths in plots.items():
         if name:
