@@ -21,9 +21,9 @@ loss recovered = (Z - S) / (Z - C) with C, S, Z the weighted CE sums. FVU keeps 
 own centre: the shift of the mean under a reweighting changes the denominator by a relative
 O(1 / rows), far below the variance between documents.
 
-The reader that yields these dicts is the run's (`read_document_stats(run_dir)`, from the part
-of issue 27 that writes the file); until it exists, `NO_READER` answers None for every run,
-and comparisons fall back to resampling seeds alone.
+`from_run` reads them from the run's `heldout_documents.npz` (gsae_pl/eval/document_stats.py)
+and is the report's default; a run without that file (made before it existed) answers None,
+and comparisons that reach such a run fall back to resampling seeds alone, saying so.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from gsae_pl.eval.document_stats import read_document_stats
 
 # metric -> (numerator, denominator) for a plain ratio of sums
 RATIOS = {
@@ -43,8 +45,31 @@ CE = ("ce_clean_sum", "ce_spliced_sum", "ce_zero_sum")
 
 
 def NO_READER(run_dir: Path) -> dict | None:  # noqa: N802 (a constant that is a function)
-    """No run has per-document statistics (no run writes them yet)."""
+    """Per-document statistics switched off: every comparison resamples seeds alone."""
     return None
+
+
+def from_run(run_dir: Path) -> dict | None:
+    """The interface above from the run's heldout_documents.npz, None when it has none. The
+    centred norm is centred on the run's own held-out mean: sum_g ||x - m||^2 =
+    x_sq_g - 2 m . x_sum_g + rows_g ||m||^2."""
+    try:
+        table = read_document_stats(run_dir)
+    except (FileNotFoundError, ValueError):
+        return None
+    rows = np.asarray(table["rows"], dtype=np.float64)
+    x_sum = np.asarray(table["x_sum"], dtype=np.float64)
+    mean = x_sum.sum(0) / max(rows.sum(), 1.0)
+    out = {"rows": rows, "active": np.asarray(table["l0_sum"], dtype=np.float64),
+           "sq_err": np.asarray(table["sq_err"], dtype=np.float64),
+           "centred_sq_norm": (np.asarray(table["x_sq"], dtype=np.float64)
+                               - 2 * x_sum @ mean + rows * float(mean @ mean)),
+           "x_hat_sq": np.asarray(table["x_hat_sq"], dtype=np.float64),
+           "x_hat_dot_x": np.asarray(table["x_hat_dot_x"], dtype=np.float64)}
+    for key in ("ce_tokens", *CE):
+        if key in table:
+            out[key] = np.asarray(table[key], dtype=np.float64)
+    return out
 
 
 def needs(metric: str) -> tuple[str, ...] | None:
@@ -75,7 +100,7 @@ def metric_from_sums(stats: dict[str, np.ndarray], metric: str,
 
 
 def load(suite_dir: Path, runs: list[str],
-         reader: Callable[[Path], dict | None] = NO_READER
+         reader: Callable[[Path], dict | None] = from_run
          ) -> tuple[dict[str, dict[str, np.ndarray]], str | None]:
     """(run -> its statistics, None) when every run in `runs` has them with one number of
     documents; else ({}, why not), the words the verdicts quote."""

@@ -352,7 +352,7 @@ def _failures_section(suite_dir: Path, failures: list[dict]) -> list[str]:
 
 
 def write_report(suite_dir: Path, wall_seconds: float | None = None,
-                 document_reader=document_stats.NO_READER) -> Path:
+                 document_reader=document_stats.from_run) -> Path:
     """results.csv, plots/*.png and report.md for the suite; returns report.md's path.
     The wall time shown: `wall_seconds` if given, else ablate's record (WALL_FILE).
     `document_reader(run_dir)`: a run's per-document statistics, or None

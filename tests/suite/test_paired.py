@@ -219,3 +219,35 @@ def test_the_monotone_cubic_agrees_with_linear_on_a_line_and_stays_monotone():
     values = [pchip_at_l0(bent, 2.0 * 1.05 ** k) for k in range(76)]  # 2 to 78
     assert all(b >= a for a, b in zip(values, values[1:]))  # no overshoot between knots
     assert pchip_at_l0([(3.0, 0.7)], 3.0) == 0.7
+
+
+def test_a_runs_document_file_gives_the_metrics_of_its_rows(tmp_path):
+    """from_run turns a run's heldout_documents.npz (gsae_pl/eval/document_stats.py) into
+    the bootstrap's sums: at unit weights they give the FVU, L0 and gamma of the rows."""
+    import numpy as np
+    import torch
+
+    from gsae_pl.eval.document_stats import FILE, merge, to_bytes
+    from gsae_pl.suite.document_stats import from_run, metric_from_sums
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 3, generator=gen, dtype=torch.float64)
+    x_hat = 0.8 * x + 0.1 * torch.randn(12, 3, generator=gen, dtype=torch.float64)
+    active = torch.randint(0, 5, (12,), generator=gen).double()
+    doc = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3, 3])
+    per = lambda v: np.array([float(v[doc == g].sum()) for g in range(4)])
+    table = merge({"document": np.arange(4), "rows": per(torch.ones(12)),
+                   "sq_err": per((x - x_hat).pow(2).sum(1)), "x_sq": per(x.pow(2).sum(1)),
+                   "x_hat_sq": per(x_hat.pow(2).sum(1)),
+                   "x_hat_dot_x": per((x_hat * x).sum(1)), "l0_sum": per(active),
+                   "x_sum": np.stack([x[doc == g].sum(0).numpy() for g in range(4)])})
+    (tmp_path / FILE).write_bytes(to_bytes(table))
+    stats = from_run(tmp_path)
+    ones = np.ones((1, 4))
+    fvu = float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    gamma = float(x_hat.pow(2).sum() / (x_hat * x).sum())
+    assert metric_from_sums(stats, "fvu", ones)[0] == pytest.approx(fvu, rel=1e-12)
+    assert metric_from_sums(stats, "l0", ones)[0] == pytest.approx(float(active.mean()))
+    got = metric_from_sums(stats, "relative_reconstruction_bias", ones)[0]
+    assert got == pytest.approx(gamma, rel=1e-12)
+    assert from_run(tmp_path / "elsewhere") is None  # a run made before the file existed
