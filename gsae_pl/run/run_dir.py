@@ -26,11 +26,12 @@ from gsae_pl.errors import UserError
 from gsae_pl.names import MAX_NAME_BYTES
 
 # What fit writes in a run folder: the config it trained with, TensorBoard's event files and
-# hparams.yaml, inputs.json (run/inputs.py), provenance.json, metrics.json (last); atomic
-# writes' temporaries are `.<name>.tmp<pid>`.
+# hparams.yaml, inputs.json (run/inputs.py), milestones.json (run/milestones.py),
+# provenance.json, metrics.json (last); atomic writes' temporaries are `.<name>.tmp<pid>`.
 RUN_FILES = ("config.yaml", "metrics.json", "provenance.json", "hparams.yaml",
              "events.out.tfevents.*", ".config.yaml.tmp*", ".metrics.json.tmp*",
-             ".provenance.json.tmp*", "inputs.json", ".inputs.json.tmp*")
+             ".provenance.json.tmp*", "inputs.json", ".inputs.json.tmp*", "milestones.json",
+             ".milestones.json.tmp*")
 CHECKPOINT_FILES = ("*.ckpt", ".*.ckpt.tmp*")  # in checkpoints/ (gsae_pl/run/checkpointing.py)
 # config.yaml's first line: the mark of a folder fit wrote (a YAML comment: readers skip it).
 RUN_HEADER = "# gsae_pl.fit wrote this run folder: the config it trained with\n"
