@@ -61,12 +61,15 @@ class Milestones(L.Callback):
         # now, before the next step trains, as Lightning does after a step (the loop's
         # on_advance_end). Lightning's restart bookkeeping ran already, in this advance.
         if self.missing(trainer):
-            connector = trainer._logger_connector  # kept across it, as Lightning does
-            first = connector._first_loop_iter
+            loop, connector = trainer.fit_loop.epoch_loop, trainer._logger_connector
+            first, counted = connector._first_loop_iter, loop._batches_that_stepped
+            # Logged at the x of the uninterrupted run's evaluation, which comes before the
+            # loop counts the step for its loggers (restarting, Lightning counted it).
+            loop._batches_that_stepped = trainer.global_step - 1
             trainer.validating = True
-            trainer.fit_loop.epoch_loop.val_loop.run()
+            loop.val_loop.run()
             trainer.training = True
-            connector._first_loop_iter = first
+            connector._first_loop_iter, loop._batches_that_stepped = first, counted
 
     def missing(self, trainer) -> bool:
         return trainer.global_step in self.asked and trainer.global_step not in self.done
