@@ -112,6 +112,7 @@ def learning_curve_figure(points: list[dict], rows: list[dict], title: str) -> F
             ax.annotate(f"{value:g}" if _is_number(value) else str(value), curve[-1],
                         xytext=(3, 0), textcoords="offset points", fontsize=6, color=colour)
         ax.set_xscale("log")
+        ax.margins(x=0.1)  # room for the swept values at the lines' ends
         ax.set_xlabel("training tokens (rows)")
         ax.set_ylabel(LABELS.get(metric, metric), fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
