@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gsae_pl.data.local_models import MODELS, lookup
 from gsae_pl.errors import UserError
+from gsae_pl.eval.base import milestone_steps
 from gsae_pl.losses.base import LOSS_TERMS
 from gsae_pl.resample_schedule import resample_steps
 from gsae_pl.saes.base import ARCHITECTURES
@@ -72,6 +73,7 @@ def _validate_combinations(cfg: DictConfig) -> None:
     if cfg.resample.enabled:  # after the architecture's checks, whose messages are more specific
         _validate_resample_end(cfg)
     _validate_lm_data(cfg.data)
+    milestone_steps(cfg)  # eval.at_tokens: increasing, within the run, on distinct steps
     if cfg.data.source == "file" and not cfg.data.path:
         raise UserError("data.source=file needs data.path=FILE (.npy, .safetensors or .pt)")
     syn = cfg.data.synthetic

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from gsae_pl.errors import UserError
 from gsae_pl.ranges import POSITIVE
 from gsae_pl.registry import Registry
 from gsae_pl.saes.base import SAE, Encoding
@@ -125,6 +126,39 @@ class EvalConfig:
 
     rows: int = field(default=16384, metadata=POSITIVE)
     every_n_steps: int = field(default=1000, metadata=POSITIVE)
+    # Milestones: the whole evaluation again after these many training tokens (rows), each
+    # kept in milestones.json (gsae_pl/run/milestones.py); [] is off. Checked by
+    # `milestone_steps`.
+    at_tokens: list[int] = field(default_factory=list)
+
+
+def milestone_steps(cfg: DictConfig) -> dict[int, int]:
+    """The optimiser step of each of `eval.at_tokens` -> the token count asked for.
+
+    Decision (docs/method.md sec. 6): a milestone is taken after the first step by which
+    the run has trained on at least that many tokens, ceil(tokens / data.batch_size) (the
+    global batch), and records the tokens actually trained, step x data.batch_size. The
+    counts must be positive, increasing, fall on distinct steps and lie within the run.
+    """
+    asked, batch = list(cfg.eval.at_tokens or []), cfg.data.batch_size
+    total = cfg.trainer.max_steps * batch
+    steps: dict[int, int] = {}
+    for before, tokens in zip([0, *asked], asked):
+        if tokens <= 0:
+            raise UserError(f"eval.at_tokens: {tokens} must be a positive number of tokens")
+        if tokens <= before:
+            raise UserError(f"eval.at_tokens: {tokens} after {before}: list the token counts "
+                            "in increasing order")
+        if tokens > total:
+            raise UserError(f"eval.at_tokens: {tokens} is beyond the run's {total} tokens "
+                            f"(trainer.max_steps={cfg.trainer.max_steps} x data.batch_size="
+                            f"{batch}): drop it or train longer")
+        step = -(-tokens // batch)  # ceil
+        if step in steps:
+            raise UserError(f"eval.at_tokens: {steps[step]} and {tokens} both fall on step "
+                            f"{step} (data.batch_size={batch} tokens a step): keep one")
+        steps[step] = tokens
+    return steps
 
 
 def eval_schema(shared: type) -> type:

@@ -26,13 +26,14 @@ from gsae_pl.errors import UserError
 from gsae_pl.names import MAX_NAME_BYTES
 
 # What fit writes in a run folder: the config it trained with, TensorBoard's event files and
-# hparams.yaml, inputs.json (run/inputs.py), provenance.json, heldout_documents.npz
-# (eval/document_stats.py), metrics.json (last); atomic writes' temporaries are
-# `.<name>.tmp<pid>`; and gsae_pl.inspect's page (its TensorBoard texts are an event file),
-# which would describe the SAE that --force replaces.
+# hparams.yaml, inputs.json (run/inputs.py), milestones.json (run/milestones.py),
+# provenance.json, heldout_documents.npz (eval/document_stats.py), metrics.json (last);
+# atomic writes' temporaries are `.<name>.tmp<pid>`; and gsae_pl.inspect's page (its
+# TensorBoard texts are an event file), which would describe the SAE that --force replaces.
 RUN_FILES = ("config.yaml", "metrics.json", "provenance.json", "hparams.yaml",
              "events.out.tfevents.*", ".config.yaml.tmp*", ".metrics.json.tmp*",
              ".provenance.json.tmp*", "inputs.json", ".inputs.json.tmp*",
+             "milestones.json", ".milestones.json.tmp*",
              "heldout_documents.npz", ".heldout_documents.npz.tmp*",
              "inspect/latents.html", "inspect/.latents.html.tmp*")
 CHECKPOINT_FILES = ("*.ckpt", ".*.ckpt.tmp*")  # in checkpoints/ (gsae_pl/run/checkpointing.py)

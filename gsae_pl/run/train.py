@@ -46,6 +46,7 @@ from gsae_pl.run.faults import NonFiniteMonitor, check_final_metrics, ends_other
 from gsae_pl.run.inputs import check_inputs, record_inputs
 from gsae_pl.run.lock import RUN_LOCK, FolderLock, takes_run_lock
 from gsae_pl.run.memory import check_run_fits
+from gsae_pl.run.milestones import MILESTONES_JSON, Milestones
 from gsae_pl.run.module import SAEModule
 from gsae_pl.run.preemption import Preemption, raise_if_preempted, sigterm_as_preempted
 from gsae_pl.run.progress import Progress, dead_windows
@@ -108,6 +109,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
                                  every_n_train_steps=cfg.checkpoint.every_n_steps)
     monitor = NonFiniteMonitor(cfg.log.every_n_steps, cfg.checkpoint.every_n_steps)
     preemption = Preemption(checkpoints, monitor, agree_every=cfg.log.every_n_steps)
+    # eval.at_tokens: evaluations at those token counts, kept (gsae_pl/run/milestones.py)
+    milestones = [Milestones(cfg, run_dir, held_out)] if cfg.eval.at_tokens else []
     # Lightning's SLURM auto-requeue would save hpc_ckpt_N.ckpt from its signal handler into
     # default_root_dir, which any later fit/validate under SLURM loads: Preemption requeues.
     slurm = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
@@ -118,7 +121,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
             default_root_dir=run_dir,  # not the cwd, which a suite's runs share
             logger=loggers,
             callbacks=[checkpoints, monitor, RNGState(), preemption, EvaluatedStep(), Progress(cfg),
-                       RunSummaries(cfg, to_yaml(cfg)), Coefficients(cfg.log.every_n_steps)],
+                       RunSummaries(cfg, to_yaml(cfg)), Coefficients(cfg.log.every_n_steps),
+                       *milestones],
             plugins=[AtomicCheckpointIO(), *slurm],
             val_check_interval=min(cfg.eval.every_n_steps, cfg.trainer.max_steps),
             check_val_every_n_epoch=None,
@@ -182,6 +186,8 @@ def fit(cfg: DictConfig, fresh: bool = False, resume_from: Path | None = None) -
     if trainer.is_global_zero:
         remove_stale_temporaries(run_dir)  # what a killed process was writing, if any
         atomic_write_text(run_dir / "config.yaml", RUN_HEADER + to_yaml(cfg))
+        if not resume_from:  # an earlier attempt's, killed before its first checkpoint
+            (run_dir / MILESTONES_JSON).unlink(missing_ok=True)
         record_inputs(run_dir, datamodule.source, resuming=resume_from is not None)
         if resume_from:
             print(f"resuming {run_dir} from step {checkpoint_step(resume_from)} "
@@ -206,6 +212,8 @@ def fit(cfg: DictConfig, fresh: bool = False, resume_from: Path | None = None) -
         atomic_write_json(run_dir / "provenance.json",
                           provenance.collect(datamodule.source, trainer.strategy.root_device))
         write_document_stats(run_dir, module)
+        for milestones in (c for c in trainer.callbacks if isinstance(c, Milestones)):
+            milestones.write()  # complete before metrics.json marks the run finished
         atomic_write_json(run_dir / "metrics.json", metrics)
         write_end(trainer.logger, trainer.global_step)  # the HParams session: finished
         print(summary_table(run_dir, metrics))

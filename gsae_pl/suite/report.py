@@ -1,9 +1,11 @@
 """The ablation suite's report: `python -m gsae_pl.report SUITE_DIR` (ablate calls `write_report`).
 
-Reads what the runs left (runs/<name>/{config.yaml,metrics.json}, failed/<name>.json) and writes,
-each file whole or not at all, results.csv, plots/*.png and report.md beside them, and the
-plots again as TensorBoard images under report/ (gsae_pl/suite/report_images.py). It only reads
-run outputs, so it can be rerun at any time, e.g. while a suite is still going. It writes
+Reads what the runs left (runs/<name>/{config.yaml,metrics.json,milestones.json},
+failed/<name>.json) and writes, each file whole or not at all, results.csv, milestones.csv
+(runs with eval.at_tokens: gsae_pl/suite/milestones.py), plots/*.png and report.md beside
+them, and the plots again as TensorBoard images under report/
+(gsae_pl/suite/report_images.py). It only reads run outputs, so it can be rerun at any
+time, e.g. while a suite is still going. It writes
 only in a suite (a folder holding the suite.yaml ablate writes), and deletes only plots it
 made itself (gsae_pl/suite/plots.py marks them).
 Metric names follow docs/method.md; seed spread, standard errors and what counts as a
@@ -39,6 +41,7 @@ from gsae_pl.suite.curves import (
     is_sparse,
     l0_needed,
 )
+from gsae_pl.suite.milestones import learning_curves_section, write_learning_curves
 from gsae_pl.suite.plots import (
     DEFAULT_METRICS,
     L0_FLOOR,
@@ -376,7 +379,8 @@ def write_report(suite_dir: Path, wall_seconds: float | None = None,
     name = suite_name(suite_dir)
     title = f"{name}: {_tokens_text(rows)}"
     plots = write_plots(suite_dir, rows, title, figures, plotted)
-    write_images(suite_dir, [p for paths in plots.values() for p in paths])  # TensorBoard
+    curves = write_learning_curves(suite_dir, rows, title)  # runs with eval.at_tokens
+    write_images(suite_dir, [p for paths in plots.values() for p in paths] + curves)
     lines = [f"# Ablation suite `{name}`", "",
              _intro(rows, failures, unfinished, wall_seconds, invocations), "",
              "## Provenance", ""]
@@ -394,6 +398,7 @@ def write_report(suite_dir: Path, wall_seconds: float | None = None,
         if name:
             lines += ["", f"### {name}: {', '.join(figures[name])}"]
             lines += [f"\n![{p.stem}](plots/{p.name})" for p in paths]
+    lines += learning_curves_section(curves)
     lines += ["", "## Failed runs", ""] + _failures_section(suite_dir, failures)
     path = suite_dir / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
