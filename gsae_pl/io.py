@@ -83,3 +83,17 @@ def atomic_save_npy(path: Path, array) -> None:
     import numpy as np
 
     atomic_write(path, lambda fh: np.save(fh, array, allow_pickle=False))
+
+
+def atomic_write_csv(path: Path, fieldnames: list[str], rows: list[dict]) -> Path:
+    """A CSV of `rows` under the header `fieldnames` (None as an empty cell), written whole."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fieldnames, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in fieldnames})
+    atomic_write_text(path, buffer.getvalue())
+    return Path(path)

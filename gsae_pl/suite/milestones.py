@@ -15,7 +15,6 @@ at the runs' final evaluation. Without milestones the report writes neither.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from gsae_pl.io import atomic_write, atomic_write_text
+from gsae_pl.io import atomic_write, atomic_write_csv
 from gsae_pl.suite.plots import LABELS, MADE_BY, by_variant, styles
 
 CURVE_METRICS = ("l0", "fvu", "loss_recovered")
@@ -67,14 +66,7 @@ def milestone_rows(suite_dir: Path, rows: list[dict]) -> list[dict]:
 def write_milestones_csv(suite_dir: Path, points: list[dict]) -> Path:
     rest = sorted({k for p in points for k in p} - set(IDENTITY) - set(POSITION))
     shown = [*IDENTITY[:-1], *POSITION, *rest, IDENTITY[-1]]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=shown, lineterminator="\n")
-    writer.writeheader()
-    for point in points:
-        writer.writerow({k: "" if point.get(k) is None else point[k] for k in shown})
-    path = suite_dir / "milestones.csv"
-    atomic_write_text(path, buffer.getvalue())
-    return path
+    return atomic_write_csv(suite_dir / "milestones.csv", shown, points)
 
 
 def curves(points: list[dict], rows: list[dict], metric: str) -> dict[tuple, list[tuple]]:

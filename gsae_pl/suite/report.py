@@ -17,8 +17,6 @@ gsae_pl/run/provenance.py.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import sys
 from pathlib import Path
@@ -28,7 +26,7 @@ import yaml
 from gsae_pl.cli import ArgumentParser, run_main
 from gsae_pl.config import migrate
 from gsae_pl.errors import UserError
-from gsae_pl.io import atomic_write_json, atomic_write_text
+from gsae_pl.io import atomic_write_csv, atomic_write_json, atomic_write_text
 from gsae_pl.names import fitting_name
 from gsae_pl.run import provenance
 from gsae_pl.suite import comparison, document_stats, paired, uncertainty
@@ -180,15 +178,7 @@ def fmt(value) -> str:
 # ---------------------------------------------------------------- outputs
 
 def write_results_csv(suite_dir: Path, rows: list[dict]) -> Path:
-    buffer = io.StringIO()
-    shown = columns(rows)
-    writer = csv.DictWriter(buffer, fieldnames=shown, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: "" if row.get(k) is None else row[k] for k in shown})
-    path = suite_dir / "results.csv"
-    atomic_write_text(path, buffer.getvalue())
-    return path
+    return atomic_write_csv(suite_dir / "results.csv", columns(rows), rows)
 
 
 def _markdown_table(header: list[str], body: list[list[str]]) -> list[str]:
