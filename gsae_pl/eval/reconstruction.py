@@ -50,7 +50,9 @@ class Reconstruction(Evaluator):
             outlier = torch.zeros(x.shape[0], dtype=torch.bool)
         else:
             ids = self.document_ids.to(batch.documents.device)
-            documents = torch.searchsorted(ids, batch.documents).clamp_max(len(ids) - 1)
+            # contiguous: under DDP a process's ids are a strided slice of the global ones
+            documents = torch.searchsorted(ids, batch.documents.contiguous()).clamp_max(
+                len(ids) - 1)
             outlier = batch.outlier
         self.documents.update(x, x_hat, rows, documents)
         self.firing.update(rows, features, documents)

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from gsae_pl.collectives import all_gather_stack
 from gsae_pl.config import from_saved
 from gsae_pl.data.outliers import REFERENCE_RATIO, median_norm, outlier_rows, threshold
 from gsae_pl.eval.base import EvalContext, HeldOutBatch, build_evaluators
@@ -147,7 +148,7 @@ class SAEModule(L.LightningModule):
         if hasattr(self.sae, "last_density"):
             mine = torch.tensor([self.sae.last_density], dtype=torch.float64,
                                 device=self.device)
-            gathered = self.all_gather(mine).reshape(-1).cpu()  # [world]
+            gathered = all_gather_stack(mine).reshape(-1).cpu()  # [world]
             checkpoint["kernel_density"] = [float(d) for d in gathered]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

@@ -228,9 +228,20 @@ def build_sae(sae_cfg, d_in: int, reads=()) -> SAE:
     terms'). The architecture gets its own fields (`**own`, read through its `Config`) and
     the common ones its constructor names (prolu has one path: no kernel, no compile)."""
     cls = ARCHITECTURES[sae_cfg.architecture]
-    takes = set(inspect.signature(cls).parameters)
+    takes = set(_constructor_parameters(cls))
     common = {arg: sae_cfg[key] for arg, key in COMMON_ARGS.items() if arg in takes}
     own = {f.name: sae_cfg[f.name] for f in fields(cls.Config)}
     sae = cls(d_in=d_in, **common, **own)
     sae.set_reads(reads)
     return sae
+
+
+def _constructor_parameters(cls: type) -> dict:
+    """The parameters of the first constructor along the MRO that names them: a wrapper
+    `__init__(self, *args, **kwargs)` (a test's spy, a decorator) passes them on."""
+    for klass in cls.__mro__:
+        if "__init__" in vars(klass):
+            params = inspect.signature(vars(klass)["__init__"]).parameters
+            if not any(p.kind is p.VAR_POSITIONAL for p in params.values()):
+                return {name: p for name, p in params.items() if name != "self"}
+    return {}

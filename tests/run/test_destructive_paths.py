@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import stat
 import subprocess
@@ -149,7 +150,7 @@ LONG = "r" * 250  # one name; `<name>_saelens`, `.<name>.tmp` and `<name>.rank1.
 @pytest.mark.slow
 def test_a_250_byte_run_name_exports_by_the_printed_command(tmp_path, capsys):
     assert fit_main(args(tmp_path, LONG, "trainer.max_steps=10")) == 0
-    [command] = [line.split("#")[0].split() for line in capsys.readouterr().out.splitlines()
+    [command] = [shlex.split(line.split("#")[0]) for line in capsys.readouterr().out.splitlines()
                  if "gsae_pl.export" in line]
     out = Path(command[-1])
     assert len(out.name.encode()) <= 255 and out.parent == tmp_path
@@ -267,7 +268,7 @@ def test_fit_refuses_a_folder_whose_config_yaml_it_did_not_write(tmp_path, force
     (folder / "notes.txt").write_text("mine")
     before = tree(tmp_path)
     proc = fit_process(tmp_path, "run", *(["--force"] if force else []))
-    assert_one_line_refusal(proc, "not written by gsae_pl.fit")
+    assert_one_line_refusal(proc, "is not a config gsae_pl.fit wrote")
     assert tree(tmp_path) == before
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from gsae_pl.commands import python_m, run_tool
 from gsae_pl.config import load_config
 from gsae_pl.errors import UserError
 from gsae_pl.run import quiet
@@ -125,9 +126,10 @@ def test_a_killed_run_shows_and_its_resume_reports_global_steps(tmp_path):
     evals = [EVAL_LINE.match(line) for line in lines if line.startswith("eval at")]
     assert [int(m[1]) for m in evals] == [40]
     assert lines[-3:] == ["next steps:",
-                          f"  tensorboard --logdir {tmp_path}   # curves; HParams tab: compare "
-                          "runs",
-                          f"  python -m gsae_pl.export {run} {run}_saelens   # SAELens format"]
+                          f"  {run_tool('tensorboard', '--logdir', tmp_path)}   # curves; "
+                          "HParams tab: compare runs",
+                          f"  {python_m('gsae_pl.export', run, Path(f'{run}_saelens'))}   "
+                          "# SAELens format"]
 
     accumulator = events(run)
     assert hparams_of(accumulator)[2]  # the session ended with metrics.json

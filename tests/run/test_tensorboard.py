@@ -166,7 +166,8 @@ def test_server_serves_scalars_and_hparams(server, run_dir):
     assert {"sae.d_sae", "sae.architecture", "loss.sparsity.coefficient"} <= set(hparam_names)
     # The keys that tell runs apart come first in the tab's columns (the server lists the
     # differing ones first, by name)
-    assert hparam_names[:4] == ["output.variant", "sae.architecture", "sae.d_sae", "seed"]
+    assert hparam_names[:5] == ["loss.sparsity.coefficient", "output.variant",
+                                "sae.architecture", "sae.d_sae", "seed"]
 
     groups = server.post("/data/plugin/hparams/session_groups", {
         "experimentName": "", "startIndex": 0, "sliceSize": 10,
