@@ -102,6 +102,10 @@ def test_the_whole_suite_passes_with_the_examples_added(tmp_path):
     for path, text in example_files().items():
         (tree / path).parent.mkdir(parents=True, exist_ok=True)
         (tree / path).write_text(text)
+    # A checkout of its own, as the repository is (provenance records the code's commit).
+    git = ["git", "-c", "user.name=gsae_pl", "-c", "user.email=gsae_pl@localhost"]
+    for step in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "the examples added"]):
+        subprocess.run([*git, *step], cwd=tree, check=True, capture_output=True)
     env = {**os.environ, "PYTHONPATH": str(tree)}
     env.pop("PYTEST_XDIST_WORKER", None)
     # The inner suite less this file (which would start it again), on both cores.
