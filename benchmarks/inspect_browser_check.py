@@ -18,7 +18,6 @@ all passed, 1 if not, 2 if Chromium is not found. Not part of `make test`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -30,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.tensorboard_browser_check import Chromium, find_chromium  # noqa: E402
+from benchmarks.tensorboard_browser_check import Chromium, browser_command_line  # noqa: E402
 from gsae_pl.run.provenance import code_state  # noqa: E402
 from tests.data.lm_fixtures import write_text, write_tiny_gpt2  # noqa: E402
 
@@ -122,17 +121,10 @@ def checks(seen: dict, want_marks: list[str]) -> dict[str, tuple[bool, str]]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--chromium", help="the Chromium (or Chrome) executable")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/inspect_browser")
-    args = parser.parse_args()
-    chromium = find_chromium(args.chromium)
-    if chromium is None:
-        print(f"error: Chromium not found ({args.chromium or 'chromium on PATH'}); "
-              "install it or pass --chromium PATH", file=sys.stderr)
+    parsed = browser_command_line(__doc__, ROOT / "benchmarks/results/inspect_browser")
+    if parsed is None:
         return 2
-    args.out.mkdir(parents=True, exist_ok=True)
+    args, chromium = parsed
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = make_run(Path(tmp))
         browser = Chromium(chromium, Path(tmp) / "profile")

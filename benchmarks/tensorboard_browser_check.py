@@ -289,20 +289,30 @@ def find_chromium(given: str | None) -> str | None:
                                                  "google-chrome"))), None)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
+def browser_command_line(doc: str, out: Path) -> tuple[argparse.Namespace, str] | None:
+    """The browser checks' shared command line (--chromium, --out): the parsed arguments
+    and the Chromium to drive, with --out made; None (after one line on stderr) when no
+    Chromium is found."""
+    parser = argparse.ArgumentParser(description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chromium", help="the Chromium (or Chrome) executable; default: "
                         "chromium, chromium-browser or google-chrome on PATH")
-    parser.add_argument("--out", type=Path,
-                        default=ROOT / "benchmarks/results/tensorboard_browser")
+    parser.add_argument("--out", type=Path, default=out)
     args = parser.parse_args()
     chromium = find_chromium(args.chromium)
     if chromium is None:
         print(f"error: Chromium not found ({args.chromium or 'chromium on PATH'}); "
               "install it or pass --chromium PATH", file=sys.stderr)
-        return 2
+        return None
     args.out.mkdir(parents=True, exist_ok=True)
+    return args, chromium
+
+
+def main() -> int:
+    parsed = browser_command_line(__doc__, ROOT / "benchmarks/results/tensorboard_browser")
+    if parsed is None:
+        return 2
+    args, chromium = parsed
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         train(work / "runs")

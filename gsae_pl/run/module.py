@@ -25,7 +25,7 @@ from gsae_pl.losses.base import Objective
 from gsae_pl.resample_schedule import lr_multiplier
 from gsae_pl.run.bias_histograms import BiasHistograms
 from gsae_pl.run.resample import Resampler
-from gsae_pl.saes.base import build_sae
+from gsae_pl.saes.base import SAE, build_sae
 
 
 class SAEModule(L.LightningModule):
@@ -122,8 +122,8 @@ class SAEModule(L.LightningModule):
         opt = self.cfg.optim
         # fused: one kernel over all parameters; ~10x faster than the default on CPU
         # (benchmarks/RESULTS.md), the same maths.
-        adam = torch.optim.Adam(self.sae.parameters(), lr=opt.lr, betas=(opt.beta1, opt.beta2),
-                                fused=True)
+        adam = torch.optim.Adam(param_groups(self.sae, opt.lr), lr=opt.lr,
+                                betas=(opt.beta1, opt.beta2), fused=True)
         warmup, resample = max(1, opt.warmup_steps), self.cfg.resample
         schedule = torch.optim.lr_scheduler.LambdaLR(
             adam, lambda step: min(1.0, (step + 1) / warmup) * lr_multiplier(step, resample))
@@ -219,3 +219,16 @@ class SAEModule(L.LightningModule):
             experiment.add_histogram(f"{prefix}/log10_feature_density",
                                      log10_density(density).float().cpu(), self._log_step())
         return density_summary(density, self.cfg.log.dense_threshold)
+
+
+def param_groups(sae: SAE, lr: float) -> list[dict]:
+    """Adam's parameter groups: every parameter at `lr`, but those the architecture scales
+    (`SAE.lr_scales`) in a group of their own at lr x scale. One group when none is
+    scaled, so checkpoints of such runs keep their layout."""
+    scales, named = sae.lr_scales(), dict(sae.named_parameters())
+    unknown = set(scales) - set(named)
+    if unknown:
+        raise ValueError(f"{type(sae).__name__}.lr_scales names no parameter {sorted(unknown)}")
+    groups = [{"params": [p for name, p in named.items() if name not in scales]}]
+    groups += [{"params": [named[name]], "lr": lr * scale} for name, scale in scales.items()]
+    return groups

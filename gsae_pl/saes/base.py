@@ -123,6 +123,12 @@ class SAE(nn.Module):
         their gradients before it runs, whatever the architecture)."""
         return []
 
+    def lr_scales(self) -> dict[str, float]:
+        """Parameter name -> multiplier of the optimiser's lr for that parameter alone, for
+        a parameter whose natural step differs from the rest's (JumpReLU's threshold);
+        {}: one lr for every parameter, one optimiser group."""
+        return {}
+
     # ---- the plug-in interface (module docstring) --------------------------------------
     @classmethod
     def check(cls, cfg: Any) -> None:

@@ -21,7 +21,15 @@ and the Functions compare in fp32 in any case.
 
 `sae.bandwidth` and `sae.threshold_init` are in the paper's units (activations scaled to
 E||x||^2 = 1); gsae_pl trains on E||x||^2 = d_in (docs/method.md sec. 4), so the SAE uses
-them times sqrt(d_in). One path, plain autograd through the Functions; exported as
+them times sqrt(d_in).
+
+The threshold's lr. Adam moves a parameter by about lr per step whatever the size of its
+gradient, so theta can rise by at most ~lr per step, and a larger L0 coefficient does not
+make it rise faster. On gsae_pl's scale z is sqrt(d_in) times the paper's, so at the same
+lr theta crossed the pre-activations sqrt(d_in) times slower than in the paper and L0
+stalled (docs/RESULTS.md, "JumpReLU's stalled L0"). theta therefore gets an optimiser group
+of its own at lr x `sae.threshold_lr_scale` (null: sqrt(d_in), the paper's dynamics; 1:
+the behaviour before). One path, plain autograd through the Functions; exported as
 SAELens's `jumprelu` SAE (W_enc, b_enc, threshold, W_dec, b_dec).
 """
 
@@ -29,12 +37,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 from torch.autograd import Function
 
 from gsae_pl.errors import UserError
+from gsae_pl.ranges import POSITIVE_OR_NULL
 from gsae_pl.saes.base import ARCHITECTURES, SAE, Encoding
 
 
@@ -102,6 +112,9 @@ class JumpReLUConfig:
     # theta at init and at a resample, in the paper's units; x sqrt(d_in) here
     threshold_init: float = field(default=0.001, metadata={"range": "positive"})
     jumprelu_penalty: str = field(default="l0", metadata={"choices": PENALTIES})
+    # theta's lr, as a multiple of optim.lr; null: sqrt(d_in), so that theta moves as far
+    # per Adam step relative to z as in the paper's units (docstring: "The threshold's lr")
+    threshold_lr_scale: Optional[float] = field(default=None, metadata=POSITIVE_OR_NULL)
 
 
 @ARCHITECTURES.register("jumprelu")
@@ -122,6 +135,8 @@ class JumpReLUSAE(SAE):
         self.eps = own.bandwidth * math.sqrt(d_in)
         self.theta_init = own.threshold_init * math.sqrt(d_in)
         self.jumprelu_penalty = own.jumprelu_penalty
+        self.threshold_lr_scale = math.sqrt(d_in) if own.threshold_lr_scale is None \
+            else float(own.threshold_lr_scale)
         self.W_enc = nn.Parameter(self.W_dec.detach().t().clone())  # the paper's init
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.threshold = nn.Parameter(torch.full((d_sae,), self.theta_init))
@@ -132,6 +147,9 @@ class JumpReLUSAE(SAE):
         gate_acts = Step.apply(z, self.threshold, self.eps) \
             if self.jumprelu_penalty == "l0" else f
         return Encoding(f=f, gate_acts=gate_acts, fired=(f != 0).sum(0), pre_acts=z)
+
+    def lr_scales(self) -> dict[str, float]:
+        return {} if self.threshold_lr_scale == 1.0 else {"threshold": self.threshold_lr_scale}
 
     def initial_entry(self, name: str) -> float:
         """A resampled feature's threshold starts where every threshold started."""

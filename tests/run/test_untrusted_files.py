@@ -62,6 +62,15 @@ def snapshot(folder):
     return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def hostile_copy(finished, tmp_path, unfinished: bool):
+    """A copy of the finished run whose every checkpoint is hostile, and the marker file
+    their unpickling would create."""
+    run_dir, marker = copy_of(finished, tmp_path, unfinished=unfinished), tmp_path / "marker"
+    for ckpt in (run_dir / "checkpoints").glob("*.ckpt"):
+        make_hostile(ckpt, marker)
+    return run_dir, marker
+
+
 def test_the_hostile_checkpoint_runs_code_when_unpickled(finished, tmp_path):
     """The attack the tests below defend against is real: a plain torch.load runs it."""
     ckpt = tmp_path / "x.ckpt"
@@ -73,10 +82,7 @@ def test_the_hostile_checkpoint_runs_code_when_unpickled(finished, tmp_path):
 
 @pytest.mark.slow
 def test_fit_never_unpickles_a_hostile_checkpoint_on_resume(finished, tmp_path):
-    run_dir = copy_of(finished, tmp_path, unfinished=True)
-    marker = tmp_path / "marker"
-    for ckpt in (run_dir / "checkpoints").glob("*.ckpt"):
-        make_hostile(ckpt, marker)
+    run_dir, marker = hostile_copy(finished, tmp_path, unfinished=True)
     before = snapshot(run_dir)
     proc = fit_process(tmp_path / "out", "run", "trainer.max_steps=20")
     err = assert_one_line(proc, str(run_dir / "checkpoints" / "last.ckpt"))
@@ -87,10 +93,7 @@ def test_fit_never_unpickles_a_hostile_checkpoint_on_resume(finished, tmp_path):
 
 @pytest.mark.slow
 def test_export_never_unpickles_a_hostile_checkpoint(finished, tmp_path):
-    run_dir = copy_of(finished, tmp_path, unfinished=False)
-    marker = tmp_path / "marker"
-    for ckpt in (run_dir / "checkpoints").glob("*.ckpt"):
-        make_hostile(ckpt, marker)
+    run_dir, marker = hostile_copy(finished, tmp_path, unfinished=False)
     export = [sys.executable, "-m", "gsae_pl.export", str(run_dir), str(tmp_path / "sae")]
     assert_one_line(run(export), str(run_dir / "checkpoints" / "last.ckpt"))
     older = run_dir / "checkpoints" / "step10.ckpt"

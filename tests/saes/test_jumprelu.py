@@ -23,6 +23,7 @@ import torch
 from gsae_pl.errors import UserError
 from gsae_pl.fit import main
 from gsae_pl.losses.base import Objective
+from gsae_pl.run.module import param_groups
 from gsae_pl.run.resample import revive
 from gsae_pl.saes.base import build_sae
 from gsae_pl.saes.jumprelu import JumpReLU, JumpReLUSAE, Step
@@ -182,6 +183,37 @@ def test_build_sae_passes_its_fields():
                    "sae.jumprelu_penalty=l1")
     sae = build_sae(cfg.sae, 4)
     assert isinstance(sae, JumpReLUSAE) and sae.eps == 1.0 and sae.jumprelu_penalty == "l1"
+
+
+def _one_adam_step(sae, lr: float = 0.01) -> dict[str, torch.Tensor]:
+    """Every parameter's change after one step of the run's optimiser on a loss whose
+    gradient is 1 for every entry (Adam's first step moves each entry by lr x its group's
+    scale, whatever the gradient's size)."""
+    groups = param_groups(sae, lr)
+    adam = torch.optim.Adam(groups, lr=lr)
+    before = {name: p.detach().clone() for name, p in sae.named_parameters()}
+    sum(p.sum() for p in sae.parameters()).backward()
+    adam.step()
+    return {name: before[name] - p.detach() for name, p in sae.named_parameters()}
+
+
+def test_the_threshold_steps_sqrt_d_in_times_the_lr_by_default():
+    """The stalled L0 (docs/RESULTS.md): theta lives on gsae_pl's scale, sqrt(d_in) times
+    the paper's, so at the paper's lr it moves sqrt(d_in) times slower relative to z; its
+    own lr x sqrt(d_in) restores the paper's dynamics. The rest keep the optimiser's lr."""
+    moved = _one_adam_step(JumpReLUSAE(16, 8))
+    assert torch.allclose(moved["threshold"], torch.full((8,), 0.04), rtol=1e-4)
+    assert torch.allclose(moved["b_enc"], torch.full((8,), 0.01), rtol=1e-4)
+    moved = _one_adam_step(JumpReLUSAE(16, 8, threshold_lr_scale=1.0))
+    assert torch.allclose(moved["threshold"], torch.full((8,), 0.01), rtol=1e-4)
+
+
+def test_param_groups_keep_one_group_when_nothing_is_scaled():
+    assert len(param_groups(JumpReLUSAE(16, 8, threshold_lr_scale=1.0), 0.1)) == 1
+    groups = param_groups(JumpReLUSAE(16, 8, threshold_lr_scale=2.0), 0.1)
+    assert [len(g["params"]) for g in groups] == [4, 1] and groups[1]["lr"] == pytest.approx(0.2)
+    cfg = make_cfg(JR, "loss.aux.enabled=false", "sae.threshold_lr_scale=3.0")
+    assert build_sae(cfg.sae, 4).lr_scales() == {"threshold": 3.0}
 
 
 @pytest.mark.slow
