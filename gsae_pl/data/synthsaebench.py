@@ -414,7 +414,7 @@ class SynthSAEBenchSource:
         fired = self._fires(free, eps, None, gen)
         rows, slot = fired.nonzero(as_tuple=True)
         found = [self._magnitudes(rows, free[slot], None, gen)]
-        while len(found[-1][0]):
+        while len(found[-1][0]) and self.tree.children.shape[1]:
             found.append(self._children(*found[-1], eps, gen))
         rows, cols, vals = (torch.cat(parts) for parts in zip(*found))
         order = (rows * self.n_features + cols).argsort()  # row-major, as nonzero gives
