@@ -208,3 +208,21 @@ def test_bad_settings_say_what_to_do(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="no CUDA device"):
             make(device="cuda")
+
+
+@pytest.mark.slow
+def test_the_gpu_recipe_stays_valid_on_a_cpu(tmp_path):
+    """configs/recipes/synthsaebench_gpu.yaml (and the 16k preset under it) for 2 steps,
+    on the CPU at a tiny size: every key it sets is still read and accepted."""
+    from gsae_pl.fit import main
+    from tests.tiny_run import ROOT, metrics
+
+    assert main(["--config", str(ROOT / "configs/recipes/synthsaebench_gpu.yaml"),
+                 f"output.dir={tmp_path}", "output.name=run", "data.synthsaebench.device=cpu",
+                 "trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.max_steps=2",
+                 "data.batch_size=64", "eval.rows=256", "data.normalize_rows=128",
+                 "sae.d_sae=32", "data.synthsaebench.n_features=64", "data.synthsaebench.d_in=8",
+                 "data.synthsaebench.hierarchy_roots=2", "optim.warmup_steps=1",
+                 "trainer.enable_progress_bar=false"]) == 0
+    found = metrics(tmp_path, "run")
+    assert found["steps"] == 2 and "synth_mcc" in found
