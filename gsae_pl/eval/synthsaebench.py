@@ -29,6 +29,7 @@ from torch import Tensor
 
 from gsae_pl.errors import UserError
 from gsae_pl.eval.base import EVALUATORS, Evaluator, Settings
+from gsae_pl.eval.metrics import active_entries
 from gsae_pl.ranges import POSITIVE_OR_NULL
 
 _MIN_NORM = 1e-6  # SAELens's shrinkage leaves out rows with a smaller input norm
@@ -122,7 +123,11 @@ class SynthSAEBench(Evaluator):
     def _add(self, sums, ctx, x: Tensor, gt: Tensor, best: Tensor) -> None:
         x_hat, enc = ctx.sae(x * ctx.norm_scale)
         x_hat = x_hat.float() / ctx.norm_scale
-        fires, truth = enc.f != 0, gt[:, best]
+        # f is dense or, on the gated sparse path, SparseCodes: its non-zero entries
+        rows, cols = active_entries(enc.f)
+        fires = torch.zeros(len(x), len(best), dtype=torch.bool, device=x.device)
+        fires[rows, cols] = True
+        truth = gt[:, best]
         sums["tp"] += (fires & truth).sum(0)
         sums["fp"] += (fires & ~truth).sum(0)
         sums["fn"] += (~fires & truth).sum(0)
