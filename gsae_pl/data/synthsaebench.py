@@ -26,8 +26,9 @@ The model is built as SAELens builds it from the same seed (its seed offsets: ma
 CPU whatever `device`), or read from a directory SAELens's `SyntheticModel.save` wrote
 (`model_dir`: synthetic_model_config.json, synthetic_model.safetensors, hierarchy.json),
 so both sample from the same features. Orthogonalising SynthSAEBench-16k's 16384 x 768
-dictionary is ~82 TFLOP (100 steps of two 16384 x 16384 x 768 matmuls); on a GPU that is
-seconds, on 2 CPU cores long (benchmarks/RESULTS.md, "SynthSAEBench"). Nothing is cached.
+dictionary is ~82 TFLOP (100 steps of two 16384 x 16384 x 768 matmuls): one step took
+6.2 s on 2 loaded CPU cores, so ~10 min for the 100 (benchmarks/RESULTS.md,
+"SynthSAEBench"); seconds on a GPU. Nothing is cached.
 
 As in data/synthetic.py, every global batch comes from its own generator seeded from
 (seed, stream, index), so batch k is a pure function of the config and k (the device is
