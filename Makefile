@@ -4,7 +4,7 @@ STAMP   := .venv/.installed
 CONFIG  ?= configs/base.yaml
 ARGS    ?=
 
-.PHONY: setup fit fit-quick test test-fast lint bench bench-gpu ablate-quick smollm2 saelens-check clean
+.PHONY: setup fit fit-quick test test-fast lint bench bench-gpu ablate-quick smollm2 saelens-check synthsaebench-check clean
 
 setup: $(STAMP)
 
@@ -61,6 +61,11 @@ $(SAELENS_PY):
 
 saelens-check: $(STAMP) $(SAELENS_PY)
 	$(PY) benchmarks/saelens_compat.py --saelens-python $(SAELENS_PY)
+
+# The synthsaebench source and its metrics against SAELens's own generator and
+# eval_sae_on_synthetic_data (benchmarks/synthsaebench_check.py): a few CPU minutes.
+synthsaebench-check: $(STAMP) $(SAELENS_PY)
+	$(PY) benchmarks/synthsaebench_check.py --saelens-python $(SAELENS_PY)
 
 lint: $(STAMP)
 	$(PY) -m ruff check gsae_pl tests
