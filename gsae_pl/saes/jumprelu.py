@@ -27,9 +27,11 @@ The threshold's lr. Adam moves a parameter by about lr per step whatever the siz
 gradient, so theta can rise by at most ~lr per step, and a larger L0 coefficient does not
 make it rise faster. On gsae_pl's scale z is sqrt(d_in) times the paper's, so at the same
 lr theta crossed the pre-activations sqrt(d_in) times slower than in the paper and L0
-stalled (docs/RESULTS.md, "JumpReLU's stalled L0"). theta therefore gets an optimiser group
-of its own at lr x `sae.threshold_lr_scale` (null: sqrt(d_in), the paper's dynamics; 1:
-the behaviour before). One path, plain autograd through the Functions; exported as
+stalled (docs/method.md sec. 1; measured in docs/RESULTS.md, "JumpReLU's stalled L0").
+theta therefore gets an optimiser group of its own at lr x `sae.threshold_lr_scale` (null:
+sqrt(d_in), the paper's dynamics; 1: the behaviour before).
+
+One path, plain autograd through the Functions; exported as
 SAELens's `jumprelu` SAE (W_enc, b_enc, threshold, W_dec, b_dec).
 """
 
