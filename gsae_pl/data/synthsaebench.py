@@ -28,7 +28,8 @@ CPU whatever `device`), or read from a directory SAELens's `SyntheticModel.save`
 so both sample from the same features. Orthogonalising SynthSAEBench-16k's 16384 x 768
 dictionary is ~82 TFLOP (100 steps of two 16384 x 16384 x 768 matmuls): one step took
 6.2 s on 2 loaded CPU cores, so ~10 min for the 100 (benchmarks/RESULTS.md,
-"SynthSAEBench"); seconds on a GPU. Nothing is cached.
+"SynthSAEBench"); seconds on a GPU. So the orthogonalised dictionary is kept in a disk
+cache (`orthogonalized`), made once per machine and settings, and read back bit for bit.
 
 As in data/synthetic.py, every global batch comes from its own generator seeded from
 (seed, stream, index), so batch k is a pure function of the config and k (the device is
@@ -40,9 +41,11 @@ gives their true activations (eval/synthsaebench.py scores an SAE against them).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import random
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,8 +54,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from gsae_pl.cache_root import cache_root
 from gsae_pl.data.base import SOURCES
 from gsae_pl.errors import UserError
+from gsae_pl.io import atomic_write
 from gsae_pl.ranges import NON_NEGATIVE, POSITIVE, UNIT_INTERVAL
 from gsae_pl.seeds import stream_seed
 
@@ -243,6 +248,35 @@ def orthogonalize(W: Tensor, steps: int, lr: float) -> Tensor:
         return (W / W.norm(dim=1, keepdim=True).clamp(min=1e-8)).detach().clone()
 
 
+def orthogonalized(W: Tensor, cfg: SynthSAEBenchConfig, device) -> Tensor:
+    """`orthogonalize(W)` through a disk cache: $GSAE_PL_CACHE/synthsaebench/<key>.safetensors,
+    the key hashing everything the result depends on (the dictionary's settings and seed,
+    the device type, torch's version). The 16k preset's 100 steps take minutes on a CPU;
+    a suite builds the same dictionary for every run, so it is made once per machine. The
+    file holds one tensor (safetensors: no code), written whole or not at all."""
+    from safetensors.torch import load_file, save
+
+    recipe = {"n_features": int(cfg.n_features), "d_in": int(cfg.d_in),
+              "bias_norm": float(cfg.bias_norm), "seed": int(cfg.seed),
+              "steps": int(cfg.orthogonalize_steps), "lr": float(cfg.orthogonalize_lr),
+              "device": torch.device(device).type, "torch": torch.__version__}
+    key = hashlib.blake2b(json.dumps(recipe, sort_keys=True).encode(), digest_size=8).hexdigest()
+    path = cache_root() / "synthsaebench" / f"{key}.safetensors"
+    if path.is_file():
+        try:
+            cached = load_file(str(path))["W"]
+            if cached.shape == W.shape:
+                return cached.to(device)
+            problem = f"W is {tuple(cached.shape)}, not {tuple(W.shape)}"
+        except Exception as err:  # any unreadable file: made again below, and replaced
+            problem = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"warning: {path} is damaged ({problem}): orthogonalising again and replacing "
+              "the file", file=sys.stderr)
+    W = orthogonalize(W.to(device), cfg.orthogonalize_steps, cfg.orthogonalize_lr)
+    atomic_write(path, lambda fh: fh.write(save({"W": W.contiguous().cpu()})))
+    return W
+
+
 # ----- the hierarchy as tensors -----
 
 @dataclass
@@ -313,7 +347,7 @@ def build_model(cfg: SynthSAEBenchConfig, device) -> Model:
                                             seed)
     W, bias = dictionary(n, cfg.d_in, cfg.bias_norm, seed)
     if cfg.orthogonalize_steps:
-        W = orthogonalize(W.to(device), cfg.orthogonalize_steps, cfg.orthogonalize_lr)
+        W = orthogonalized(W, cfg, device)
     p = zipf_probabilities(n, cfg.zipf_exponent, cfg.p_max, cfg.p_min)
     if roots and cfg.compensate_probabilities:
         p = compensated(p, roots)

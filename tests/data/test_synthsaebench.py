@@ -8,6 +8,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
+from gsae_pl.data import synthsaebench
 from gsae_pl.data.base import train_stream
 from gsae_pl.data.synthsaebench import (
     SynthSAEBenchConfig,
@@ -87,6 +88,24 @@ def test_orthogonalisation_lowers_overlaps_and_keeps_unit_rows():
     off = lambda M: (M @ M.T - torch.eye(len(M))).pow(2).sum()
     assert off(out) < off(W)
     assert torch.allclose(out.norm(dim=1), torch.ones(64), atol=1e-5)
+
+
+def test_the_orthogonalised_dictionary_is_made_once_and_read_back_bit_for_bit(
+        tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GSAE_PL_CACHE", str(tmp_path))
+    first = make()
+    files = list((tmp_path / "synthsaebench").glob("*.safetensors"))
+    assert len(files) == 1
+    made = synthsaebench.orthogonalize
+    monkeypatch.setattr(synthsaebench, "orthogonalize", lambda *a: pytest.fail("not cached"))
+    assert torch.equal(make().model.W, first.model.W)  # read back, not made again
+    monkeypatch.setattr(synthsaebench, "orthogonalize", made)
+    make(seed=7)  # another dictionary, another file
+    assert len(list((tmp_path / "synthsaebench").glob("*.safetensors"))) == 2
+    files[0].write_bytes(b"not a safetensors file")
+    assert torch.equal(make().model.W, first.model.W)  # made again: the same bits
+    assert "is damaged" in capsys.readouterr().err
+    assert torch.equal(make().model.W, first.model.W)  # and the file replaced
 
 
 def test_rows_are_their_true_activations_through_the_dictionary():
