@@ -13,6 +13,8 @@ still takes them, since OmegaConf reads on/off/yes/no into a bool field.
 
 from __future__ import annotations
 
+import copy
+import functools
 import re
 
 import yaml
@@ -56,5 +58,13 @@ UniqueKeyLoader.add_implicit_resolver(
 
 
 def safe_load_unique_keys(text: str):
-    """`yaml.safe_load(text)`, but a repeated mapping key raises `DuplicateKeyError`."""
+    """`yaml.safe_load(text)`, but a repeated mapping key raises `DuplicateKeyError`.
+
+    A suite composes configs/base.yaml and its recipes once per run (hundreds of parses of
+    the same few texts), so parses are kept by text; each caller gets its own copy."""
+    return copy.deepcopy(_parse(text))
+
+
+@functools.lru_cache(maxsize=128)
+def _parse(text: str):
     return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)

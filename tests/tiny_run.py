@@ -7,6 +7,8 @@ which reruns the command line, patches every process the same way.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -43,6 +45,19 @@ def run(command: list[str], timeout: float = 120) -> subprocess.CompletedProcess
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env,
                           timeout=timeout)
+
+
+def fit_in_process(out_dir: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
+    """`python -m gsae_pl.fit` as `fit_process` runs it, but in this process (its main,
+    stdout and stderr captured): for refusals up front, which need no process of their
+    own and would each spend seconds importing torch and Lightning. The exit status a
+    shell sees and anything only the interpreter prints are `fit_process`'s to check."""
+    from gsae_pl.fit import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(args(out_dir, name, *extra))
+    return subprocess.CompletedProcess(["gsae_pl.fit"], code, out.getvalue(), err.getvalue())
 
 
 def fit_process(out_dir: Path, name: str, *extra: str, script: Path | None = None,

@@ -1,6 +1,11 @@
 """Bad input and a failing disk end in one line on stderr, never a traceback, and leave
 nothing half-written: exit 2 before any work (config, sizes, data, unwritable places),
-exit 3 for a disk that fills or turns read-only mid-run, with the checkpoints intact."""
+exit 3 for a disk that fills or turns read-only mid-run, with the checkpoints intact.
+
+Refusals up front run fit's main in this process (`fit_in_process`: the command's own code
+path, stderr captured), seconds cheaper than a process each; the disk faults mid-run, export
+and the suite keep real processes, and tests/run/test_fit.py checks that bad input from a
+shell ends without a traceback."""
 
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.tiny_run import BASE, fit_process, run, wrapper_script
+from tests.tiny_run import BASE, fit_in_process, fit_process, run, wrapper_script
 
 
 def assert_one_line(proc: subprocess.CompletedProcess, needle: str, code: int = 2) -> str:
@@ -42,7 +47,7 @@ def assert_last_line(proc: subprocess.CompletedProcess, needle: str, code: int) 
 def test_output_dir_under_a_regular_file(tmp_path):
     (tmp_path / "plain").write_text("x")
     out = tmp_path / "plain" / "out"
-    proc = fit_process(out, "run")
+    proc = fit_in_process(out, "run")
     assert_one_line(proc, f"{tmp_path / 'plain'} is a file")
     assert (tmp_path / "plain").read_text() == "x"
 
@@ -50,15 +55,15 @@ def test_output_dir_under_a_regular_file(tmp_path):
 def test_output_dir_on_a_read_only_file_system(tmp_path, tmpfs):
     # chmod does not stop root: a read-only mount does.
     disk = tmpfs(tmp_path / "ro", "ro,size=64k")
-    proc = fit_process(disk / "out", "run")
+    proc = fit_in_process(disk / "out", "run")
     assert_one_line(proc, "output.dir")
     assert list(disk.iterdir()) == []
 
 
 def test_cache_dir_that_is_a_file_is_refused_before_the_lm_runs(tmp_path):
     (tmp_path / "plain").write_text("x")
-    proc = fit_process(tmp_path / "out", "run", "data.source=tiny_lm", "data.cache=true",
-                       f"data.cache_dir={tmp_path / 'plain'}")
+    proc = fit_in_process(tmp_path / "out", "run", "data.source=tiny_lm", "data.cache=true",
+                          f"data.cache_dir={tmp_path / 'plain'}")
     assert_one_line(proc, "data.cache_dir")
     assert not (tmp_path / "out").exists()
 
@@ -155,7 +160,16 @@ def tmpfs():
 @pytest.mark.slow
 def test_a_real_full_disk_mid_run(tmp_path, tmpfs):
     """The disk-full case on a real 1 MB tmpfs: room for the config, the event file and one
-    35 kB checkpoint, not for the next one."""
+    checkpoint, not for the next one. The room is measured on a run of its own (its
+    files, each rounded up to tmpfs's 4 kB pages), so a longer config or event file does
+    not move the disk-full point past the first checkpoint."""
+    extra = ["trainer.max_steps=40", "checkpoint.keep=1", "checkpoint.every_n_steps=5"]
+    assert fit_process(tmp_path / "probe", "run", *extra[1:], "trainer.max_steps=5") \
+        .returncode == 0
+    pages = lambda f: -(-f.stat().st_size // 4096) * 4096  # noqa: E731
+    files = [f for f in (tmp_path / "probe" / "run").rglob("*") if f.is_file()]
+    checkpoint = max(pages(f) for f in files if f.suffix == ".ckpt")
+    room = sum(pages(f) for f in files if f.suffix != ".ckpt") + checkpoint + checkpoint // 2
     disk = tmpfs(tmp_path / "disk", "size=1M")
     filler = disk / "filler"
     with open(filler, "wb", buffering=0) as fh:  # unbuffered: nothing left to flush at close
@@ -164,9 +178,7 @@ def test_a_real_full_disk_mid_run(tmp_path, tmpfs):
                 fh.write(b"\0" * 4096)
         except OSError:
             pass
-    # the event file starts with ~12 kB: the layout, HParams and config text (run/tensorboard.py)
-    os.truncate(filler, filler.stat().st_size - 72_000)
-    extra = ["trainer.max_steps=40", "checkpoint.keep=1", "checkpoint.every_n_steps=5"]
+    os.truncate(filler, filler.stat().st_size - room)
     proc = fit_process(disk, "run", *extra)
     last = assert_last_line(proc, "No space left on device", code=3)
     assert str(disk / "run" / "checkpoints") in last  # names the file it was writing
@@ -187,7 +199,7 @@ def test_a_real_full_disk_mid_run(tmp_path, tmpfs):
     (["sae.d_sae=${nope.key}"], "nope.key"),
 ], ids=["seed-negative", "seed-too-big", "unset-env", "missing-key"])
 def test_bad_config_values_are_one_line(tmp_path, extra, needle):
-    proc = fit_process(tmp_path / "out", "run", *extra)
+    proc = fit_in_process(tmp_path / "out", "run", *extra)
     assert_one_line(proc, needle)
     assert not (tmp_path / "out").exists()
 
@@ -196,7 +208,7 @@ def test_duplicate_yaml_keys_are_refused(tmp_path):
     config = tmp_path / "dup.yaml"
     config.write_text(f"defaults: [{BASE}]\nsae:\n  d_sae: 64\n  d_sae: 128\n")
     # The tiny run's settings, then --config again: the last --config is the one read.
-    proc = fit_process(tmp_path / "out", "run", "--config", str(config))
+    proc = fit_in_process(tmp_path / "out", "run", "--config", str(config))
     assert_one_line(proc, "d_sae")
     assert "lines 3 and 4" in proc.stderr
     assert not (tmp_path / "out").exists()
@@ -206,7 +218,7 @@ def test_duplicate_yaml_keys_are_refused(tmp_path):
 
 @pytest.mark.parametrize("d_sae", [10**7, 10**9])
 def test_a_run_too_big_for_memory_is_refused_up_front(tmp_path, d_sae):
-    proc = fit_process(tmp_path / "out", "run", f"sae.d_sae={d_sae}")
+    proc = fit_in_process(tmp_path / "out", "run", f"sae.d_sae={d_sae}")
     # Exit 2 and one error line, after Lightning's own device lines (the device it picks is
     # the one whose memory counts).
     err = assert_last_line(proc, "GB is available: lower sae.d_sae", code=2)
@@ -218,7 +230,7 @@ def test_a_run_too_big_for_memory_is_refused_up_front(tmp_path, d_sae):
 
 def test_all_zero_activations_are_bad_input(tmp_path):
     np.save(tmp_path / "zeros.npy", np.zeros((1024, 8), np.float32))
-    proc = fit_process(tmp_path / "out", "run", "data.source=file",
+    proc = fit_in_process(tmp_path / "out", "run", "data.source=file",
                        f"data.path={tmp_path / 'zeros.npy'}", "eval.rows=256")
     assert_one_line(proc, str(tmp_path / "zeros.npy"))
     assert "NaN" not in proc.stderr
@@ -226,7 +238,7 @@ def test_all_zero_activations_are_bad_input(tmp_path):
 
 
 def test_width_one_with_a_unit_norm_decoder_is_refused(tmp_path):
-    proc = fit_process(tmp_path / "out", "run", "data.synthetic.d_in=1",
+    proc = fit_in_process(tmp_path / "out", "run", "data.synthetic.d_in=1",
                        "data.synthetic.n_features=4", "data.synthetic.avg_active=1")
     assert_one_line(proc, "set sae.unit_norm_decoder=false")
     assert not (tmp_path / "out").exists()
