@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.data.resolved_configs import SNAPSHOT, resolve_all
 
 # old dotted key -> new dotted key: the same setting under its new name.
@@ -57,6 +59,7 @@ def migrated(old: dict, name: str, declared: dict[str, object]) -> dict[str, obj
                                 for key, value in ADDED.items()}}
 
 
+@pytest.mark.slow  # 30-60 s: ~400 runs resolved through OmegaConf
 def test_every_shipped_yaml_resolves_to_the_snapshot_runs():
     before = json.loads(SNAPSHOT.read_text())
     now, declared = resolve_all(), defaults()

@@ -214,6 +214,7 @@ def test_the_datamodule_writes_a_missing_cache_before_fit_and_once(lm_files, tmp
     assert json.loads((tmp_path / "acts" / "metadata.json").read_text()) == meta
 
 
+@pytest.mark.slow  # ~7 s: an ablate process writes the cache
 def test_ablate_writes_a_suites_cache_once_before_its_runs(lm_files, tmp_path):
     """ablate's prepare_caches: one `python -m gsae_pl.cache` per distinct cache, with
     rows for the longest of its runs (rows_wanted)."""

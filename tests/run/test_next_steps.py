@@ -7,6 +7,8 @@ import shlex
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from gsae_pl.fit import main
 from gsae_pl.run.train import summary_table
 from tests.tiny_run import ROOT, args
@@ -21,6 +23,7 @@ def fresh_shell(line: str, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=120)
 
 
+@pytest.mark.slow  # ~7 s: a fresh shell runs the printed commands
 def test_the_printed_next_steps_run_in_a_fresh_shell(tmp_path, capsys):
     assert main(args(tmp_path, "run")) == 0
     out = capsys.readouterr().out.splitlines()

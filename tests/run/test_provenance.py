@@ -142,6 +142,7 @@ def test_runs_record_provenance_and_verify_reruns_a_point(tmp_path):
     assert "MISMATCH in fvu" in done.stdout
 
 
+@pytest.mark.slow  # ~8 s: fit processes
 def test_verify_refuses_unknown_runs_and_missing_results(tmp_path):
     (tmp_path / "results.csv").write_text("variant,run\ngated,a\n")
     done = _verify(tmp_path, "--runs", "b")
