@@ -27,7 +27,7 @@ CPU whatever `device`), or read from a directory SAELens's `SyntheticModel.save`
 (`model_dir`: synthetic_model_config.json, synthetic_model.safetensors, hierarchy.json),
 so both sample from the same features. Orthogonalising SynthSAEBench-16k's 16384 x 768
 dictionary is ~82 TFLOP (100 steps of two 16384 x 16384 x 768 matmuls): one step took
-6.2 s on 2 loaded CPU cores, so ~10 min for the 100 (benchmarks/RESULTS.md,
+3.2 s on 2 quiet CPU cores, so ~5 min for the 100 (benchmarks/RESULTS.md,
 "SynthSAEBench"); seconds on a GPU. So the orthogonalised dictionary is kept in a disk
 cache (`orthogonalized`), made once per machine and settings, and read back bit for bit.
 
