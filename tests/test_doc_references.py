@@ -52,3 +52,26 @@ def test_every_method_section_cited_exists():
     cited = {(where, m.group(0)) for where, m in found
              if int(m.group(1)) not in sections or m.group(2)}
     assert not cited, f"no such section (method.md numbers 1-6, no subsections): {cited}"
+
+
+def test_every_committed_report_names_the_commits_that_made_it():
+    """The docstring's promise: each suite report under tensorboard_logs/ names, in its
+    provenance, the commit (or commits) of its runs, and each is in this repository's
+    history (a shallow clone can only check the form)."""
+    listed = subprocess.run(["git", "ls-files", "-z", "tensorboard_logs"], cwd=ROOT,
+                            capture_output=True).stdout.decode().split("\0")
+    reports = [ROOT / name for name in listed if name.endswith("/report.md")]
+    if not reports:
+        pytest.skip("not a git checkout")
+    assert len(reports) >= 9  # every committed suite: quick, frontier, real, ...
+    shallow = subprocess.run(["git", "rev-parse", "--is-shallow-repository"], cwd=ROOT,
+                             capture_output=True, text=True).stdout.strip() == "true"
+    for report in reports:
+        line = next((ln for ln in report.read_text().splitlines()
+                     if ln.startswith("- commit: ")), "")
+        shas = re.findall(r"`([0-9a-f]{40})`", line)
+        assert shas, f"{report.relative_to(ROOT)} names no commit"
+        for sha in [] if shallow else shas:
+            known = subprocess.run(["git", "cat-file", "-e", f"{sha}^{{commit}}"], cwd=ROOT,
+                                   capture_output=True).returncode == 0
+            assert known, f"{report.relative_to(ROOT)}: {sha} is not in this history"
