@@ -134,7 +134,8 @@ class SynthSAEBench(Evaluator):
         sums["fired"] += fires.any(0)
         xd = x.double()
         sums["x"] += xd.sum(0)
-        norms, kept = x.norm(dim=1), x.norm(dim=1) > _MIN_NORM
+        norms = x.norm(dim=1)
+        kept = norms > _MIN_NORM
         ratio = (x_hat.norm(dim=1)[kept] / norms[kept]).double().sum()
         sums["scalars"] += torch.stack([
             torch.tensor(float(len(x)), dtype=torch.float64, device=x.device),

@@ -231,7 +231,7 @@ def test_a_run_too_big_for_memory_is_refused_up_front(tmp_path, d_sae):
 def test_all_zero_activations_are_bad_input(tmp_path):
     np.save(tmp_path / "zeros.npy", np.zeros((1024, 8), np.float32))
     proc = fit_in_process(tmp_path / "out", "run", "data.source=file",
-                       f"data.path={tmp_path / 'zeros.npy'}", "eval.rows=256")
+                          f"data.path={tmp_path / 'zeros.npy'}", "eval.rows=256")
     assert_one_line(proc, str(tmp_path / "zeros.npy"))
     assert "NaN" not in proc.stderr
     assert not (tmp_path / "out").exists()
@@ -239,7 +239,7 @@ def test_all_zero_activations_are_bad_input(tmp_path):
 
 def test_width_one_with_a_unit_norm_decoder_is_refused(tmp_path):
     proc = fit_in_process(tmp_path / "out", "run", "data.synthetic.d_in=1",
-                       "data.synthetic.n_features=4", "data.synthetic.avg_active=1")
+                          "data.synthetic.n_features=4", "data.synthetic.avg_active=1")
     assert_one_line(proc, "set sae.unit_norm_decoder=false")
     assert not (tmp_path / "out").exists()
 
