@@ -1,11 +1,13 @@
 """Run an ablation suite: `python -m gsae_pl.ablate --suite FILE [--devices N]
-[--strategy parallel|ddp] [--output-dir DIR] [--dry-run] [key=value ...]`, then write its
-report.
+[--runs-per-device K] [--strategy parallel|ddp] [--output-dir DIR] [--dry-run] [key=value
+...]`, then write its report.
 
 Every run is `python -m gsae_pl.fit` in its own process, its output in
 `<output_dir>/logs/<run>.log`, its results in `<output_dir>/runs/<run>/` (gsae_pl/suite/spec.py):
 - `parallel` runs one SAE per device at once (the right choice for small SAEs): on GPUs
-  each process sees one device; on CPU each gets cores / N threads.
+  each process sees one device; on CPU each gets cores / N threads. On GPUs
+  `--runs-per-device K` keeps K runs on each GPU at once (N x K processes): a small SAE
+  leaves most of a large GPU idle, so several share it.
 - `ddp` runs the SAEs one after another, each with Lightning DDP over all N devices
   (gloo on CPU). Multi-node: every node runs the same command with `trainer.num_nodes=K`
   under torchrun or SLURM, the output on a shared filesystem; each run meets on its own
@@ -57,6 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--suite", required=True, help="suite YAML (e.g. ablations/quick.yaml)")
     parser.add_argument("--devices", type=int, default=1,
                         help="devices to use: GPUs, or CPU processes where there is no GPU")
+    parser.add_argument("--runs-per-device", type=int, default=1, metavar="K",
+                        help="parallel on GPUs: K runs share each GPU at once (default 1)")
     parser.add_argument("--strategy", choices=STRATEGIES, default="parallel",
                         help="parallel: one SAE per device at once; ddp: each SAE over all")
     parser.add_argument("--output-dir", metavar="DIR",
@@ -83,7 +87,8 @@ def available_devices(accelerator: str) -> tuple[str, int]:
     return "cpu", len(os.sched_getaffinity(0))
 
 
-def check_devices(suite: Suite, devices: int) -> str:
+def check_devices(suite: Suite, devices: int, per_device: int = 1,
+                  strategy: str = "parallel") -> str:
     kinds = {run.cfg.trainer.accelerator for run in suite.runs}
     if len(kinds) > 1:
         raise UserError(f"the suite's runs ask for different accelerators ({sorted(kinds)}): "
@@ -92,6 +97,10 @@ def check_devices(suite: Suite, devices: int) -> str:
     if not 1 <= devices <= have:
         raise UserError(f"--devices {devices} is not available: this machine has {have} "
                         f"{'GPU(s)' if kind == 'gpu' else 'CPU core(s)'}; pass 1 to {have}")
+    if per_device != 1 and (per_device < 1 or kind != "gpu" or strategy != "parallel"):
+        raise UserError(f"--runs-per-device {per_device}: several runs share a device only "
+                        "on GPUs with --strategy parallel (on CPU, --devices is the number of "
+                        "processes); pass 1, or leave it out")
     return kind
 
 
@@ -134,11 +143,14 @@ def prepare_caches(runs: list[Run], log_dir: Path) -> None:
 class Launcher:
     """Starts runs as processes and records how each ended."""
 
-    def __init__(self, suite: Suite, kind: str, devices: int, strategy: str):
+    def __init__(self, suite: Suite, kind: str, devices: int, strategy: str,
+                 per_device: int = 1):
         self.suite, self.kind, self.devices, self.strategy = suite, kind, devices, strategy
+        # parallel: slot s runs on GPU s % devices, so K slots share each GPU
+        self.slots = devices * per_device if strategy == "parallel" else 1
         self.logs, self.failed_dir = suite.output_dir / "logs", suite.output_dir / "failed"
         cores = len(os.sched_getaffinity(0))
-        self.threads = max(1, cores // devices)
+        self.threads = max(1, cores // max(devices, self.slots))
         self.failures: list[str] = []
         self.stores = RunStores() if strategy == "ddp" else None
 
@@ -161,7 +173,7 @@ class Launcher:
             extra.append("trainer.accelerator=cpu")
         log = open(self.log_of(run), "w")
         # Only a parallel run is pinned to its slot's GPU: a DDP run spans every device.
-        pinned = slot if self.strategy == "parallel" else None
+        pinned = slot % self.devices if self.strategy == "parallel" else None
         env = worker_env(self.kind, pinned, self.threads)
         if self.stores is not None:
             env.update(self.stores.env(index))
@@ -204,7 +216,7 @@ def last_error_line(log: Path) -> str:
 def run_all(launcher: Launcher, todo: list[tuple[int, Run]]) -> None:
     """Parallel: keep one run per device going. DDP: one run at a time over every device.
     After each run ends, a line with the suite's progress and ETA (gsae_pl/suite/progress.py)."""
-    slots = launcher.devices if launcher.strategy == "parallel" else 1
+    slots = launcher.slots
     free, busy = list(range(slots)), {}
     pending = list(todo)
     total = len(launcher.suite.runs)
@@ -290,7 +302,7 @@ def _main(args: argparse.Namespace) -> int:
     if args.dry_run:
         print_plan(suite)
         return 0
-    kind = check_devices(suite, args.devices)
+    kind = check_devices(suite, args.devices, args.runs_per_device, args.strategy)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         with suite_lock(suite):  # before the first look inside, to exit
@@ -306,8 +318,10 @@ def _run_suite(suite: Suite, kind: str, args: argparse.Namespace) -> int:
     todo = [(i, run) for i, run in enumerate(suite.runs, 1) if run.name not in done]
     print(f"suite {suite.name}: {len(suite.runs)} runs ({len(suite.variants)} variants), "
           f"{len(suite.runs) - len(todo)} already finished; {args.strategy} on "
-          f"{args.devices} {kind} device(s); output in {suite.output_dir}", flush=True)
-    launcher = Launcher(suite, kind, args.devices, args.strategy)
+          f"{args.devices} {kind} device(s)"
+          f"{f' x {args.runs_per_device} runs each' if args.runs_per_device > 1 else ''}; "
+          f"output in {suite.output_dir}", flush=True)
+    launcher = Launcher(suite, kind, args.devices, args.strategy, args.runs_per_device)
     for folder in (launcher.logs, launcher.failed_dir):
         folder.mkdir(parents=True, exist_ok=True)
     for folder in (suite.output_dir, launcher.failed_dir, suite.output_dir / "plots"):

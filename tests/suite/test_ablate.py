@@ -198,6 +198,34 @@ def test_parallel_runs_see_one_gpu_each_and_ddp_runs_see_all(monkeypatch, tmp_pa
     assert "trainer.devices=2" in ddp and "trainer.strategy=ddp" in ddp
 
 
+def test_runs_per_device_shares_each_gpu_among_k_runs(monkeypatch, tmp_path):
+    """--devices 2 --runs-per-device 3: six runs at once, slots 0-5 on GPUs 0,1,0,1,0,1,
+    each with cores / 6 threads; K > 1 is refused where runs cannot share a device."""
+    from gsae_pl.suite import launcher as ablate
+
+    path = write_suite(tmp_path, {"gated": {"config": config("gated"), "grid": "gated"}})
+    seen = []
+    monkeypatch.setattr(ablate.subprocess, "Popen",
+                        lambda command, env, **_: seen.append(env))
+    monkeypatch.setattr(ablate.os, "sched_getaffinity", lambda _: set(range(12)))
+    launcher = ablate.Launcher(load_suite(path), "gpu", 2, "parallel", per_device=3)
+    launcher.logs.mkdir(parents=True, exist_ok=True)
+    assert launcher.slots == 6
+    for slot in range(6):
+        launcher.start(launcher.suite.runs[0], slot=slot, index=1)
+    assert [env["CUDA_VISIBLE_DEVICES"] for env in seen] == ["0", "1"] * 3
+    assert {env["OMP_NUM_THREADS"] for env in seen} == {"2"}
+    suite = load_suite(path)
+    monkeypatch.setattr(ablate, "available_devices", lambda accelerator: ("cpu", 2))
+    with pytest.raises(UserError, match="--runs-per-device 2: several runs share a device "
+                                        "only on GPUs"):
+        ablate.check_devices(suite, 1, 2, "parallel")
+    monkeypatch.setattr(ablate, "available_devices", lambda accelerator: ("gpu", 2))
+    with pytest.raises(UserError, match="--runs-per-device 2"):
+        ablate.check_devices(suite, 2, 2, "ddp")
+    assert ablate.check_devices(suite, 2, 4, "parallel") == "gpu"
+
+
 def test_progress_line_after_each_run_with_an_eta(monkeypatch, tmp_path, capsys):
     """4 runs of 100 s (a fake clock: each poll interval is 50 s) on 2 slots, one of them
     finished before: after each run ends, the counts and the ETA from the mean time."""
