@@ -12,7 +12,7 @@ length is measured rather than guessed:
    slowest run's step rate under that sharing, and the seconds each run spends outside its
    steps (start, evaluation);
 3. the suite again, every run at once, with trainer.max_steps = what the rest of the lease
-   holds at that rate (a multiple of 500 steps), milestones at 1/8, 1/4 and 1/2 of it.
+   holds at that rate (a multiple of 500 steps), milestones at 1/4 and 1/2 of it.
 
 Then DIR gets `suite.tar.gz` (the suite folder without checkpoints: runs' configs, metrics,
 milestones, provenance, TensorBoard events, logs, report) and `lease.json` (the device, the
@@ -33,7 +33,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITE = ROOT / "ablations" / "synthsaebench_gpu.yaml"
-SMOKE_STEPS = 400
+SMOKE_STEPS = 300
+EVAL_S = 15  # an evaluation's seconds, assumed: the smoke pass times start + one together
 STEP_QUANTUM = 500
 RATE = re.compile(r"^step (\d+)/\d+ .*?\| ([\d.]+)([kMG]?) tok/s", re.M)
 SCALE = {"": 1.0, "k": 1e3, "M": 1e6, "G": 1e9}
@@ -50,15 +51,16 @@ def last_rate(log: str) -> float | None:
 
 def steps_for(seconds: float, rate: float, batch: int, evaluations: int,
               overhead: float) -> int:
-    """Steps that fit `seconds` at `rate` tokens/s, after `evaluations` + 1 times the
-    `overhead` of a run outside its steps: a multiple of STEP_QUANTUM, at least one."""
-    training = seconds - overhead * (evaluations + 1)
+    """Steps that fit `seconds` at `rate` tokens/s, after 1.5 times the `overhead` of a run
+    outside its steps (start, final evaluation, report) and EVAL_S per milestone: a
+    multiple of STEP_QUANTUM, at least one."""
+    training = seconds - 1.5 * overhead - EVAL_S * evaluations
     steps = int(training * rate / batch) // STEP_QUANTUM * STEP_QUANTUM
     return max(steps, STEP_QUANTUM)
 
 
 def milestones(steps: int, batch: int) -> list[int]:
-    return [steps // part * batch for part in (8, 4, 2)]
+    return [steps // part * batch for part in (4, 2)]
 
 
 def ablate(suite: Path, out: Path, runs: int, overrides: list[str],
@@ -92,7 +94,7 @@ def start_mps() -> bool:
     check = [sys.executable, "-c", "import torch; print((torch.ones(4, device='cuda') + 1).sum())"]
     try:
         subprocess.run(["nvidia-cuda-mps-control", "-d"], timeout=20, check=True)
-        subprocess.run(check, timeout=90, check=True, capture_output=True)
+        subprocess.run(check, timeout=45, check=True, capture_output=True)
         return True
     except (OSError, subprocess.SubprocessError) as err:
         print(f"MPS off: {err}", flush=True)
@@ -179,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     batch = int(next((o.split("=")[1] for o in extra if o.startswith("data.batch_size=")),
                      1024))
     overhead = max(0.0, wall - smoke_steps * batch / rate)
-    steps = steps_for(deadline - time.monotonic(), rate, batch, 3, overhead)
+    steps = steps_for(deadline - time.monotonic(), rate, batch, 2, overhead)
     at = milestones(steps, batch)
     lease.update(runs=runs, smoke_wall_s=round(wall, 1), smoke_rates_tok_s=rates,
                  overhead_s=round(overhead, 1), max_steps=steps, at_tokens=at)
