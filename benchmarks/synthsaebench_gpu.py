@@ -36,6 +36,7 @@ SUITE = ROOT / "ablations" / "synthsaebench_gpu.yaml"
 SMOKE_STEPS = 300
 EVAL_S = 15  # an evaluation's seconds, assumed: the smoke pass times start + one together
 STEP_QUANTUM = 500
+PROTOCOL_STEPS = 195_313  # 200M samples of 1024 (configs/recipes/synthsaebench_gpu.yaml)
 RATE = re.compile(r"^step (\d+)/\d+ .*?\| ([\d.]+)([kMG]?) tok/s", re.M)
 SCALE = {"": 1.0, "k": 1e3, "M": 1e6, "G": 1e9}
 
@@ -56,7 +57,7 @@ def steps_for(seconds: float, rate: float, batch: int, evaluations: int,
     multiple of STEP_QUANTUM, at least one."""
     training = seconds - 1.5 * overhead - EVAL_S * evaluations
     steps = int(training * rate / batch) // STEP_QUANTUM * STEP_QUANTUM
-    return max(steps, STEP_QUANTUM)
+    return min(max(steps, STEP_QUANTUM), PROTOCOL_STEPS)
 
 
 def milestones(steps: int, batch: int) -> list[int]:
