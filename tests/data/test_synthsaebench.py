@@ -245,3 +245,27 @@ def test_the_gpu_recipe_stays_valid_on_a_cpu(tmp_path):
                  "trainer.enable_progress_bar=false"]) == 0
     found = metrics(tmp_path, "run")
     assert found["steps"] == 2 and "synth_mcc" in found
+
+
+def test_the_gpu_drivers_lease_arithmetic():
+    """benchmarks/synthsaebench_gpu.py reads a run's rate off the progress lines fit prints
+    (the same formatter), and sizes the suite: 1.5x the start-and-evaluation overhead and
+    15 s per milestone held back, whole multiples of 500 steps, never past the protocol."""
+    import importlib.util
+
+    from gsae_pl.run.progress import tokens
+    from tests.tiny_run import ROOT
+
+    spec = importlib.util.spec_from_file_location(
+        "synthsaebench_gpu", ROOT / "benchmarks/synthsaebench_gpu.py")
+    driver = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(driver)
+    log = (f"step 200/300 (67%) | {tokens(9.0e5)} tok/s | ETA 0:01 | L0 40\n"
+           f"eval at step 250: L0 30\nstep 300/300 (100%) | {tokens(1.53e6)} tok/s | ETA 0:00\n")
+    assert driver.last_rate(log) == 1.53e6
+    assert driver.last_rate("no progress lines") is None
+    # 400 s - 1.5 x 60 s - 2 x 15 s = 280 s at 20,480 samples/s, batch 1024: 5600 steps, so 5500
+    assert driver.steps_for(400, 20_480, 1024, 2, 60) == 5500
+    assert driver.steps_for(10, 20_480, 1024, 2, 60) == 500  # at least one quantum
+    assert driver.steps_for(1e9, 1e9, 1024, 2, 0) == 195_313  # the protocol's 200M samples
+    assert driver.milestones(3000, 1024) == [750 * 1024, 1500 * 1024]
