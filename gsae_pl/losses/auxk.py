@@ -82,7 +82,12 @@ def auxk_fn(block):
 
 def check(cfg) -> None:
     arch = cfg.sae.architecture
-    if cfg.loss.auxk.enabled and not issubclass(ARCHITECTURES[arch], SelectionSAE):
+    cls = ARCHITECTURES[arch]
+    if cfg.loss.auxk.enabled and not issubclass(cls, SelectionSAE):
+        if cls.auxk_unfit:  # the L1 family: AuxK could not apply (docs/method.md sec. 4)
+            raise UserError(f"loss.auxk cannot apply to sae.architecture={arch}: "
+                            f"{cls.auxk_unfit}; keep its dead latents with resampling "
+                            "(resample.enabled=true), and set loss.auxk.enabled=false")
         able = ", ".join(name for name, cls in ARCHITECTURES.items()
                          if issubclass(cls, SelectionSAE))
         raise UserError(f"loss.auxk needs the dead-latent counts that sae.architecture={arch} "

@@ -91,6 +91,9 @@ class SAE(nn.Module):
     # of resample_roles (b_enc, b_gate, ...); name them when those hold a non-bias too.
     bias_parameters: ClassVar[Optional[tuple[str, ...]]] = None
     saelens: ClassVar[Optional[str]] = None
+    # Why AuxK (losses/auxk.py) could not train this architecture's dead latents even with
+    # their counts kept, where that is so (docs/method.md sec. 4); the refusal says it.
+    auxk_unfit: ClassVar[Optional[str]] = None
 
     def __init__(self, d_in: int, d_sae: int, unit_norm_decoder: bool = True):
         super().__init__()

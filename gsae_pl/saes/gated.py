@@ -64,6 +64,8 @@ class GatedSAE(SAE):
                       "b_gate": "zero", "b_mag": "zero", "r_mag": "zero"}
     bias_parameters = ("b_gate", "b_mag")  # r_mag is a log scale, not a bias
     saelens = "gated"
+    auxk_unfit = ("a gated latent is dead only if pi_gate <= 0 on every row, where ReLU(pi_gate) "
+                  "and its gradient are 0, so AuxK would train nothing")
 
     def __init__(self, d_in: int, d_sae: int, unit_norm_decoder: bool = True,
                  kernel: str = "auto", compile_mode: str = "never", **own):

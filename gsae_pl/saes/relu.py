@@ -22,6 +22,8 @@ class ReLUSAE(SAE):
     provides = (*FAST_FIELDS, "pre_acts")
     resample_roles = {**SAE.resample_roles, "W_enc": "encoder", "b_enc": "zero"}
     saelens = "standard"
+    auxk_unfit = ("a ReLU latent is dead only if z <= 0 on every row (its pre-activation), where "
+                  "ReLU(z) and its gradient are 0, so AuxK would train nothing")
 
     def __init__(self, d_in: int, d_sae: int, unit_norm_decoder: bool = True,
                  kernel: str = "auto", compile_mode: str = "never"):

@@ -1,5 +1,6 @@
 """AuxK (docs/method.md sec. 4): its value by hand, its gradient reaching only dead latents,
-its dead window, and its refusal on architectures without dead-latent counts.
+its dead window, and its refusals: architectures without dead-latent counts, and the L1
+family, on which it could train nothing.
 
 Hand-set TopK SAE: d_in = d_sae = 2, W_enc = W_dec = I, biases 0, k = 1, latent 1 dead.
     x = [[2, 1], [0, 3]]: z = x; f = [[2, 0], [0, 3]]; e = x - x_hat = [[0, 1], [0, 0]]
@@ -95,5 +96,37 @@ def test_k_aux_is_capped_by_the_dead_latents():
 
 def test_architectures_without_dead_counts_are_refused():
     with pytest.raises(UserError, match="loss.auxk needs the dead-latent counts that "
-                                        "sae.architecture=relu does not keep"):
-        make_cfg("sae.architecture=relu", "loss.aux.enabled=false", "loss.auxk.enabled=true")
+                                        "sae.architecture=jumprelu does not keep"):
+        make_cfg("sae.architecture=jumprelu", "loss.aux.enabled=false", "loss.auxk.enabled=true")
+
+
+@pytest.mark.parametrize("arch, pre", [("relu", "z"), ("gated", "pi_gate")])
+def test_the_l1_family_is_refused_with_the_reason(arch, pre):
+    """A ReLU or gated latent fires exactly where its pre-activation is positive, so one dead
+    on the batch has pre-activation <= 0 on every row: AuxK's ReLU(TopK(...)) is 0 there and
+    so is its gradient. The refusal says so (and points to resampling)."""
+    with pytest.raises(UserError, match=f"loss.auxk cannot apply to sae.architecture={arch}: "
+                                        f".*only if {pre} <= 0 on every row.*resample"):
+        make_cfg(f"sae.architecture={arch}", "loss.aux.enabled=false", "loss.auxk.enabled=true")
+
+
+def test_auxk_on_relu_dead_latents_would_train_nothing():
+    """The reason, computed: AuxK's formula on a ReLU SAE's latents that fired on no row of
+    the batch gives every parameter a zero gradient."""
+    torch.manual_seed(0)
+    sae, _ = build("relu", "sae.d_sae=16", "loss.aux.enabled=false", d_in=4)
+    with torch.no_grad():
+        sae.b_enc[:8] = -50.0  # latents 0-7 never fire on these rows
+    x = torch.randn(32, 4)
+    x_hat, enc = sae(x)
+    dead = (enc.f != 0).sum(0) == 0
+    assert dead[:8].all()
+    z = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    columns = torch.topk(z.detach().masked_fill(~dead, -torch.inf), 4, dim=1).indices
+    z_aux = torch.relu(z.gather(1, columns))
+    e = (x - x_hat).detach()
+    e_hat = torch.zeros_like(e).index_add(0, torch.arange(32).repeat_interleave(4),
+                                          z_aux.reshape(-1, 1) * sae.W_dec[columns.flatten()])
+    (e - e_hat).pow(2).sum(1).mean().backward()
+    for name, param in sae.named_parameters():
+        assert param.grad is None or not param.grad.any(), name
