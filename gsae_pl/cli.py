@@ -1,6 +1,7 @@
 """What every entry point shares: bad input is one line on stderr and exit code 2;
 a run that fails part-way (`RunFailed`) is one line and exit code 3, or 128 + the signal
-for one a signal stopped (`preemption.Preempted`: 143 for SIGTERM); the CPU allocator set
+for one a signal stopped (`preemption.Preempted`: 143 for SIGTERM), 141 when the reader of
+stdout left (`| head`), without a traceback; the CPU allocator set
 up for training (gsae_pl/allocator.py)."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import sys
 from collections.abc import Callable
 
@@ -28,6 +30,13 @@ def run_main(job: Callable[[], int]) -> int:
         # Under DDP every process stops with the same message; the extra ranks say who they are.
         print(f"{_rank_prefix()}error: {err}", file=sys.stderr)
         return getattr(err, "exit_code", 3)
+    except BrokenPipeError:
+        # The reader of stdout left (`... | head`): nothing more to say to anyone. Point
+        # stdout at /dev/null so the interpreter's last flush cannot fail again, and exit as
+        # a process SIGPIPE ended would (Python ignores SIGPIPE, so the write raised).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except Exception as err:
         disk = disk_error_in(err)
         if disk is None:

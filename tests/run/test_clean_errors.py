@@ -263,3 +263,21 @@ def test_report_skips_a_run_with_a_bad_metrics_json(tmp_path, content):
     rows = (suite / "results.csv").read_text().splitlines()
     assert len(rows) == 2 and rows[1].startswith("v,")
     assert "bad" in (suite / "report.md").read_text()
+
+
+def test_a_reader_that_stops_early_gets_no_traceback():
+    """`ablate --dry-run | head -1`, where head exits before the command writes: its stdout
+    is a pipe nobody reads. The command ends quietly with 141 (128 + SIGPIPE, as a shell
+    reports a process SIGPIPE ended), not a traceback."""
+    from tests.tiny_run import ROOT
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line
+    try:
+        done = subprocess.run([sys.executable, "-m", "gsae_pl.ablate", "--suite",
+                               str(ROOT / "ablations/quick.yaml"), "--dry-run"],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                              timeout=60)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141 and done.stderr == "", done.stderr
