@@ -97,7 +97,9 @@ def check_devices(suite: Suite, devices: int, per_device: int = 1,
     if not 1 <= devices <= have:
         raise UserError(f"--devices {devices} is not available: this machine has {have} "
                         f"{'GPU(s)' if kind == 'gpu' else 'CPU core(s)'}; pass 1 to {have}")
-    if per_device != 1 and (per_device < 1 or kind != "gpu" or strategy != "parallel"):
+    if per_device < 1:
+        raise UserError(f"--runs-per-device {per_device}: pass 1 or more runs per GPU")
+    if per_device > 1 and (kind != "gpu" or strategy != "parallel"):
         raise UserError(f"--runs-per-device {per_device}: several runs share a device only "
                         "on GPUs with --strategy parallel (on CPU, --devices is the number of "
                         "processes); pass 1, or leave it out")

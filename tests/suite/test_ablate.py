@@ -224,6 +224,8 @@ def test_runs_per_device_shares_each_gpu_among_k_runs(monkeypatch, tmp_path):
     with pytest.raises(UserError, match="--runs-per-device 2"):
         ablate.check_devices(suite, 2, 2, "ddp")
     assert ablate.check_devices(suite, 2, 4, "parallel") == "gpu"
+    with pytest.raises(UserError, match="--runs-per-device 0: pass 1 or more"):
+        ablate.check_devices(suite, 2, 0, "parallel")
 
 
 def test_progress_line_after_each_run_with_an_eta(monkeypatch, tmp_path, capsys):
